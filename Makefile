@@ -1,0 +1,49 @@
+# effmaml: the targets are the interface; CI runs the same ones.
+# `make test` and `make bench` set up what they need: on first use they create .venv with
+# the pinned torch pair (pip finds it on this machine's disk) unless PYTHON names an
+# interpreter that already has torch, e.g. `make test PYTHON=python3`.
+
+VENV   ?= .venv
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+ifdef PYTHON
+PY := $(PYTHON)
+SETUP :=
+else
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+endif
+
+.PHONY: setup test test-all lint format bench bench-micro report clean
+
+setup: $(SETUP)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q $(TORCH_PINS)
+	$(VENV)/bin/python -m pip install -q -e '.[dev,peers]'
+	touch $@
+
+lint: $(SETUP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(SETUP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+# lint, then the suite (GPU tests skip without CUDA; micro-benchmarks run once, untimed)
+test: lint
+	$(PY) -m pytest -q --benchmark-disable
+
+bench: $(SETUP)
+	$(PY) -m bench
+
+report: $(SETUP)
+	$(PY) -m bench.report
+
+bench-micro: $(SETUP)
+	$(PY) -m pytest -q tests/benchmarks --benchmark-only --benchmark-json=bench-micro.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache bench-micro.json

@@ -1,0 +1,370 @@
+"""The unroll engine: ``advance`` and ``pullback`` over the shared inner step, and schedules.
+
+Checkpointed MAML trades compute for memory: the forward pass runs the inner loop without
+keeping its second-order graph, storing only a few states; the backward pass recomputes
+what it needs from the stored states with the graph and pulls the meta-gradient back.
+
+Two primitives build every exact schedule:
+
+* :func:`advance` runs steps ``a..b`` with no graph between them (each step still
+  differentiates its own loss, first order). Memory: one state ``P`` at a time.
+* :func:`pullback` recomputes steps ``a..b`` from a stored state with
+  ``create_graph=True`` and pulls the incoming gradient at ``b`` back to ``a``,
+  accumulating the gradients of everything every step reads (non-adapted parameters, a
+  learned lr, θ₀ through the proximal term). Memory: ``(b - a)`` steps' graphs ``A``.
+
+:class:`UniformSchedule` is the schedule of the ``checkpoint`` strategy: store the state at
+every ``k``-th step; in backward, pull each segment back whole (``pullback="segment"``) or
+re-advance it storing every state and pull back one step at a time (``pullback="step"``).
+It runs inside one custom :class:`torch.autograd.Function` so that the forward pass keeps
+no graph at all.
+
+Why not :mod:`torch.utils.checkpoint`: the reentrant variant refuses
+``torch.autograd.grad``, which every inner step calls; the non-reentrant one recomputes a
+segment at every inner ``autograd.grad`` call and holds what it recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .step import Consts, InnerProblem, InnerState, inner_step
+
+__all__ = [
+    "RngState",
+    "UniformSchedule",
+    "advance",
+    "capture_rng",
+    "pullback",
+    "replay_rng",
+    "run_uniform",
+]
+
+
+@dataclass
+class RngState:
+    """The global RNG state (CPU, and CUDA for a CUDA device) at one point of the unroll."""
+
+    cpu: Tensor
+    cuda: Tensor | None
+    device: torch.device
+
+
+def capture_rng(device: torch.device) -> RngState:
+    """Snapshot the RNG that a step on ``device`` draws from (dropout)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return RngState(torch.get_rng_state(), cuda, device)
+
+
+@contextlib.contextmanager
+def replay_rng(state: RngState) -> Iterator[None]:
+    """Run the body from RNG ``state`` and restore the global RNG afterwards.
+
+    # Note [Dropout under recomputation]
+    # A recomputed step must draw the same dropout masks as the original one, and the
+    # backward pass must not disturb the RNG that the user's code sees after it. fork_rng
+    # saves and restores the global state around the body; inside it we jump to the state
+    # captured when the step first ran.
+    """
+    devices = [state.device] if state.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state.cpu)
+        if state.cuda is not None:
+            torch.cuda.set_rng_state(state.cuda, state.device)
+        yield
+
+
+def advance(
+    problem: InnerProblem,
+    state: InnerState,
+    a: int,
+    b: int,
+    consts: Consts,
+    keep: list[tuple[InnerState, RngState]] | None = None,
+) -> tuple[InnerState, list[Tensor]]:
+    """Run steps ``a..b-1`` first-order, keeping no graph between steps.
+
+    Args:
+        problem: the static problem.
+        state: the state before step ``a``.
+        a: first step.
+        b: one past the last step.
+        consts: constants (used detached).
+        keep: if given, the state and RNG *before* each step are appended to it.
+
+    Returns:
+        ``(state_b, [loss_a, ..., loss_{b-1}])`` with every tensor detached.
+
+    Memory: one state and one first-order step graph at a time. Compute: ``b - a`` steps.
+    """
+    consts = Consts(
+        {k: v.detach() for k, v in consts.fixed.items()},
+        {k: v.detach() for k, v in consts.hyper.items()},
+        {k: v.detach() for k, v in consts.theta0.items()},
+    )
+    losses = []
+    for t in range(a, b):
+        if keep is not None:
+            keep.append((state, capture_rng(problem.device)))
+        new, loss = inner_step(
+            problem, state.detached(requires_grad=True), t, consts, create_graph=False
+        )
+        state = new.detached(requires_grad=False)
+        losses.append(loss.detach())
+    return state, losses
+
+
+@dataclass
+class Cotangent:
+    """Gradients with respect to one state (params and optimizer state); zeros allowed."""
+
+    params: dict[str, Tensor]
+    opt: dict[str, Tensor]
+
+
+def pullback(
+    problem: InnerProblem,
+    state: InnerState,
+    rng: RngState,
+    a: int,
+    b: int,
+    consts: Consts,
+    need_consts: Sequence[bool],
+    grad_b: Cotangent,
+    grad_losses: Tensor,
+) -> tuple[Cotangent, list[Tensor | None]]:
+    """Recompute steps ``a..b-1`` from ``state`` with their graph and pull ``grad_b`` back.
+
+    Args:
+        problem: the static problem.
+        state: the stored state before step ``a``.
+        rng: the RNG state before step ``a`` (dropout replays).
+        a: first step.
+        b: one past the last step.
+        consts: constants (the Function's saved inputs).
+        need_consts: which of ``consts.flat()`` need a gradient.
+        grad_b: gradient w.r.t. the state after step ``b - 1``.
+        grad_losses: gradients w.r.t. ``loss_a .. loss_{b-1}`` (shape ``(b - a,)``).
+
+    Returns:
+        ``(grad_a, grad_consts)``: the gradient w.r.t. ``state`` and, for each constant,
+        its gradient from these steps (``None`` where not needed or unused).
+
+    Memory: ``b - a`` second-order step graphs, freed on return.
+    """
+    flat_consts = consts.flat()
+    leaves = [c.detach().requires_grad_(need) for c, need in zip(flat_consts, need_consts)]
+    c = consts.like(leaves)
+    with replay_rng(rng), torch.enable_grad():
+        s0 = state.detached(requires_grad=True)
+        s = s0
+        losses = []
+        for t in range(a, b):
+            s, loss = inner_step(problem, s, t, c, create_graph=True)
+            losses.append(loss)
+    outputs: list[Tensor] = []
+    cotangents: list[Tensor] = []
+    for k, v in s.params.items():
+        outputs.append(v)
+        cotangents.append(grad_b.params[k])
+    for k, v in s.opt.items():
+        if v.requires_grad:
+            outputs.append(v)
+            cotangents.append(grad_b.opt[k])
+    for i, loss in enumerate(losses):
+        outputs.append(loss)
+        cotangents.append(grad_losses[i])
+    inputs = [*s0.params.values(), *s0.opt.values()]
+    inputs += [leaf for leaf, need in zip(leaves, need_consts) if need]
+    try:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
+    except (RuntimeError, NotImplementedError) as err:
+        raise_if_no_double_backward(err)
+        raise
+    n_p, n_o = len(s0.params), len(s0.opt)
+    gp = {k: _or_zeros(g, v) for (k, v), g in zip(s0.params.items(), grads[:n_p])}
+    go = {k: _or_zeros(g, v) for (k, v), g in zip(s0.opt.items(), grads[n_p : n_p + n_o])}
+    it = iter(grads[n_p + n_o :])
+    g_consts = [next(it) if need else None for need in need_consts]
+    return Cotangent(gp, go), g_consts
+
+
+def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+_NO_DOUBLE_BACKWARD = (
+    "double backward",
+    "not implemented",
+    "once_differentiable",
+    "twice differentiable",
+)
+
+
+def raise_if_no_double_backward(err: BaseException) -> None:
+    """Re-raise an autograd error about missing second derivatives with a fix."""
+    msg = str(err)
+    if any(s in msg.lower() for s in _NO_DOUBLE_BACKWARD):
+        raise RuntimeError(
+            "an operation in the model or loss has no double backward, which exact "
+            "(second-order) MAML needs; replace that operation, or use "
+            f"strategy='first_order', which needs none. Autograd said: {msg}"
+        ) from err
+
+
+@dataclass(frozen=True)
+class UniformSchedule:
+    """Store every ``segment``-th state; pull back by segment or by step.
+
+    Attributes:
+        segment: steps per segment ``k`` (the last one may be shorter).
+        pullback: ``"segment"`` (recompute a segment with its graph, pull it back whole)
+            or ``"step"`` (re-advance the segment storing each state, then pull back one
+            step at a time).
+    """
+
+    segment: int
+    pullback: str
+
+    def starts(self, steps: int) -> list[int]:
+        return list(range(0, steps, self.segment))
+
+    def step_evals(self, steps: int) -> int:
+        """Inner-step evaluations of one forward + backward (the recompute count)."""
+        if self.pullback == "segment":
+            return 2 * steps
+        # "step" re-advances all but the last step of each segment before pulling back.
+        return 3 * steps - len(self.starts(steps))
+
+
+class _Unroll(torch.autograd.Function):
+    """Forward: advance the whole unroll, storing states. Backward: the schedule's pullbacks.
+
+    Flat inputs: ``[params..., opt..., buffers..., consts...]``; outputs:
+    ``[params..., opt..., buffers..., losses]`` with buffers non-differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, run: _Run, *flat: Tensor):  # type: ignore[override]
+        state0, consts = run.unflatten(flat)
+        sched, problem, steps = run.schedule, run.problem, run.problem.steps
+        stored: list[tuple[int, InnerState, RngState]] = []
+        losses: list[Tensor] = []
+        state = state0.detached(requires_grad=False)
+        for a in sched.starts(steps):
+            b = min(a + sched.segment, steps)
+            stored.append((a, state, capture_rng(problem.device)))
+            state, seg_losses = advance(problem, state, a, b, consts)
+            losses += seg_losses
+        # The first stored state is the input itself; save_for_backward guards it (and the
+        # constants) against in-place changes between adapt and backward.
+        ctx.save_for_backward(*flat)
+        ctx.run = run
+        ctx.stored = stored[1:]
+        ctx.rng0 = stored[0][2]
+        buffers = tuple(b.detach() for b in state.buffers.values())
+        ctx.mark_non_differentiable(*buffers)
+        out = (*state.params.values(), *state.opt.values(), *buffers, torch.stack(losses))
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        run: _Run = ctx.run
+        problem, sched, steps = run.problem, run.schedule, run.problem.steps
+        flat = ctx.saved_tensors
+        state0, consts = run.unflatten(flat)
+        n_p, n_o = len(state0.params), len(state0.opt)
+        grad_b = Cotangent(
+            dict(zip(state0.params, grads[:n_p])), dict(zip(state0.opt, grads[n_p : n_p + n_o]))
+        )
+        grad_losses = grads[-1]
+        n_c = len(consts.flat())
+        need = list(ctx.needs_input_grad[1 + len(flat) - n_c :])
+        acc: list[Tensor | None] = [None] * n_c
+        stored = [(0, state0.detached(False), ctx.rng0), *ctx.stored]
+        ctx.stored = None
+        while stored:
+            # Popping frees each stored state as soon as its segment is pulled back.
+            a, state_a, rng_a = stored.pop()
+            b = min(a + sched.segment, steps)
+            if sched.pullback == "segment":
+                grad_b, g_c = pullback(
+                    problem, state_a, rng_a, a, b, consts, need, grad_b, grad_losses[a:b]
+                )
+                _accumulate(acc, g_c)
+                continue
+            keep: list[tuple[InnerState, RngState]] = []
+            with replay_rng(rng_a):
+                last, _ = advance(problem, state_a, a, b - 1, consts, keep=keep)
+                keep.append((last, capture_rng(problem.device)))
+            del state_a
+            for t in reversed(range(a, b)):
+                s_t, rng_t = keep.pop()
+                grad_b, g_c = pullback(
+                    problem, s_t, rng_t, t, t + 1, consts, need, grad_b, grad_losses[t : t + 1]
+                )
+                _accumulate(acc, g_c)
+        n_b = len(state0.buffers)
+        return (None, *grad_b.params.values(), *grad_b.opt.values(), *([None] * n_b), *acc)
+
+
+def _accumulate(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
+    for i, g in enumerate(grads):
+        if g is not None:
+            acc[i] = g if acc[i] is None else acc[i] + g
+
+
+@dataclass
+class _Run:
+    """What the custom Function needs besides tensors."""
+
+    problem: InnerProblem
+    schedule: UniformSchedule
+    names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+    consts_template: Consts
+
+    def unflatten(self, flat: Sequence[Tensor]) -> tuple[InnerState, Consts]:
+        state, rest = self.unflatten_state(flat)
+        return state, self.consts_template.like(rest)
+
+    def unflatten_state(self, flat: Sequence[Tensor]) -> tuple[InnerState, Sequence[Tensor]]:
+        p_names, o_names, b_names = self.names
+        i = 0
+        params = dict(zip(p_names, flat[i : i + len(p_names)]))
+        i += len(p_names)
+        opt = dict(zip(o_names, flat[i : i + len(o_names)]))
+        i += len(o_names)
+        buffers = dict(zip(b_names, flat[i : i + len(b_names)]))
+        i += len(b_names)
+        return InnerState(params, opt, buffers), flat[i:]
+
+
+def run_uniform(
+    problem: InnerProblem,
+    state0: InnerState,
+    consts: Consts,
+    schedule: UniformSchedule,
+) -> tuple[InnerState, Tensor]:
+    """Run the unroll under ``schedule``; the result is differentiable w.r.t. the inputs.
+
+    Args:
+        problem: the static problem.
+        state0: the initial state (params θ, optimizer state, buffers).
+        consts: constants (fixed params, tensor hyper-parameters, θ₀).
+        schedule: the uniform schedule.
+
+    Returns:
+        ``(state_N, losses)`` with ``losses`` of shape ``(N,)``.
+    """
+    names = (tuple(state0.params), tuple(state0.opt), tuple(state0.buffers))
+    run = _Run(problem, schedule, names, consts)
+    flat = [*state0.params.values(), *state0.opt.values(), *state0.buffers.values(), *consts.flat()]
+    out = _Unroll.apply(run, *flat)
+    state, _ = run.unflatten_state(out[:-1])
+    return state, out[-1]

@@ -1,0 +1,294 @@
+"""The front: ``MAML(model, loss_fn, inner, strategy=...).adapt(batches) -> Adapted``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .inner import InnerOptimizer
+from .step import Consts, Counter, FunctionalModel, InnerProblem, InnerState, LossFn
+from .strategies import Strategy, make_strategy
+
+__all__ = ["MAML", "Adapted", "RepeatedBatch"]
+
+ParamSelector = Iterable[str] | Callable[[str], bool] | None
+
+
+class RepeatedBatch(Sequence):
+    """One batch presented as a sequence of ``steps`` identical batches."""
+
+    def __init__(self, batch: Any, steps: int) -> None:
+        self.batch = batch
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, t):  # type: ignore[override]
+        if isinstance(t, slice):
+            return [self.batch] * len(range(*t.indices(self.steps)))
+        if not -self.steps <= t < self.steps:
+            raise IndexError(t)
+        return self.batch
+
+
+class Adapted:
+    """The adapted model: a callable that runs the user's module with φ_N.
+
+    Not an ``nn.Module``: it holds tensors that are differentiable w.r.t. the original
+    parameters (under exact strategies), so a query loss computed with it backpropagates
+    into ``model.parameters()``. Calling it never changes :attr:`buffers`; it runs in the
+    model's current train/eval mode.
+
+    Attributes:
+        params: adapted parameters φ_N, name -> tensor.
+        buffers: buffers after the inner loop (BatchNorm running statistics).
+        losses: the N inner losses, each before its update (differentiable under exact
+            strategies, detached under ``first_order``).
+        inner_state: the inner optimizer's final state.
+        fixed: the parameters that were not adapted (the model's own tensors).
+        info: facts about the run (resolved strategy options such as ``segment``).
+        strategy: the strategy that produced it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        losses: list[Tensor],
+        inner_state: dict[str, Tensor],
+        fixed: dict[str, Tensor],
+        info: dict[str, Any],
+        counter: Counter,
+        strategy: Strategy,
+    ) -> None:
+        self.model = model
+        self.params = params
+        self.buffers = buffers
+        self.losses = losses
+        self.inner_state = inner_state
+        self.fixed = fixed
+        self.info = info
+        self.strategy = strategy
+        self._counter = counter
+
+    @property
+    def step_evals(self) -> int:
+        """Inner-step evaluations so far: forward pass, plus recomputation once backward ran."""
+        return self._counter.step_evals
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return FunctionalModel(self.model, {**self.fixed, **self.params}, self.buffers)(
+            *args, **kwargs
+        )
+
+    def named_parameters(self) -> dict[str, Tensor]:
+        """All parameters as the adapted model sees them (adapted and fixed)."""
+        return {**self.fixed, **self.params}
+
+    def __repr__(self) -> str:
+        return (
+            f"Adapted({type(self.model).__name__}, {len(self.params)} adapted params, "
+            f"steps={len(self.losses)}, strategy={self.strategy!r})"
+        )
+
+
+class MAML:
+    """Model-agnostic meta-learning with a choice of how to differentiate the inner loop.
+
+    Args:
+        model: the module to meta-learn. It is never mutated by :meth:`adapt`.
+        loss_fn: ``loss_fn(module_like, batch) -> scalar tensor``; ``module_like(x)`` runs
+            the model with the current inner parameters.
+        inner: the differentiable inner optimizer (:class:`effmaml.SGD`, :class:`effmaml.Adam`).
+        strategy: a name in :data:`effmaml.STRATEGIES` (``"naive"``, ``"first_order"``,
+            ``"checkpoint"``, ...) or a :class:`Strategy` instance. Default ``"naive"``.
+        params: which parameters adapt: names, or a predicate on the name. Default: every
+            parameter that requires grad. The others stay fixed in the inner loop and still
+            receive meta-gradients (ANIL-style).
+        clip_grad_grad_norm: in backward, rescale the gradient w.r.t. the parameters produced
+            by each inner step (the last one included) to global norm ≤ this value. Default
+            None (no clipping).
+        update_running_stats: whether train-mode BatchNorm updates running statistics in the
+            inner loop (batch statistics normalise either way). Default True.
+        prox_lambda: λ of the proximal term (λ/2)‖φ − θ₀‖² added to every inner loss
+            (iMAML's objective). Default 0.0.
+        check_finite: raise as soon as an inner loss is not finite (costs one host sync per
+            step on CUDA). Default True.
+        **strategy_options: options of the named strategy (``segment=``, ``pullback=``).
+
+    Raises:
+        ValueError: unknown strategy, no parameter selected, bad per-parameter lr.
+        TypeError: an option the strategy does not take.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        inner: InnerOptimizer,
+        strategy: str | Strategy = "naive",
+        *,
+        params: ParamSelector = None,
+        clip_grad_grad_norm: float | None = None,
+        update_running_stats: bool = True,
+        prox_lambda: float = 0.0,
+        check_finite: bool = True,
+        **strategy_options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(module_like, batch) -> scalar")
+        if not isinstance(inner, InnerOptimizer):
+            raise TypeError(
+                f"inner must be an effmaml inner optimizer such as effmaml.SGD(lr=0.01) "
+                f"(got {type(inner).__name__}); torch.optim optimizers are not differentiable"
+            )
+        if clip_grad_grad_norm is not None and not clip_grad_grad_norm > 0:
+            raise ValueError(f"clip_grad_grad_norm must be > 0 or None (got {clip_grad_grad_norm})")
+        if prox_lambda < 0:
+            raise ValueError(f"prox_lambda must be >= 0 (got {prox_lambda})")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.inner = inner
+        self.strategy = make_strategy(strategy, **strategy_options)
+        self.clip_grad_grad_norm = clip_grad_grad_norm
+        self.update_running_stats = update_running_stats
+        self.prox_lambda = float(prox_lambda)
+        self.check_finite = check_finite
+        self.adapted_names = self._select(params)
+        inner.check_names(self.adapted_names)
+
+    def _select(self, params: ParamSelector) -> tuple[str, ...]:
+        named = dict(self.model.named_parameters())
+        if params is None:
+            names = [n for n, p in named.items() if p.requires_grad]
+        elif callable(params):
+            names = [n for n in named if params(n)]
+        else:
+            if isinstance(params, str):
+                params = [params]
+            names = list(params)
+            unknown = [n for n in names if n not in named]
+            if unknown:
+                raise ValueError(
+                    f"params names {unknown} are not parameters of the model; known names "
+                    f"start with {list(named)[:5]}"
+                )
+        if not names:
+            raise ValueError(
+                "no trainable parameters selected to adapt: the model has no parameter that "
+                "requires grad, or `params=` matched none; check model.named_parameters()"
+            )
+        frozen = [n for n in names if not named[n].requires_grad]
+        if frozen:
+            raise ValueError(
+                f"selected parameters {frozen} do not require grad; set requires_grad=True or "
+                f"leave them out of `params=`"
+            )
+        bad = [n for n in names if not named[n].is_floating_point()]
+        if bad:
+            raise ValueError(f"parameters {bad} are not floating point and cannot adapt")
+        return tuple(n for n in named if n in set(names))
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's first adapted parameter; batches are moved there."""
+        return dict(self.model.named_parameters())[self.adapted_names[0]].device
+
+    def adapt(self, batches: Sequence[Any] | Any, steps: int | None = None) -> Adapted:
+        """Run the inner loop and return the adapted model.
+
+        Args:
+            batches: a sequence of batches, one per inner step (any ``Sequence``: a lazy one
+                that builds batch t in ``__getitem__`` works; exact strategies that
+                recompute index it again and need the same batch for the same index).
+                With ``steps``, a single batch reused at every step.
+            steps: the number of inner steps when ``batches`` is a single batch. A tensor,
+                tuple or dict is always one batch; a list (or other sequence) given with
+                ``steps`` must hold exactly ``steps`` batches.
+
+        Returns:
+            The :class:`Adapted` model; ``loss_fn(adapted, query).backward()`` puts the
+            meta-gradient in ``.grad`` of the model's parameters.
+
+        Raises:
+            ValueError: empty sequence, ``steps < 1``, or a length that disagrees with
+                ``steps``.
+            FloatingPointError: a non-finite inner loss (names the step).
+        """
+        seq = self._batches(batches, steps)
+        counter = Counter()
+        problem = InnerProblem(
+            model=self.model,
+            loss_fn=self.loss_fn,
+            inner=self.inner,
+            batches=seq,
+            device=self.device,
+            prox=self.prox_lambda,
+            clip=self.clip_grad_grad_norm,
+            update_running_stats=self.update_running_stats,
+            check_finite=self.check_finite,
+            counter=counter,
+        )
+        named = dict(self.model.named_parameters())
+        theta = {n: named[n] for n in self.adapted_names}
+        fixed = {n: p for n, p in named.items() if n not in theta}
+        with torch.no_grad():
+            opt0 = self.inner.init({k: v.detach() for k, v in theta.items()})
+            buffers0 = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        state0 = InnerState(dict(theta), opt0, buffers0)
+        consts = Consts(
+            fixed, self.inner.hyperparameters(), dict(theta) if self.prox_lambda else {}
+        )
+        out = self.strategy.run(problem, state0, consts)
+        return Adapted(
+            self.model,
+            out.state.params,
+            out.state.buffers,
+            out.losses,
+            out.state.opt,
+            fixed,
+            out.info,
+            counter,
+            self.strategy,
+        )
+
+    @staticmethod
+    def _batches(batches: Any, steps: int | None) -> Sequence[Any]:
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int):
+                raise TypeError(f"steps must be an int (got {steps!r})")
+            if steps < 1:
+                raise ValueError(f"steps must be >= 1 (got {steps})")
+            if isinstance(batches, (Tensor, tuple, Mapping)) or not isinstance(batches, Sequence):
+                return RepeatedBatch(batches, steps)
+            if len(batches) != steps:
+                raise ValueError(
+                    f"got a sequence of {len(batches)} batches with steps={steps}; pass the "
+                    f"sequence alone, adapt(batches), for one batch per step, or one batch "
+                    f"(a tensor, tuple or dict) with steps={steps} to reuse it"
+                )
+            return batches
+        if isinstance(batches, (Tensor, Mapping, str)) or not isinstance(batches, Sequence):
+            raise TypeError(
+                f"adapt() takes a sequence of batches, one per step (got "
+                f"{type(batches).__name__}); to reuse one batch, call adapt(batch, steps=N)"
+            )
+        if len(batches) == 0:
+            raise ValueError(
+                "adapt() got an empty batch sequence; pass at least one batch, or one batch "
+                "with steps=N"
+            )
+        return batches
+
+    def __repr__(self) -> str:
+        return (
+            f"MAML({type(self.model).__name__}, inner={self.inner!r}, "
+            f"strategy={self.strategy!r}, adapted={len(self.adapted_names)} params)"
+        )

@@ -1,0 +1,17 @@
+"""Strategies: how to differentiate through the inner loop, and their registry."""
+
+from .base import STRATEGIES, Outcome, Strategy, make_strategy, register_strategy
+from .checkpoint import Checkpoint
+from .first_order import FirstOrder
+from .naive import Naive
+
+__all__ = [
+    "STRATEGIES",
+    "Checkpoint",
+    "FirstOrder",
+    "Naive",
+    "Outcome",
+    "Strategy",
+    "make_strategy",
+    "register_strategy",
+]

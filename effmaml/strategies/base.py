@@ -1,0 +1,100 @@
+"""The strategy interface and the name -> strategy registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ..step import Consts, InnerProblem, InnerState
+
+__all__ = ["STRATEGIES", "Outcome", "Strategy", "make_strategy", "register_strategy"]
+
+
+@dataclass
+class Outcome:
+    """What a strategy returns: the final state, the inner losses and facts about the run.
+
+    Attributes:
+        state: φ_N, the optimizer state and buffers after N steps.
+        losses: the N inner losses, differentiable under exact strategies.
+        info: resolved options (for example the chosen ``segment``).
+    """
+
+    state: InnerState
+    losses: list[Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """How to differentiate through the inner loop. Subclasses implement :meth:`run`.
+
+    Attributes:
+        name: registry name.
+        exact: whether the meta-gradient equals naive's (up to float rounding).
+    """
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+
+    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
+        """Run ``problem.steps`` inner steps from ``state0``.
+
+        Args:
+            problem: the static problem.
+            state0: the initial state; ``state0.params`` are the model's own parameters.
+            consts: non-adapted parameters, tensor hyper-parameters and θ₀.
+
+        Returns:
+            The outcome, differentiable w.r.t. ``state0.params`` and ``consts``.
+        """
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The strategy's options, for reports."""
+        return {}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: add ``cls`` to :data:`STRATEGIES` under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
+    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
+        raise ValueError(f"a strategy named {cls.name!r} is already registered")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def make_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
+    """Build a strategy from its registry name and options (or pass an instance through).
+
+    Raises:
+        ValueError: unknown name (lists the known ones).
+        TypeError: an option the strategy does not take.
+    """
+    if isinstance(strategy, Strategy):
+        if options:
+            raise TypeError(
+                f"strategy options {sorted(options)} given with a strategy instance; set them "
+                f"on the instance, or pass strategy={strategy.name!r} by name"
+            )
+        return strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"unknown strategy {strategy!r}; known strategies: {', '.join(sorted(STRATEGIES))}"
+        )
+    cls = STRATEGIES[strategy]
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise TypeError(
+            f"strategy {strategy!r} does not take options {sorted(options)}: {err}"
+        ) from err

@@ -1,0 +1,40 @@
+"""Early checks shared by strategies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor
+
+__all__ = ["check_double_backward"]
+
+_MAX_NODES = 200_000
+
+
+def check_double_backward(tensors: Iterable[Tensor]) -> None:
+    """Raise now if the graph behind ``tensors`` contains a node that cannot be differentiated.
+
+    # Note [Detecting missing double backward early]
+    # A custom Function marked @once_differentiable returns gradients whose grad_fn is a
+    # DelayedError node: autograd only complains when the meta-gradient is computed, long
+    # after adapt() returned. Walking the first step's graph once finds it while the user can
+    # still be told which strategy avoids it.
+
+    Raises:
+        RuntimeError: a ``DelayedError`` node (an operation without double backward) was found.
+    """
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while stack and len(seen) < _MAX_NODES:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if type(fn).__name__ == "DelayedError":
+            raise RuntimeError(
+                "an operation in the model or loss has no double backward (a custom autograd "
+                "Function marked @once_differentiable, or an op whose backward is not "
+                "differentiable), which exact second-order MAML needs; replace it, or use "
+                "strategy='first_order', which needs no second derivatives"
+            )
+        stack.extend(f for f, _ in fn.next_functions if f is not None)

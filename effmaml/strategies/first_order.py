@@ -1,0 +1,59 @@
+"""First-order MAML (FOMAML): no graph through the inner loop."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from ..clip import clip_backward
+from ..engine import advance
+from ..step import Consts, InnerProblem, InnerState
+from .base import Outcome, Strategy, register_strategy
+
+__all__ = ["FirstOrder"]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the adapted value. Backward: hand the gradient to the initial parameter."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, source: Tensor) -> Tensor:  # type: ignore[override]
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return None, grad
+
+
+@register_strategy
+class FirstOrder(Strategy):
+    """First-order MAML: trades the second-order terms for speed and constant memory.
+
+    The inner loop runs without a graph between steps; the gradient of the query loss at
+    φ_N is passed unchanged to θ (the Jacobian dφ_N/dθ is taken as the identity).
+    Non-adapted parameters receive their query-loss gradient at φ_N. Learned
+    hyper-parameters (a tensor inner lr) receive no meta-gradient, and the returned
+    inner losses are detached.
+
+    Memory: one state P plus one first-order step graph, independent of N.
+    Compute: N first-order steps, no backward through them.
+    """
+
+    name = "first_order"
+    exact = False
+
+    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
+        learned = [k for k, v in consts.hyper.items() if v.requires_grad]
+        if learned:
+            warnings.warn(
+                f"strategy='first_order' gives no meta-gradient to the learned inner "
+                f"hyper-parameters {learned}; use an exact strategy ('naive', 'checkpoint') "
+                f"to learn them",
+                stacklevel=4,
+            )
+        state, losses = advance(problem, state0.detached(False), 0, problem.steps, consts)
+        params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
+        params = clip_backward(params, problem.clip)
+        return Outcome(InnerState(params, state.opt, state.buffers), losses)

@@ -1,0 +1,37 @@
+"""Naive MAML: keep the whole unrolled graph (the reference)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..step import Consts, InnerProblem, InnerState, inner_step
+from .base import Outcome, Strategy, register_strategy
+from .checks import check_double_backward
+
+__all__ = ["Naive"]
+
+
+@register_strategy
+class Naive(Strategy):
+    """Full unroll: trades nothing; keeps every step's second-order graph.
+
+    Every inner step runs with ``create_graph=True`` and the query loss backpropagates
+    through all of them with plain autograd. This is the reference every other strategy is
+    checked against.
+
+    Memory: N·A (A one step's second-order graph) plus N states. Compute: N steps forward,
+    one backward through N steps.
+    """
+
+    name = "naive"
+    exact = True
+
+    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
+        state = state0
+        losses: list[Tensor] = []
+        for t in range(problem.steps):
+            state, loss = inner_step(problem, state, t, consts, create_graph=True)
+            losses.append(loss)
+            if t == 0:
+                check_double_backward(state.params.values())
+        return Outcome(state, losses)
