@@ -1,0 +1,321 @@
+"""Test helpers: models, batches, a hand-written unrolled reference, comparisons, pairwise grids.
+
+The reference in :func:`reference_unroll` uses only torch (``functional_call`` and
+``autograd.grad``) and writes its optimizer updates inline, so that effmaml's naive strategy is
+checked against code that shares nothing with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import effmaml
+
+F64 = torch.float64
+
+
+class MLP(nn.Sequential):
+    """Linear -> BatchNorm -> tanh -> Dropout -> Linear -> tanh -> Linear: smooth, so
+    second derivatives are not trivially zero."""
+
+    def __init__(self, d_in=5, width=12, d_out=3, bn=True, p_drop=0.0):
+        super().__init__(
+            nn.Linear(d_in, width),
+            nn.BatchNorm1d(width) if bn else nn.Identity(),
+            nn.Tanh(),
+            nn.Dropout(p_drop),
+            nn.Linear(width, width),
+            nn.Tanh(),
+            nn.Linear(width, d_out),
+        )
+
+
+def make_model(seed=0, dtype=F64, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    return MLP(**kw).to(dtype)
+
+
+def ce_loss(module, batch):
+    x, y = batch
+    return F.cross_entropy(module(x), y)
+
+
+def make_batch(seed, n=8, d_in=5, classes=3, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=dtype), torch.randint(0, classes, (n,),
+                                                                         generator=g)
+
+
+class LazyBatches(Sequence):
+    """Builds batch t on demand from seed + t; counts how often it is indexed."""
+
+    def __init__(self, steps, seed=100, **kw):
+        self.steps, self.seed, self.kw = steps, seed, kw
+        self.calls = 0
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, t):
+        if not 0 <= t < self.steps:
+            raise IndexError(t)
+        self.calls += 1
+        return make_batch(self.seed + t, **self.kw)
+
+
+def batches_for(kind: str, steps: int, dtype=F64):
+    if kind == "reused":
+        return make_batch(50, dtype=dtype), steps
+    if kind == "distinct":
+        return [make_batch(60 + t, dtype=dtype) for t in range(steps)], None
+    if kind == "lazy":
+        return LazyBatches(steps, dtype=dtype), None
+    raise ValueError(kind)
+
+
+# -- options ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Opt:
+    """One row of the option grid."""
+
+    optim: str = "sgd"  # sgd | momentum | nesterov | adam
+    lr: str = "float"  # float | learned | per_param
+    bn: str = "update"  # update | fixed | none
+    dropout: bool = False
+    clip: float | None = None
+    select: str = "all"  # all | head
+    batches: str = "distinct"  # reused | distinct | lazy
+    prox: float = 0.0
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def id(self) -> str:
+        return (f"{self.optim}-lr_{self.lr}-bn_{self.bn}-drop{int(self.dropout)}-"
+                f"clip{self.clip}-{self.select}-{self.batches}-prox{self.prox}")
+
+
+HEAD = ("6.weight", "6.bias")
+
+
+def build(opt: Opt, steps: int, dtype=F64, seed=0):
+    """(model, MAML kwargs maker, batches, steps kw, learned tensors) for one grid row."""
+    model = make_model(seed, dtype, bn=opt.bn != "none", p_drop=0.3 if opt.dropout else 0.0)
+    model.train()
+    names = [n for n, _ in model.named_parameters()]
+    adapted = list(HEAD) if opt.select == "head" else names
+    if opt.lr == "float":
+        lr = 0.3 if opt.optim != "adam" else 0.05
+    elif opt.lr == "learned":
+        lr = torch.tensor(0.3 if opt.optim != "adam" else 0.05, dtype=dtype, requires_grad=True)
+    else:
+        lr = {n: torch.tensor(0.1 + 0.05 * i, dtype=dtype, requires_grad=True)
+              for i, n in enumerate(adapted)}
+    batches, steps_kw = batches_for(opt.batches, steps, dtype)
+    return model, lr, adapted, batches, steps_kw
+
+
+def inner_for(opt: Opt, lr):
+    if opt.optim == "sgd":
+        return effmaml.SGD(lr, weight_decay=0.01)
+    if opt.optim == "momentum":
+        return effmaml.SGD(lr, momentum=0.9)
+    if opt.optim == "nesterov":
+        return effmaml.SGD(lr, momentum=0.8, nesterov=True)
+    if opt.optim == "adam":
+        return effmaml.Adam(lr, betas=(0.8, 0.95))
+    raise ValueError(opt.optim)
+
+
+def learned_tensors(lr) -> list[torch.Tensor]:
+    if isinstance(lr, torch.Tensor):
+        return [lr]
+    if isinstance(lr, dict):
+        return [v for v in lr.values() if isinstance(v, torch.Tensor)]
+    return []
+
+
+def run_effmaml(opt: Opt, strategy: str, steps: int, dtype=F64, rng_seed=7, **strategy_kw):
+    """Adapt + query loss + meta-gradient; returns a dict of everything to compare."""
+    model, lr, adapted_names, batches, steps_kw = build(opt, steps, dtype)
+    maml = effmaml.MAML(model, ce_loss, inner_for(opt, lr), strategy,
+                        params=adapted_names, clip_grad_grad_norm=opt.clip,
+                        update_running_stats=opt.bn != "fixed", prox_lambda=opt.prox,
+                        **strategy_kw)
+    torch.manual_seed(rng_seed)
+    adapted = maml.adapt(batches, steps=steps_kw) if steps_kw else maml.adapt(batches)
+    query = make_batch(999, dtype=dtype)
+    loss = ce_loss(adapted, query)
+    wrt = [*model.parameters(), *learned_tensors(lr)]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    rng_after = torch.get_rng_state()
+    return {
+        "grads": [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)],
+        "params": {k: v.detach() for k, v in adapted.params.items()},
+        "buffers": dict(adapted.buffers),
+        "losses": torch.stack([x.detach() for x in adapted.losses]),
+        "query_loss": loss.detach(),
+        "rng": rng_after,
+        "adapted": adapted,
+        "model": model,
+    }
+
+
+# -- the hand-written reference -----------------------------------------------------------
+def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
+    """Unrolled MAML with plain autograd and inline updates (no effmaml code)."""
+    model, lr, adapted_names, batches, steps_kw = build(opt, steps, dtype)
+    named = dict(model.named_parameters())
+    theta = {n: named[n] for n in adapted_names}
+    fixed = {n: p for n, p in named.items() if n not in theta}
+    phi = dict(theta)
+    bufs = {n: b.clone() for n, b in model.named_buffers()}
+    st = {n: [torch.zeros_like(p), torch.zeros_like(p)] for n, p in phi.items()}
+    losses = []
+    torch.manual_seed(rng_seed)
+    for t in range(steps):
+        batch = batches if steps_kw else batches[t]
+        b = {n: v.clone() for n, v in bufs.items()}
+        x, y = batch
+        loss = F.cross_entropy(functional_call(model, {**fixed, **phi, **b}, (x,)), y)
+        obj = loss
+        if opt.prox:
+            obj = obj + 0.5 * opt.prox * sum(((phi[n] - theta[n]) ** 2).sum() for n in phi)
+        g = dict(zip(phi, torch.autograd.grad(obj, list(phi.values()), create_graph=True)))
+        new = {}
+        for n, p in phi.items():
+            r = lr[n] if isinstance(lr, dict) else lr
+            if opt.optim == "sgd":
+                new[n] = p - r * (g[n] + 0.01 * p)
+            elif opt.optim in ("momentum", "nesterov"):
+                mom = 0.9 if opt.optim == "momentum" else 0.8
+                st[n][0] = mom * st[n][0] + g[n]
+                d = g[n] + mom * st[n][0] if opt.optim == "nesterov" else st[n][0]
+                new[n] = p - r * d
+            else:
+                b1, b2 = 0.8, 0.95
+                st[n][0] = b1 * st[n][0] + (1 - b1) * g[n]
+                st[n][1] = b2 * st[n][1] + (1 - b2) * g[n] ** 2
+                mh = st[n][0] / (1 - b1 ** (t + 1))
+                vh = st[n][1] / (1 - b2 ** (t + 1))
+                new[n] = p - r * mh / torch.sqrt(vh + 1e-16)
+        phi = new
+        if opt.bn != "fixed":
+            bufs = b
+        losses.append(loss)
+    query = make_batch(999, dtype=dtype)
+    qbufs = {n: v.clone() for n, v in bufs.items()}  # the query must not touch bufs
+    qloss = F.cross_entropy(functional_call(model, {**fixed, **phi, **qbufs}, (query[0],)),
+                            query[1])
+    wrt = [*model.parameters(), *learned_tensors(lr)]
+    grads = torch.autograd.grad(qloss, wrt, allow_unused=True)
+    return {
+        "grads": [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)],
+        "params": {k: v.detach() for k, v in phi.items()},
+        "buffers": bufs,
+        "losses": torch.stack([x.detach() for x in losses]),
+        "query_loss": qloss.detach(),
+        "rng": torch.get_rng_state(),
+    }
+
+
+# -- comparisons ----------------------------------------------------------------------------
+def assert_scaled_close(actual, expected, rel=1e-10, what=""):
+    """assert_close with atol scaled to the size of ``expected`` (not the float64 default).
+
+    The default float64 atol (1e-7) would hide real errors in gradients of size 1e-6; here
+    ``atol = rel * max|expected|`` and ``rtol = rel``.
+    """
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    atol = rel * scale if scale > 0 else 1e-300
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_results_match(a, b, grad_rel=1e-10, exact_values=False):
+    """Compare every gradient, adapted parameter, buffer, inner loss and the query loss."""
+    value_rel = 0.0 if exact_values else grad_rel
+    assert len(a["grads"]) == len(b["grads"])
+    for i, (x, y) in enumerate(zip(a["grads"], b["grads"])):
+        assert_scaled_close(x, y, grad_rel, f"grad[{i}]")
+    assert a["params"].keys() == b["params"].keys()
+    for k in a["params"]:
+        _values_close(a["params"][k], b["params"][k], value_rel, f"param {k}")
+    assert a["buffers"].keys() == b["buffers"].keys()
+    for k in a["buffers"]:
+        _values_close(a["buffers"][k], b["buffers"][k], value_rel, f"buffer {k}")
+    _values_close(a["losses"], b["losses"], value_rel, "inner losses")
+    _values_close(a["query_loss"], b["query_loss"], value_rel, "query loss")
+
+
+def _values_close(x, y, rel, what):
+    if rel == 0.0:
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=lambda m: f"{what}: {m}")
+    else:
+        assert_scaled_close(x, y, rel, what)
+
+
+def flat(grads) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+# -- pairwise grid -------------------------------------------------------------------------
+def pairwise(factors: dict[str, list]) -> list[dict]:
+    """A small covering array: every pair of values of every two factors appears in a row.
+
+    Greedy and deterministic (rows are built value by value, each time picking the value that
+    covers most uncovered pairs with the values already chosen).
+    """
+    names = list(factors)
+    uncovered = {
+        (i, a, j, b)
+        for i, j in itertools.combinations(range(len(names)), 2)
+        for a in range(len(factors[names[i]]))
+        for b in range(len(factors[names[j]]))
+    }
+    rows = []
+    while uncovered:
+        # seed the row with the first uncovered pair
+        i0, a0, j0, b0 = min(uncovered)
+        row: dict[int, int] = {i0: a0, j0: b0}
+        for k in range(len(names)):
+            if k in row:
+                continue
+            best, best_gain = 0, -1
+            for v in range(len(factors[names[k]])):
+                gain = sum(
+                    ((min(k, m), v if k < m else row[m], max(k, m), row[m] if k < m else v)
+                     in uncovered)
+                    for m in row
+                )
+                if gain > best_gain:
+                    best, best_gain = v, gain
+            row[k] = best
+        for i, j in itertools.combinations(range(len(names)), 2):
+            uncovered.discard((i, row[i], j, row[j]))
+        rows.append({names[k]: factors[names[k]][row[k]] for k in range(len(names))})
+    return rows
+
+
+GRID_FACTORS = {
+    "optim": ["sgd", "momentum", "nesterov", "adam"],
+    "lr": ["float", "learned", "per_param"],
+    "bn": ["update", "fixed", "none"],
+    "dropout": [False, True],
+    "clip": [None, 0.5],
+    "select": ["all", "head"],
+    "batches": ["reused", "distinct", "lazy"],
+    "prox": [0.0, 0.3],
+}
+
+GRID = [Opt(**row) for row in pairwise(GRID_FACTORS)]
+FULL_ROW = Opt("adam", "per_param", "update", True, 0.5, "head", "lazy", 0.3)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a @ b / (a.norm() * b.norm())).item() if a.norm() > 0 and b.norm() > 0 else math.nan

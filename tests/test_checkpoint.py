@@ -1,0 +1,116 @@
+"""checkpoint == naive in float64: values bitwise, gradients to summation order."""
+
+import dataclasses
+import gc
+
+import pytest
+import torch
+
+import effmaml
+
+from .helpers import (
+    FULL_ROW,
+    GRID,
+    LazyBatches,
+    Opt,
+    assert_results_match,
+    ce_loss,
+    make_batch,
+    make_model,
+    run_effmaml,
+)
+
+STEPS = 7  # 3 does not divide it
+
+
+def _compare(opt, steps=STEPS, **kw):
+    ref = run_effmaml(opt, "naive", steps)
+    ours = run_effmaml(opt, "checkpoint", steps, **kw)
+    # Parameters, buffers and losses: bitwise. Gradients of quantities read at every step
+    # (lr, fixed parameters, θ₀) accumulate in another order: scaled 1e-12.
+    assert_results_match(ours, ref, grad_rel=1e-12, exact_values=True)
+    assert ours["rng"].equal(ref["rng"]), "RNG after the query differs from naive's"
+    return ours
+
+
+@pytest.mark.parametrize("pullback", ["segment", "step"])
+@pytest.mark.parametrize("segment", [1, 2, 3, STEPS, None])
+def test_segments_full_row(segment, pullback):
+    ours = _compare(FULL_ROW, segment=segment, pullback=pullback)
+    k = ours["adapted"].info["segment"]
+    assert 1 <= k <= STEPS
+    if segment is not None:
+        assert k == segment
+
+
+@pytest.mark.parametrize(
+    "opt,pullback",
+    [(o, ("segment", "step")[i % 2]) for i, o in enumerate(GRID)],
+    ids=lambda v: v.id() if isinstance(v, Opt) else v,
+)
+def test_pairwise_grid(opt, pullback):
+    _compare(opt, segment=3, pullback=pullback)
+
+
+@pytest.mark.parametrize("pullback,expected", [("segment", 2 * STEPS), ("step", 3 * STEPS - 3)])
+def test_recomputation_happens(pullback, expected):
+    """Count step evaluations: forward N, then the schedule's recomputation in backward."""
+    opt = dataclasses.replace(FULL_ROW, batches="lazy")
+    model, lr = make_model(), 0.1
+    batches = LazyBatches(STEPS)
+    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(lr), "checkpoint", segment=3,
+                        pullback=pullback)
+    adapted = maml.adapt(batches)
+    assert adapted.step_evals == STEPS and batches.calls == STEPS
+    ce_loss(adapted, make_batch(1)).backward()
+    assert adapted.step_evals == expected == adapted.info["step_evals_predicted"]
+    assert batches.calls == expected  # each evaluation indexed its batch again
+    del opt
+
+
+def test_naive_does_not_recompute():
+    model = make_model()
+    adapted = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1)).adapt(make_batch(0), steps=5)
+    ce_loss(adapted, make_batch(1)).backward()
+    assert adapted.step_evals == 5
+
+
+def test_autograd_grad_equals_backward():
+    model = make_model()
+    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1, momentum=0.9), "checkpoint",
+                        segment=2, pullback="step")
+    batches = [make_batch(t) for t in range(5)]
+    g1 = torch.autograd.grad(ce_loss(maml.adapt(batches), make_batch(9)),
+                             list(model.parameters()))
+    ce_loss(maml.adapt(batches), make_batch(9)).backward()
+    for p, g in zip(model.parameters(), g1):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+
+
+def test_segment_auto_rule():
+    from effmaml.strategies.checkpoint import best_segment
+
+    assert best_segment(100, "step", 0, 0) == 10
+    assert best_segment(101, "step", 0, 0) == 11
+    # ceil(N/k)·P + k·A with P = A: minimised at k ≈ sqrt(N)
+    assert best_segment(100, "segment", 1, 1) == 10
+    # a large graph per step favours short segments, a large state long ones
+    assert best_segment(100, "segment", 1, 1000) == 1
+    assert best_segment(100, "segment", 1000, 1) == 100
+
+
+def test_repeated_adapt_does_not_leak():
+    model = make_model(width=64)
+    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1), "checkpoint", segment=2)
+    batches = [make_batch(t) for t in range(6)]
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    for _ in range(2):  # warm up caches
+        ce_loss(maml.adapt(batches), make_batch(9)).backward()
+    before = live_tensors()
+    for _ in range(3):
+        ce_loss(maml.adapt(batches), make_batch(9)).backward()
+    assert live_tensors() <= before
