@@ -52,6 +52,9 @@ class SavedBytes:
 def saved_bytes() -> Iterator[SavedBytes]:
     """Count the bytes autograd saves for backward inside the block (deduplicated by storage).
 
+    For measuring only: a graph recorded inside the block keeps detached aliases of what it
+    saved, so do not backpropagate through it.
+
     Example:
         >>> with saved_bytes() as c:
         ...     y = (x * x).sum()
@@ -69,7 +72,11 @@ def saved_bytes() -> Iterator[SavedBytes]:
         if key not in seen and st.data_ptr() != 0:
             seen.add(key)
             result.bytes += st.nbytes()
-        return t
+        # Note [Saved-tensor hooks and reference cycles]
+        # Returning ``t`` itself would store a saved output inside its own grad_fn, a cycle
+        # through C++ that Python's gc cannot see: the whole probe graph would leak. A
+        # detached alias shares the storage (so the count is right) without the cycle.
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield result

@@ -52,16 +52,18 @@ def test_pairwise_grid(opt, pullback):
     _compare(opt, segment=3, pullback=pullback)
 
 
-@pytest.mark.parametrize("pullback,expected", [("segment", 2 * STEPS), ("step", 3 * STEPS - 3)])
+# one probe step + forward N + the schedule's recomputation
+@pytest.mark.parametrize(
+    "pullback,expected", [("segment", 2 * STEPS + 1), ("step", 3 * STEPS - 3 + 1)]
+)
 def test_recomputation_happens(pullback, expected):
     """Count step evaluations: forward N, then the schedule's recomputation in backward."""
     opt = dataclasses.replace(FULL_ROW, batches="lazy")
     model, lr = make_model(), 0.1
     batches = LazyBatches(STEPS)
-    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(lr), "checkpoint", segment=3,
-                        pullback=pullback)
+    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(lr), "checkpoint", segment=3, pullback=pullback)
     adapted = maml.adapt(batches)
-    assert adapted.step_evals == STEPS and batches.calls == STEPS
+    assert adapted.step_evals == STEPS + 1 and batches.calls == STEPS + 1
     ce_loss(adapted, make_batch(1)).backward()
     assert adapted.step_evals == expected == adapted.info["step_evals_predicted"]
     assert batches.calls == expected  # each evaluation indexed its batch again
@@ -77,11 +79,11 @@ def test_naive_does_not_recompute():
 
 def test_autograd_grad_equals_backward():
     model = make_model()
-    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1, momentum=0.9), "checkpoint",
-                        segment=2, pullback="step")
+    maml = effmaml.MAML(
+        model, ce_loss, effmaml.SGD(0.1, momentum=0.9), "checkpoint", segment=2, pullback="step"
+    )
     batches = [make_batch(t) for t in range(5)]
-    g1 = torch.autograd.grad(ce_loss(maml.adapt(batches), make_batch(9)),
-                             list(model.parameters()))
+    g1 = torch.autograd.grad(ce_loss(maml.adapt(batches), make_batch(9)), list(model.parameters()))
     ce_loss(maml.adapt(batches), make_batch(9)).backward()
     for p, g in zip(model.parameters(), g1):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)

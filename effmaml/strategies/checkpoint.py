@@ -10,6 +10,7 @@ from ..engine import UniformSchedule, run_uniform
 from ..memory import saved_bytes
 from ..step import Consts, InnerProblem, InnerState, inner_step
 from .base import Outcome, Strategy, register_strategy
+from .checks import check_double_backward
 
 __all__ = ["Checkpoint", "best_segment"]
 
@@ -62,9 +63,11 @@ class Checkpoint(Strategy):
         segment: steps per segment ``k`` (≥ 1; values above N mean one segment), or
             ``None`` to choose it: ``ceil(sqrt(N))`` for ``pullback="step"``; for
             ``"segment"`` the k minimising ceil(N/k)·P + k·A, with P counted from the
-            state's tensors and A measured by one probe step (bytes saved by autograd).
-            The probe is one extra step evaluation. The resolved k is in
-            ``Adapted.info["segment"]``.
+            state's tensors and A measured by the probe step (bytes saved by autograd).
+            The resolved k is in ``Adapted.info["segment"]``.
+
+    Every ``adapt`` runs one probe step first (see Note [Why checkpoint probes one step]):
+    step evaluations are 2N + 1 (``"segment"``) or 3N - ceil(N/k) + 1 (``"step"``).
         pullback: ``"segment"`` (default) or ``"step"``.
     """
 
@@ -88,35 +91,48 @@ class Checkpoint(Strategy):
     def options(self):
         return {"segment": self.segment, "pullback": self.pullback}
 
-    def resolve_segment(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> int:
-        """The segment length used for ``problem`` (probes one step when needed)."""
+    def resolve_segment(self, problem: InnerProblem, state0: InnerState, step_bytes: int) -> int:
+        """The segment length used for ``problem``, given A = ``step_bytes``."""
         n = problem.steps
         if self.segment is not None:
             return min(self.segment, n)
-        if self.pullback == "step":
-            return best_segment(n, "step", 0, 0)
-        return best_segment(
-            n, "segment", state0.nbytes(), probe_step_bytes(problem, state0, consts)
-        )
+        return best_segment(n, self.pullback, state0.nbytes(), step_bytes)
 
     def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
-        k = self.resolve_segment(problem, state0, consts)
+        step_bytes = probe_step(problem, state0, consts)
+        k = self.resolve_segment(problem, state0, step_bytes)
         schedule = UniformSchedule(k, self.pullback)
         state, losses = run_uniform(problem, state0, consts, schedule)
         info = {
             "segment": k,
             "pullback": self.pullback,
-            "step_evals_predicted": schedule.step_evals(problem.steps),
+            "state_bytes": state0.nbytes(),
+            "step_graph_bytes": step_bytes,
+            "probe_evals": 1,
+            "step_evals_predicted": schedule.step_evals(problem.steps) + 1,
         }
         return Outcome(state, list(losses.unbind(0)), info)
 
 
-def probe_step_bytes(problem: InnerProblem, state0: InnerState, consts: Consts) -> int:
-    """A: bytes autograd saves for one second-order step (step 0, RNG and buffers untouched)."""
+def probe_step(problem: InnerProblem, state0: InnerState, consts: Consts) -> int:
+    """Run step 0 once with its graph: measure A and check that double backward exists.
+
+    # Note [Why checkpoint probes one step]
+    # Inside a custom Function's backward, a @once_differentiable operation does not leave
+    # the DelayedError node that makes naive fail loudly: its second-order term would just be
+    # missing. Probing step 0 in the forward pass, outside any backward, finds such an
+    # operation before any work (check_double_backward), and measures A, the bytes autograd
+    # saves for one second-order step, for segment=None. Cost: one step evaluation, counted
+    # in step_evals; RNG and buffers are left as they were.
+
+    Returns:
+        A, in bytes (deduplicated by storage).
+    """
     devices = [problem.device] if problem.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         s = state0.detached(requires_grad=True)
         with saved_bytes() as count:
             out, loss = inner_step(problem, s, 0, consts, create_graph=True)
+        check_double_backward(out.params.values())
         del out, loss
     return count.bytes

@@ -30,7 +30,7 @@ def check_double_backward(tensors: Iterable[Tensor]) -> None:
         if fn is None or id(fn) in seen:
             continue
         seen.add(id(fn))
-        if type(fn).__name__ == "DelayedError":
+        if type(fn).__name__ in ("DelayedError", "Error"):
             raise RuntimeError(
                 "an operation in the model or loss has no double backward (a custom autograd "
                 "Function marked @once_differentiable, or an op whose backward is not "

@@ -1,0 +1,213 @@
+"""The public front: registry, Adapted semantics, parameter selection, errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import effmaml
+
+from .helpers import LazyBatches, ce_loss, make_batch, make_model
+
+EXACT = [
+    ("naive", {}),
+    ("checkpoint", {"segment": 2}),
+    ("checkpoint", {"segment": 2, "pullback": "step"}),
+]
+ALL = [*EXACT, ("first_order", {})]
+
+
+def test_registry_lists_strategies():
+    assert {"naive", "first_order", "checkpoint"} <= set(effmaml.STRATEGIES)
+    for name, cls in effmaml.STRATEGIES.items():
+        assert cls.name == name and issubclass(cls, effmaml.Strategy)
+
+
+@pytest.mark.parametrize("strategy,kw", ALL)
+def test_model_is_never_mutated(strategy, kw):
+    model = make_model(p_drop=0.2)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1, momentum=0.9), strategy, **kw)
+    adapted = maml.adapt([make_batch(t) for t in range(4)])
+    ce_loss(adapted, make_batch(9)).backward()
+    assert model.training
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    # ... while the adapted buffers did move: running stats updated 4 times
+    assert int(adapted.buffers["1.num_batches_tracked"]) == 4
+    assert not adapted.buffers["1.running_mean"].equal(before["1.running_mean"])
+
+
+@pytest.mark.parametrize("strategy,kw", ALL)
+def test_update_running_stats_false_keeps_buffers(strategy, kw):
+    model = make_model()
+    maml = effmaml.MAML(
+        model, ce_loss, effmaml.SGD(0.1), strategy, update_running_stats=False, **kw
+    )
+    adapted = maml.adapt(make_batch(0), steps=3)
+    for k, v in model.named_buffers():
+        torch.testing.assert_close(adapted.buffers[k], v, rtol=0, atol=0)
+
+
+def test_calling_adapted_never_mutates_buffers_and_follows_mode():
+    model = make_model()
+    adapted = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1)).adapt(make_batch(0), steps=2)
+    snapshot = {k: v.clone() for k, v in adapted.buffers.items()}
+    x = make_batch(5)[0]
+    train_out = adapted(x)
+    for k, v in adapted.buffers.items():
+        assert v.equal(snapshot[k])
+    model.eval()  # eval mode: running statistics normalise, so the output changes
+    eval_out = adapted(x)
+    assert not torch.allclose(train_out, eval_out)
+    ref = torch.func.functional_call(model, {**adapted.named_parameters(), **adapted.buffers}, (x,))
+    torch.testing.assert_close(eval_out, ref, rtol=0, atol=0)
+
+
+def test_adapted_attributes():
+    model = make_model()
+    inner = effmaml.Adam(0.01)
+    adapted = effmaml.MAML(model, ce_loss, inner).adapt([make_batch(t) for t in range(3)])
+    assert set(adapted.params) == {n for n, _ in model.named_parameters()}
+    assert len(adapted.losses) == 3 and all(x.requires_grad for x in adapted.losses)
+    assert set(adapted.inner_state) == {
+        f"{k}.{n}" for k in ("exp_avg", "exp_avg_sq") for n in adapted.params
+    }
+    assert "Adapted(" in repr(adapted) and "MAML(" in repr(effmaml.MAML(model, ce_loss, inner))
+
+
+@pytest.mark.parametrize("selector", [["6.weight", "6.bias"], lambda n: n.startswith("6.")])
+def test_params_selection_adapts_only_selected_and_fixed_get_meta_grads(selector):
+    model = make_model()
+    adapted = effmaml.MAML(model, ce_loss, effmaml.SGD(0.5), params=selector).adapt(
+        make_batch(0), steps=3
+    )
+    assert set(adapted.params) == {"6.weight", "6.bias"}
+    assert adapted.fixed["0.weight"] is model[0].weight
+    ce_loss(adapted, make_batch(1)).backward()
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy,kw", EXACT)
+def test_lazy_sequence_is_indexed_per_step(strategy, kw):
+    batches = LazyBatches(5)
+    adapted = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), strategy, **kw).adapt(batches)
+    # forward: each batch once (plus checkpoint's probe of step 0)
+    assert batches.calls == 5 + adapted.info.get("probe_evals", 0)
+
+
+def test_steps_with_a_matching_list_uses_it_per_step():
+    model = make_model()
+    batches = [make_batch(t) for t in range(3)]
+    a = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1)).adapt(batches, steps=3)
+    b = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1)).adapt(batches)
+    torch.testing.assert_close(torch.stack(a.losses), torch.stack(b.losses), rtol=0, atol=0)
+
+
+# -- errors -------------------------------------------------------------------------------
+def _maml(**kw):
+    return effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), **kw)
+
+
+def test_unknown_strategy_lists_known():
+    with pytest.raises(ValueError, match="known strategies: .*checkpoint.*first_order.*naive"):
+        _maml(strategy="revolvee")
+
+
+def test_bad_strategy_option():
+    with pytest.raises(TypeError, match="does not take options"):
+        _maml(strategy="naive", segment=3)
+    with pytest.raises(ValueError, match="segment must be >= 1 .*segment=None"):
+        _maml(strategy="checkpoint", segment=0)
+    with pytest.raises(ValueError, match="pullback must be one of"):
+        _maml(strategy="checkpoint", pullback="layer")
+
+
+def test_empty_sequence_and_bad_steps():
+    with pytest.raises(ValueError, match="empty batch sequence"):
+        _maml().adapt([])
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        _maml().adapt(make_batch(0), steps=0)
+    with pytest.raises(ValueError, match="got a sequence of 2 batches with steps=3"):
+        _maml().adapt([make_batch(0), make_batch(1)], steps=3)
+    with pytest.raises(TypeError, match="adapt\\(batch, steps=N\\)"):
+        _maml().adapt(make_batch(0)[0])
+
+
+def test_non_scalar_loss():
+    maml = effmaml.MAML(
+        make_model(),
+        lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+        effmaml.SGD(0.1),
+    )
+    with pytest.raises(ValueError, match="scalar .* step 0 .* shape \\(8,\\)"):
+        maml.adapt(make_batch(0), steps=2)
+
+
+@pytest.mark.parametrize("strategy,kw", ALL)
+def test_non_finite_loss_names_the_step(strategy, kw):
+    bad = [make_batch(t) for t in range(4)]
+    bad[2] = (torch.full_like(bad[2][0], math.nan), bad[2][1])
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        _maml(strategy=strategy, **kw).adapt(bad)
+
+
+def test_no_trainable_parameters():
+    model = make_model()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        effmaml.MAML(model, ce_loss, effmaml.SGD(0.1))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        _maml(params=lambda n: False)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        _maml(params=["nope"])
+
+
+def test_per_parameter_lr_must_match():
+    with pytest.raises(ValueError, match="per-parameter lr must name exactly"):
+        effmaml.MAML(make_model(), ce_loss, effmaml.SGD({"6.weight": 0.1}))
+
+
+def test_loss_must_use_the_module():
+    maml = effmaml.MAML(make_model(), lambda m, b: b[0].sum(), effmaml.SGD(0.1))
+    with pytest.raises(ValueError, match="does not depend on the adapted parameters"):
+        maml.adapt(make_batch(0), steps=1)
+
+
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _OnceModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return _OnceDifferentiableTanh.apply(self.lin(x))
+
+
+@pytest.mark.parametrize("strategy,kw", EXACT)
+def test_operation_without_double_backward_is_named(strategy, kw):
+    maml = effmaml.MAML(_OnceModel(), ce_loss, effmaml.SGD(0.1), strategy, **kw)
+    with pytest.raises(RuntimeError, match="no double backward.*first_order"):
+        adapted = maml.adapt(make_batch(0), steps=3)
+        ce_loss(adapted, make_batch(1)).backward()
+    # ... and first_order, which needs none, works
+    adapted = effmaml.MAML(_OnceModel(), ce_loss, effmaml.SGD(0.1), "first_order").adapt(
+        make_batch(0), steps=3
+    )
+    ce_loss(adapted, make_batch(1)).backward()
