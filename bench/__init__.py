@@ -1,0 +1,1 @@
+"""effmaml's benchmark harness: ``python -m bench`` sweeps inner steps per strategy."""

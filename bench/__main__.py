@@ -1,0 +1,207 @@
+"""``python -m bench``: sweep inner steps x strategies, one subprocess per run, CSV rows.
+
+Each (strategy, N) gets a memory child (on CPU started with MALLOC_MMAP_THRESHOLD_=65536 so
+glibc returns freed blocks) and a timing child (without it: that setting slows runs ~2x).
+Rows are appended to ``results/<preset>/runs.csv`` as runs end; the report follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import report
+from .presets import PRESETS, RUNS
+from .workload import agreement
+
+COLUMNS = [
+    "preset",
+    "strategy",
+    "peer",
+    "steps",
+    "segment",
+    "segment_resolved",
+    "pullback",
+    "batch",
+    "image",
+    "dtype",
+    "clip",
+    "status",
+    "error",
+    "peak_mib",
+    "reserved_mib",
+    "memory_kind",
+    "time_s",
+    "time_min_s",
+    "repeats",
+    "overhead_vs_first_order",
+    "grad_max_abs",
+    "grad_rel_l2",
+    "grad_cosine",
+    "step_evals",
+    "device",
+    "torch",
+    "threads",
+    "tf32",
+    "deterministic",
+    "git",
+    "timestamp",
+]
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def _child(args: list[str], env: dict, timeout: int) -> dict:
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.child", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"over {timeout}s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if lines:
+        row = json.loads(lines[-1])
+        row.setdefault("status", "ok" if out.returncode == 0 else "error")
+        return row
+    err = (out.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    status = "oom" if "out of memory" in err.lower() or out.returncode in (-9, 137) else "error"
+    return {"status": status, "error": err}
+
+
+def main(argv=None) -> None:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--preset", default="resnet18-224" if cuda else "cpu-small")
+    ap.add_argument("--steps", help="comma-separated N values (default: the preset's)")
+    ap.add_argument("--strategies", help="comma-separated run labels (default: all)")
+    ap.add_argument("--out", default="results", help="results root (default: results)")
+    ap.add_argument("--list", action="store_true", help="list presets and strategies")
+    a = ap.parse_args(argv)
+    if a.list:
+        for p in PRESETS.values():
+            print(f"preset {p.name}: {p}")
+        for r in RUNS.values():
+            print(f"strategy {r.label}: {r.strategy} {r.opts()} {r.peer}")
+        return
+    if a.preset not in PRESETS:
+        ap.error(f"unknown preset {a.preset!r}; known: {', '.join(PRESETS)}")
+    preset = PRESETS[a.preset]
+    steps = [int(s) for s in a.steps.split(",")] if a.steps else list(preset.steps)
+    labels = a.strategies.split(",") if a.strategies else list(preset.runs)
+    unknown = [x for x in labels if x not in RUNS]
+    if unknown:
+        ap.error(f"unknown strategies {unknown}; known: {', '.join(RUNS)}")
+    # the naive reference runs first at each N (agreement needs it), then first_order
+    labels = sorted(labels, key=lambda x: (x != "naive", x != "first_order"))
+    out_dir = Path(a.out) / preset.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "runs.csv"
+    env_cols = {
+        "device": torch.cuda.get_device_name()
+        if cuda
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else "",
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "git": _git(),
+    }
+    env_time = dict(os.environ)
+    env_mem = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    rows = []
+    oom_at: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp, open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        bar = tqdm(total=len(steps) * len(labels), desc=preset.name, unit="run")
+        for n in steps:
+            ref_grad = None
+            fo_time = None
+            for label in labels:
+                spec = RUNS[label]
+                opts = spec.opts()
+                row = {
+                    "preset": preset.name,
+                    "strategy": label,
+                    "peer": spec.peer,
+                    "steps": n,
+                    "segment": opts.get("segment", ""),
+                    "pullback": opts.get("pullback", ""),
+                    "batch": preset.batch,
+                    "image": preset.image,
+                    "dtype": preset.dtype,
+                    "clip": preset.clip,
+                    **env_cols,
+                }
+                bar.set_postfix_str(f"N={n} {label}")
+                if label in oom_at:
+                    row.update(status="skipped", error=f"out of memory at N={oom_at[label]}")
+                elif spec.needs_no_clip and preset.clip is not None:
+                    row.update(status="skipped", error=f"{label} has no grad-of-grad clipping")
+                else:
+                    grad_file = os.path.join(tmp, f"{label}-{n}.pt")
+                    args = [preset.name, label, str(n)]
+                    mem = _child([*args, "memory", grad_file], env_mem, preset.timeout_s)
+                    row.update(mem)
+                    if mem.get("status", "ok") == "ok":
+                        row.update(_child([*args, "time", grad_file], env_time, preset.timeout_s))
+                    row.setdefault("status", "ok")
+                    if row["status"] == "oom":
+                        oom_at[label] = n
+                    if row["status"] == "ok":
+                        grad = torch.load(grad_file)
+                        if label == "naive":
+                            ref_grad = grad
+                            row.update(agreement(grad, grad))
+                        elif ref_grad is not None:
+                            row.update(agreement(grad, ref_grad))
+                        if label == "first_order":
+                            fo_time = row.get("time_s")
+                        if fo_time and row.get("time_s"):
+                            row["overhead_vs_first_order"] = row["time_s"] / fo_time
+                row.pop("grad_finite", None)
+                row["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"
+                )
+                writer.writerow({k: row.get(k, "") for k in COLUMNS})
+                f.flush()
+                rows.append(row)
+                bar.update(1)
+        bar.close()
+    # naive ran before first_order at each N: complete the derived column, rewrite the CSV
+    fo = {r["steps"]: r.get("time_s") for r in rows if r["strategy"] == "first_order"}
+    for r in rows:
+        if r.get("time_s") and fo.get(r["steps"]):
+            r["overhead_vs_first_order"] = r["time_s"] / fo[r["steps"]]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
+    report.write_report(out_dir)
+    print((out_dir / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Benchmark presets (frozen dataclasses) and the strategies they sweep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["PRESETS", "RUNS", "Preset", "RunSpec"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One swept configuration: a label, an effmaml strategy (or a peer) and its options."""
+
+    label: str
+    strategy: str
+    options: tuple[tuple[str, object], ...] = ()
+    peer: str = ""  # "", "torch_maml", "higher"
+    needs_no_clip: bool = False  # higher has no grad-of-grad clipping
+
+    def opts(self) -> dict:
+        return dict(self.options)
+
+
+RUNS: dict[str, RunSpec] = {
+    r.label: r
+    for r in [
+        RunSpec("naive", "naive"),
+        RunSpec(
+            "checkpoint_auto_segment", "checkpoint", (("segment", None), ("pullback", "segment"))
+        ),
+        RunSpec("checkpoint_auto_step", "checkpoint", (("segment", None), ("pullback", "step"))),
+        RunSpec("checkpoint_k5", "checkpoint", (("segment", 5), ("pullback", "segment"))),
+        RunSpec("first_order", "first_order"),
+        RunSpec("torch_maml_naive", "naive", peer="torch_maml"),
+        RunSpec("torch_maml_checkpoint", "checkpoint", (("segment", 5),), peer="torch_maml"),
+        RunSpec("higher", "naive", peer="higher", needs_no_clip=True),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A benchmark set-up: model, data, inner optimizer, the steps and strategies swept."""
+
+    name: str
+    image: int
+    batch: int
+    steps: tuple[int, ...]
+    clip: float | None
+    lr: float = 0.01
+    classes: int = 10
+    dtype: str = "float32"
+    repeats: int = 2
+    timeout_s: int = 900
+    runs: tuple[str, ...] = field(default_factory=lambda: tuple(RUNS))
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        # The seed notebook's set-up: ResNet18, 16x3x224x224, SGD 0.01, clip 1e2.
+        Preset(
+            "resnet18-224",
+            image=224,
+            batch=16,
+            steps=(1, 10, 25, 50, 100, 200, 500, 1000),
+            clip=100.0,
+            repeats=2,
+            timeout_s=600,
+        ),
+        # Same model and code path, scaled to 2 CPU cores (~10-15 minutes).
+        Preset("cpu-small", image=64, batch=8, steps=(5, 10, 20, 40), clip=None, repeats=2),
+        # For tests: seconds.
+        Preset("tiny", image=32, batch=8, steps=(2, 3), clip=None, repeats=1, timeout_s=300),
+    ]
+}

@@ -1,0 +1,145 @@
+"""One meta-gradient on a preset's workload, by effmaml or by a peer library."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import effmaml
+
+from .presets import Preset, RunSpec
+
+__all__ = ["LazyBatches", "build", "meta_gradient"]
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+class LazyBatches(Sequence):
+    """Batch t is drawn from a generator seeded with ``seed + t``, on the device, on demand.
+
+    The same index always gives the same batch, as recomputing strategies require; 1000
+    batches never sit in memory at once.
+    """
+
+    def __init__(self, preset: Preset, steps: int, device: torch.device, dtype, seed=1000):
+        self.p, self.steps, self.device, self.dtype, self.seed = preset, steps, device, dtype, seed
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, t):
+        if not 0 <= t < self.steps:
+            raise IndexError(t)
+        g = torch.Generator(device=self.device).manual_seed(self.seed + t)
+        p = self.p
+        x = torch.randn(
+            p.batch, 3, p.image, p.image, generator=g, device=self.device, dtype=self.dtype
+        )
+        y = torch.randint(0, p.classes, (p.batch,), generator=g, device=self.device)
+        return x, y
+
+
+def build(preset: Preset, device: torch.device):
+    """The model (seeded), dtype and the query batch."""
+    dtype = getattr(torch, preset.dtype)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=preset.classes).to(device, dtype)
+    model.train()
+    query = LazyBatches(preset, 1, device, dtype, seed=7)[0]
+    return model, dtype, query
+
+
+def meta_gradient(model, preset: Preset, spec: RunSpec, steps: int, device, dtype, query):
+    """Adapt for ``steps`` steps, compute the query loss and its meta-gradient.
+
+    Returns:
+        ``(flat_grad, step_evals, info)``; the gradient is left in ``model.parameters()``.
+    """
+    model.zero_grad(set_to_none=True)
+    batches = LazyBatches(preset, steps, device, dtype)
+    if spec.peer == "torch_maml":
+        return _torch_maml(model, preset, spec, batches, query)
+    if spec.peer == "higher":
+        return _higher(model, preset, batches, query)
+    maml = effmaml.MAML(
+        model,
+        loss_fn,
+        effmaml.SGD(preset.lr),
+        spec.strategy,
+        clip_grad_grad_norm=preset.clip,
+        **spec.opts(),
+    )
+    adapted = maml.adapt(batches)
+    loss_fn(adapted, query).backward()
+    return _flat(model), adapted.step_evals, dict(adapted.info)
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            for p in model.parameters()
+        ]
+    ).detach()
+
+
+def _torch_maml(model, preset, spec, batches, query):
+    import torch_maml
+
+    evals = [0]
+
+    def tm_loss(m, batch):
+        evals[0] += 1
+        return loss_fn(m, batch)
+
+    opt = torch_maml.IngraphGradientDescent(learning_rate=preset.lr)
+    if spec.strategy == "checkpoint":
+        maml = torch_maml.GradientCheckpointMAML(
+            model, tm_loss, optimizer=opt, checkpoint_steps=spec.opts()["segment"]
+        )
+    else:
+        maml = torch_maml.NaiveMAML(model, tm_loss, optimizer=opt)
+    kwargs = {}
+    if preset.clip is not None and spec.strategy == "checkpoint":
+        kwargs["max_grad_grad_norm"] = preset.clip
+    updated, _, _ = maml(list(batches), **kwargs)
+    loss_fn(updated, query).backward()
+    return _flat(model), evals[0], {"note": "torch_maml disables BatchNorm running stats"}
+
+
+def _higher(model, preset, batches, query):
+    import higher
+
+    inner_opt = torch.optim.SGD(model.parameters(), lr=preset.lr)
+    with higher.innerloop_ctx(
+        model, inner_opt, copy_initial_weights=False, track_higher_grads=True
+    ) as (fmodel, diffopt):
+        for t in range(len(batches)):
+            diffopt.step(loss_fn(fmodel, batches[t]))
+        loss_fn(fmodel, query).backward()
+    return _flat(model), len(batches), {}
+
+
+def agreement(grad: torch.Tensor, ref: torch.Tensor) -> dict:
+    """max abs difference, relative L2 and cosine against the reference meta-gradient."""
+    if not torch.isfinite(grad).all():
+        return {
+            "grad_max_abs": math.inf,
+            "grad_rel_l2": math.inf,
+            "grad_cosine": math.nan,
+            "grad_finite": False,
+        }
+    g, r = grad.double(), ref.double()
+    return {
+        "grad_max_abs": (g - r).abs().max().item(),
+        "grad_rel_l2": ((g - r).norm() / r.norm()).item(),
+        "grad_cosine": (g @ r / (g.norm() * r.norm())).item(),
+        "grad_finite": True,
+    }
