@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-__all__ = ["summary_table", "write_report"]
+__all__ = ["summary_table", "update_readme", "write_report"]
 
 
 def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) -> None:
@@ -100,8 +100,31 @@ def write_report(out_dir: Path | str) -> None:
     (out_dir / "summary.md").write_text("\n".join(text))
 
 
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(readme: Path | str = "README.md", root: Path | str = "results") -> bool:
+    """Put every ``results/<preset>/summary.md`` and its memory plot between the markers."""
+    readme, root = Path(readme), Path(root)
+    if not readme.exists():
+        return False
+    text = readme.read_text()
+    if START not in text or END not in text:
+        return False
+    parts = []
+    for summary in sorted(root.glob("*/summary.md")):
+        body = summary.read_text().strip().replace("# ", "### ", 1)
+        parts += [body, "", f"![memory vs steps]({summary.parent / 'memory_vs_steps.png'})", ""]
+    block = "\n".join([START, *parts, END]) if parts else f"{START}\n{END}"
+    head, rest = text.split(START, 1)
+    readme.write_text(head + block + rest.split(END, 1)[1])
+    return True
+
+
 if __name__ == "__main__":
     dirs = sys.argv[1:] or [str(p.parent) for p in Path("results").glob("*/runs.csv")]
     for d in dirs:
         write_report(d)
         print(f"wrote {d}/summary.md and plots")
+    if not sys.argv[1:] and update_readme():
+        print("updated README.md results section")
