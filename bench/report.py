@@ -70,7 +70,7 @@ def write_report(out_dir: Path | str) -> None:
     first = df.iloc[0]
     title = (
         f"{first.preset}: ResNet18, {first.batch}x3x{first.image}x{first.image}, "
-        f"{first.dtype}, clip={first.clip} — {first.device}, torch {first.torch}"
+        f"{first['dtype']}, clip={first['clip']} — {first['device']}, torch {first['torch']}"
     )
     _plot(
         df,
