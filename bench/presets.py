@@ -31,6 +31,8 @@ RUNS: dict[str, RunSpec] = {
         RunSpec("checkpoint_auto_step", "checkpoint", (("segment", None), ("pullback", "step"))),
         RunSpec("checkpoint_k5", "checkpoint", (("segment", 5), ("pullback", "segment"))),
         RunSpec("first_order", "first_order"),
+        # iMAML (λ=1, 5 CG steps as in the paper); its Hessian from the last 4 distinct batches
+        RunSpec("implicit", "implicit", (("lam", 1.0), ("cg_steps", 5), ("hvp_batches", 4))),
         RunSpec("torch_maml_naive", "naive", peer="torch_maml"),
         RunSpec("torch_maml_checkpoint", "checkpoint", (("segment", 5),), peer="torch_maml"),
         RunSpec("higher", "naive", peer="higher", needs_no_clip=True),

@@ -9,30 +9,20 @@ import torch
 from torch import Tensor, nn
 
 from .inner import InnerOptimizer
-from .step import Consts, Counter, FunctionalModel, InnerProblem, InnerState, LossFn
+from .step import (
+    Consts,
+    Counter,
+    FunctionalModel,
+    InnerProblem,
+    InnerState,
+    LossFn,
+    RepeatedBatch,
+)
 from .strategies import Strategy, make_strategy
 
 __all__ = ["MAML", "Adapted", "RepeatedBatch"]
 
 ParamSelector = Iterable[str] | Callable[[str], bool] | None
-
-
-class RepeatedBatch(Sequence):
-    """One batch presented as a sequence of ``steps`` identical batches."""
-
-    def __init__(self, batch: Any, steps: int) -> None:
-        self.batch = batch
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, t):  # type: ignore[override]
-        if isinstance(t, slice):
-            return [self.batch] * len(range(*t.indices(self.steps)))
-        if not -self.steps <= t < self.steps:
-            raise IndexError(t)
-        return self.batch
 
 
 class Adapted:

@@ -30,6 +30,7 @@ __all__ = [
     "FunctionalModel",
     "InnerProblem",
     "InnerState",
+    "RepeatedBatch",
     "inner_step",
     "move_to",
 ]
@@ -170,6 +171,24 @@ class InnerProblem:
 
     def batch(self, t: int) -> Any:
         return move_to(self.batches[t], self.device)
+
+
+class RepeatedBatch(Sequence):
+    """One batch presented as a sequence of ``steps`` identical batches."""
+
+    def __init__(self, batch: Any, steps: int) -> None:
+        self.batch = batch
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, t):  # type: ignore[override]
+        if isinstance(t, slice):
+            return [self.batch] * len(range(*t.indices(self.steps)))
+        if not -self.steps <= t < self.steps:
+            raise IndexError(t)
+        return self.batch
 
 
 def move_to(batch: Any, device: torch.device) -> Any:

@@ -70,3 +70,11 @@ def test_checkpoint_memory_grows_with_segments_not_steps():
     # doubling N adds 8 small stored states and nothing else
     ckpt64 = _run("checkpoint", 64)
     assert ckpt64["peak"] < 1.2 * ckpt["peak"] + 8 * 2**20, (ckpt, ckpt64)
+
+
+@pytest.mark.slow
+def test_implicit_memory_does_not_depend_on_steps():
+    five, hundred = _run("implicit", 5), _run("implicit", 100)
+    # the same state, CG vectors and one second-order graph: equal up to allocator noise
+    assert hundred["peak"] <= 1.1 * five["peak"] + 4 * 2**20, (five, hundred)
+    assert hundred["held"] <= 1.1 * five["held"] + 4 * 2**20, (five, hundred)

@@ -1,0 +1,338 @@
+"""Implicit MAML (iMAML): the meta-gradient at the inner solution, by conjugate gradient.
+
+Rajeswaran, Finn, Kakade, Levine, "Meta-Learning with Implicit Gradients" (NeurIPS 2019).
+The inner problem is the proximal one, minimise L_train(φ) + (λ/2)‖φ − θ‖², run with the
+shared inner step (its proximal term) for N steps from φ₀ = θ. If φ_N is its minimiser,
+dφ/dθ = (I + H/λ)⁻¹ with H the Hessian of L_train at φ_N, whatever path the optimizer took.
+So the meta-gradient needs only the final state: solve (I + H/λ) x = ∇L_query(φ_N) with
+conjugate gradient and Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..engine import advance
+from ..step import Consts, FunctionalModel, InnerProblem, InnerState, RepeatedBatch
+from .base import Outcome, Strategy, register_strategy
+
+__all__ = ["Implicit", "conjugate_gradient"]
+
+
+@register_strategy
+class Implicit(Strategy):
+    """iMAML: memory independent of N; an approximation that is exact at the inner optimum.
+
+    Forward: N first-order steps on L_train(φ) + (λ/2)‖φ − θ‖², keeping only the current
+    state. Backward (at ``loss.backward()``, through a custom autograd Function at φ_N):
+    ``cg_steps`` conjugate-gradient iterations on (I + H/λ + δI) x = v, v the query
+    gradient at φ_N; θ receives x. Parameters that do not adapt (``params=``) receive their
+    direct query gradient plus the implicit term −(1/λ) ∂²L_train/∂w∂φ · x.
+
+    L_train is the loss on the single batch when one batch is reused (``adapt(batch,
+    steps=N)`` or a list holding one batch object N times); with distinct per-step batches
+    it is the mean of the losses over the distinct batches, and every Hessian-vector product
+    costs one forward/backward/double-backward pass over each of them. During the solve
+    dropout is off and BatchNorm normalises with batch statistics (train mode) or running
+    statistics (eval mode) and updates nothing.
+
+    Memory: the state P, the CG vectors (4 copies of the adapted parameters) and one
+    second-order graph A at a time; independent of N. Compute: N first-order steps, then
+    about ``cg_steps`` + 1 Hessian-vector products (each ≈ 2-3 step evaluations per
+    distinct batch).
+
+    Not exact: it equals naive's meta-gradient (with ``prox_lambda=λ``) only when φ_N has
+    converged and CG has; ``Adapted.info`` reports the CG residual. A learned inner lr has
+    no implicit meta-gradient (the solution does not depend on it): a warning says so.
+
+    Args:
+        lam: λ, the proximal strength (> 0). None: the ``prox_lambda`` given to MAML, or 1.0.
+        cg_steps: conjugate-gradient iterations (≥ 1). Default 5, as in the paper.
+        cg_damping: δ ≥ 0 added to the system's diagonal, for a Hessian that is not
+            positive definite far from the optimum. Default 0.
+        cg_tol: stop early when the residual norm falls below ``cg_tol`` times the right-hand
+            side's. Default 1e-10.
+        hvp_batches: with distinct batches, use only the last ``hvp_batches`` distinct ones
+            for L_train in the solve (a cheaper, stochastic Hessian; each product then costs
+            that many passes). Default None: all of them.
+    """
+
+    name = "implicit"
+    exact = False
+
+    def __init__(
+        self,
+        lam: float | None = None,
+        cg_steps: int = 5,
+        cg_damping: float = 0.0,
+        cg_tol: float = 1e-10,
+        hvp_batches: int | None = None,
+    ) -> None:
+        if lam is not None and not (isinstance(lam, (int, float)) and lam > 0):
+            raise ValueError(f"lam must be a number > 0 (got {lam!r}); iMAML needs λ > 0")
+        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
+            raise ValueError(f"cg_steps must be an int >= 1 (got {cg_steps!r})")
+        if not cg_damping >= 0:
+            raise ValueError(f"cg_damping must be >= 0 (got {cg_damping!r})")
+        if not cg_tol >= 0:
+            raise ValueError(f"cg_tol must be >= 0 (got {cg_tol!r})")
+        if hvp_batches is not None and (
+            isinstance(hvp_batches, bool) or not isinstance(hvp_batches, int) or hvp_batches < 1
+        ):
+            raise ValueError(f"hvp_batches must be an int >= 1 or None (got {hvp_batches!r})")
+        self.hvp_batches = hvp_batches
+        self.lam = None if lam is None else float(lam)
+        self.cg_steps = cg_steps
+        self.cg_damping = float(cg_damping)
+        self.cg_tol = float(cg_tol)
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "lam": self.lam,
+            "cg_steps": self.cg_steps,
+            "cg_damping": self.cg_damping,
+            "cg_tol": self.cg_tol,
+            "hvp_batches": self.hvp_batches,
+        }
+
+    def resolve_lam(self, prox: float) -> float:
+        """λ for a run where MAML was given ``prox_lambda=prox``."""
+        if self.lam is None:
+            return prox or 1.0
+        if prox and prox != self.lam:
+            raise ValueError(
+                f"strategy='implicit' got lam={self.lam} but MAML got prox_lambda={prox}; they "
+                f"are the same λ, give one of them"
+            )
+        return self.lam
+
+    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
+        lam = self.resolve_lam(problem.prox)
+        learned = [k for k, v in consts.hyper.items() if v.requires_grad]
+        if learned:
+            warnings.warn(
+                f"strategy='implicit' gives no meta-gradient to the learned inner "
+                f"hyper-parameters {learned}: the inner solution does not depend on them; use "
+                f"an exact strategy ('naive', 'checkpoint') to learn them",
+                stacklevel=4,
+            )
+        problem = dataclasses.replace(problem, prox=lam)
+        theta0 = {k: v.detach() for k, v in state0.params.items()}
+        consts = Consts(consts.fixed, consts.hyper, theta0)
+        final, losses = advance(problem, state0.detached(False), 0, problem.steps, consts)
+        info: dict[str, Any] = {"lam": lam, "cg_steps": self.cg_steps, "hvp_batch_passes": 0}
+        solver = _Solver(self, problem, final, consts.fixed, lam, info)
+        fixed = list(consts.fixed.values())
+        out = _ImplicitGrad.apply(solver, *state0.params.values(), *fixed)
+        params = dict(zip(state0.params, out))
+        return Outcome(InnerState(params, final.opt, final.buffers), losses, info)
+
+
+def conjugate_gradient(
+    matvec,
+    b: list[Tensor],
+    steps: int,
+    tol: float = 0.0,
+) -> tuple[list[Tensor], float, int]:
+    """Solve ``A x = b`` for a symmetric positive-definite ``A`` given as ``matvec``.
+
+    Args:
+        matvec: ``list[Tensor] -> list[Tensor]``, the product with A.
+        b: the right-hand side, a list of tensors.
+        steps: the most iterations.
+        tol: stop when ‖r‖ ≤ tol·‖b‖.
+
+    Returns:
+        ``(x, relative residual norm, iterations run)``. Stops early, with a warning, if A
+        shows non-positive curvature along a search direction.
+
+    Cost: one ``matvec`` and one host sync per iteration; memory 4 vectors like ``b``.
+    """
+    x = [torch.zeros_like(t) for t in b]
+    r = [t.clone() for t in b]
+    p = [t.clone() for t in b]
+    rs = _dot(r, r)
+    b_norm = math.sqrt(rs)
+    if b_norm == 0.0:
+        return x, 0.0, 0
+    it = 0
+    for it in range(1, steps + 1):
+        ap = matvec(p)
+        curv = _dot(p, ap)
+        if not curv > 0:
+            warnings.warn(
+                f"conjugate gradient met non-positive curvature ({curv:.3g}) at iteration "
+                f"{it}: the inner problem is not convex at φ_N; increase lam or cg_damping",
+                stacklevel=2,
+            )
+            it -= 1
+            break
+        alpha = rs / curv
+        for xi, pi in zip(x, p):
+            xi.add_(pi, alpha=alpha)
+        for ri, api in zip(r, ap):
+            ri.sub_(api, alpha=alpha)
+        rs_new = _dot(r, r)
+        if math.sqrt(rs_new) <= tol * b_norm:
+            rs = rs_new
+            break
+        beta = rs_new / rs
+        rs = rs_new
+        for pi, ri in zip(p, r):
+            pi.mul_(beta).add_(ri)
+    return x, math.sqrt(rs) / b_norm, it
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    return float(sum((x * y).sum() for x, y in zip(a, b)))
+
+
+@contextlib.contextmanager
+def _dropout_off(model: nn.Module) -> Iterator[None]:
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    modes = [m.training for m in drops]
+    for m in drops:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(drops, modes):
+            m.train(mode)
+
+
+class _Solver:
+    """The training loss at φ_N and its Hessian-vector products."""
+
+    def __init__(
+        self,
+        strategy: Implicit,
+        problem: InnerProblem,
+        final: InnerState,
+        fixed: dict[str, Tensor],
+        lam: float,
+        info: dict[str, Any],
+    ) -> None:
+        self.strategy = strategy
+        self.problem = problem
+        self.phi = {k: v.detach() for k, v in final.params.items()}
+        self.buffers = final.buffers
+        self.fixed_names = tuple(fixed)
+        self.lam = lam
+        self.info = info
+        self.indices = _distinct_indices(problem.batches)
+        if strategy.hvp_batches is not None:
+            self.indices = self.indices[-strategy.hvp_batches :]
+        info["hvp_batches_used"] = len(self.indices)
+
+    def _grad_terms(self, phi: dict[str, Tensor], fixed: dict[str, Tensor]) -> Iterator[Tensor]:
+        """For each distinct batch, its loss / n_batches (a graph through phi and fixed)."""
+        n = len(self.indices)
+        for t in self.indices:
+            module = FunctionalModel(self.problem.model, {**fixed, **phi}, self.buffers)
+            self.info["hvp_batch_passes"] += 1
+            yield self.problem.loss_fn(module, self.problem.batch(t)) / n
+
+    def hvp(self, vec: list[Tensor], fixed: dict[str, Tensor]) -> list[Tensor]:
+        """H·vec, H the Hessian of L_train at φ_N w.r.t. the adapted parameters."""
+        out = [torch.zeros_like(v) for v in vec]
+        leaves = self._leaves()
+        phi = list(leaves.values())
+        fixed = {k: v.detach() for k, v in fixed.items()}
+        for loss in self._grad_terms(leaves, fixed):
+            g = torch.autograd.grad(loss, phi, create_graph=True, allow_unused=True)
+            dot = sum((gi * vi).sum() for gi, vi in zip(g, vec) if gi is not None)
+            if isinstance(dot, Tensor) and dot.requires_grad:
+                hv = torch.autograd.grad(dot, phi, allow_unused=True)
+                for o, h in zip(out, hv):
+                    if h is not None:
+                        o.add_(h)
+        return out
+
+    def _leaves(self) -> dict[str, Tensor]:
+        return {k: v.detach().requires_grad_(True) for k, v in self.phi.items()}
+
+    def solve(self, v: list[Tensor], fixed: dict[str, Tensor]) -> list[Tensor]:
+        """x = (I + H/λ + δI)⁻¹ v."""
+        s = self.strategy
+        scale = 1.0 / self.lam
+
+        def matvec(p: list[Tensor]) -> list[Tensor]:
+            hp = self.hvp(p, fixed)
+            return [pi * (1.0 + s.cg_damping) + hi * scale for pi, hi in zip(p, hp)]
+
+        x, residual, iters = conjugate_gradient(matvec, v, s.cg_steps, s.cg_tol)
+        self.info["cg_residual"] = residual
+        self.info["cg_iterations"] = iters
+        return x
+
+    def cross_term(
+        self, x: list[Tensor], fixed: dict[str, Tensor], need: list[bool]
+    ) -> list[Tensor | None]:
+        """−(1/λ) ∂/∂w ⟨∇_φ L_train, x⟩ for each non-adapted parameter w that needs it."""
+        leaves = {
+            k: v.detach().requires_grad_(n) for (k, v), n in zip(fixed.items(), need, strict=True)
+        }
+        wanted = [leaves[k] for k, n in zip(fixed, need) if n]
+        acc: list[Tensor | None] = [None] * len(wanted)
+        phi_leaves = self._leaves()
+        phi = list(phi_leaves.values())
+        for loss in self._grad_terms(phi_leaves, leaves):
+            g = torch.autograd.grad(loss, phi, create_graph=True, allow_unused=True)
+            dot = sum((gi * xi).sum() for gi, xi in zip(g, x) if gi is not None)
+            if not (isinstance(dot, Tensor) and dot.requires_grad):
+                continue
+            gw = torch.autograd.grad(dot, wanted, allow_unused=True)
+            for i, h in enumerate(gw):
+                if h is not None:
+                    acc[i] = -h / self.lam if acc[i] is None else acc[i] - h / self.lam
+        it = iter(acc)
+        return [next(it) if n else None for n in need]
+
+
+def _distinct_indices(batches: Sequence[Any]) -> list[int]:
+    """Indices of the distinct batches: one for a reused batch, all for a lazy sequence."""
+    if isinstance(batches, RepeatedBatch):
+        return [0]
+    if isinstance(batches, (list, tuple)):
+        seen: dict[int, int] = {}
+        for t, b in enumerate(batches):
+            seen.setdefault(id(b), t)
+        return sorted(seen.values())
+    return list(range(len(batches)))
+
+
+class _ImplicitGrad(torch.autograd.Function):
+    """Forward: φ_N (already computed). Backward: the implicit meta-gradient.
+
+    Inputs ``(solver, *θ, *fixed)``; outputs ``φ_N`` (one tensor per adapted parameter).
+    """
+
+    @staticmethod
+    def forward(ctx, solver: _Solver, *flat: Tensor):  # type: ignore[override]
+        ctx.solver = solver
+        ctx.n_theta = len(solver.phi)
+        ctx.save_for_backward(*flat[ctx.n_theta :])
+        return tuple(v.clone() for v in solver.phi.values())
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
+        solver: _Solver = ctx.solver
+        fixed = dict(zip(solver.fixed_names, ctx.saved_tensors))
+        v = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, solver.phi.values())]
+        # Note [Implicit gradient outside the caller's graph]
+        # The solve builds its own small graphs from detached leaves (φ_N, and copies of the
+        # fixed parameters for the cross term) and frees each one right away, so nothing of
+        # it joins the graph that is being differentiated and memory stays at one step's A.
+        with torch.enable_grad(), _dropout_off(solver.problem.model):
+            x = solver.solve(v, fixed)
+            need = list(ctx.needs_input_grad[1 + ctx.n_theta :])
+            g_fixed = solver.cross_term(x, fixed, need) if any(need) else [None] * len(need)
+        return (None, *x, *g_fixed)
