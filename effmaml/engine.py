@@ -13,11 +13,11 @@ Two primitives build every exact schedule:
   accumulating the gradients of everything every step reads (non-adapted parameters, a
   learned lr, θ₀ through the proximal term). Memory: ``(b - a)`` steps' graphs ``A``.
 
-:class:`UniformSchedule` is the schedule of the ``checkpoint`` strategy: store the state at
-every ``k``-th step; in backward, pull each segment back whole (``pullback="segment"``) or
-re-advance it storing every state and pull back one step at a time (``pullback="step"``).
-It runs inside one custom :class:`torch.autograd.Function` so that the forward pass keeps
-no graph at all.
+A :class:`Schedule` (see :mod:`effmaml.schedules`) decides which states the forward pass
+stores and how the backward pass splits into advances and pullbacks; a :class:`Store`
+decides where stored states live (the device, or pinned host memory for ``offload``).
+:func:`run_schedule` runs a schedule inside one custom :class:`torch.autograd.Function`, so
+that the forward pass keeps no graph at all.
 
 Why not :mod:`torch.utils.checkpoint`: the reentrant variant refuses
 ``torch.autograd.grad``, which every inner step calls; the non-reentrant one recomputes a
@@ -27,7 +27,7 @@ segment at every inner ``autograd.grad`` call and holds what it recomputed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,13 +36,18 @@ from torch import Tensor
 from .step import Consts, InnerProblem, InnerState, inner_step
 
 __all__ = [
+    "Cotangent",
+    "DeviceStore",
+    "Handle",
     "RngState",
-    "UniformSchedule",
+    "Schedule",
+    "Store",
     "advance",
+    "advance_to",
     "capture_rng",
     "pullback",
     "replay_rng",
-    "run_uniform",
+    "run_schedule",
 ]
 
 
@@ -85,7 +90,7 @@ def advance(
     a: int,
     b: int,
     consts: Consts,
-    keep: list[tuple[InnerState, RngState]] | None = None,
+    keep: Callable[[InnerState, RngState], None] | None = None,
 ) -> tuple[InnerState, list[Tensor]]:
     """Run steps ``a..b-1`` first-order, keeping no graph between steps.
 
@@ -95,7 +100,7 @@ def advance(
         a: first step.
         b: one past the last step.
         consts: constants (used detached).
-        keep: if given, the state and RNG *before* each step are appended to it.
+        keep: if given, called with the state and RNG *before* each step.
 
     Returns:
         ``(state_b, [loss_a, ..., loss_{b-1}])`` with every tensor detached.
@@ -110,7 +115,7 @@ def advance(
     losses = []
     for t in range(a, b):
         if keep is not None:
-            keep.append((state, capture_rng(problem.device)))
+            keep(state, capture_rng(problem.device))
         new, loss = inner_step(
             problem, state.detached(requires_grad=True), t, consts, create_graph=False
         )
@@ -218,33 +223,92 @@ def raise_if_no_double_backward(err: BaseException) -> None:
         ) from err
 
 
-@dataclass(frozen=True)
-class UniformSchedule:
-    """Store every ``segment``-th state; pull back by segment or by step.
+def advance_to(
+    problem: InnerProblem, state: InnerState, rng: RngState, a: int, b: int, consts: Consts
+) -> tuple[InnerState, RngState]:
+    """Replay steps ``a..b-1`` from a stored ``(state, rng)``; return state and RNG at ``b``."""
+    if a == b:
+        return state, rng
+    with replay_rng(rng):
+        out, _ = advance(problem, state, a, b, consts)
+        return out, capture_rng(problem.device)
 
-    Attributes:
-        segment: steps per segment ``k`` (the last one may be shorter).
-        pullback: ``"segment"`` (recompute a segment with its graph, pull it back whole)
-            or ``"step"`` (re-advance the segment storing each state, then pull back one
-            step at a time).
+
+class Handle:
+    """A stored state, wherever it lives; :meth:`Store.get` brings it to the device."""
+
+
+@dataclass
+class _Resident(Handle):
+    state: InnerState
+
+
+class Store:
+    """Where a schedule keeps its stored states. This one: on the device, as they are."""
+
+    def put(self, state: InnerState) -> Handle:
+        """Keep ``state`` (detached) and return a handle to it."""
+        return _Resident(state)
+
+    def fetch(self, handle: Handle) -> None:
+        """Start bringing ``handle`` back to the device (asynchronously where possible)."""
+
+    def get(self, handle: Handle) -> InnerState:
+        """The state on the device, once any copy has finished."""
+        assert isinstance(handle, _Resident)
+        return handle.state
+
+    def host_bytes(self) -> int:
+        """Peak bytes kept off the device (0 here)."""
+        return 0
+
+
+DeviceStore = Store
+
+
+class Schedule:
+    """Which states the forward pass stores and how the backward pass pulls back.
+
+    Subclasses implement :meth:`forward` (run all N steps without graph, store states) and
+    :meth:`backward` (recompute and pull back, in reverse order, through
+    :func:`pullback`), and the cost formulas used by the memory model.
     """
 
-    segment: int
-    pullback: str
+    store: Store
 
-    def starts(self, steps: int) -> list[int]:
-        return list(range(0, steps, self.segment))
+    def forward(
+        self, problem: InnerProblem, state0: InnerState, rng0: RngState, consts: Consts
+    ) -> tuple[InnerState, list[Tensor], object]:
+        """Run steps ``0..N-1``; return the final state, the losses and a memo for backward."""
+        raise NotImplementedError
+
+    def backward(
+        self,
+        problem: InnerProblem,
+        memo: object,
+        state0: InnerState,
+        rng0: RngState,
+        consts: Consts,
+        pull: Callable[[InnerState, RngState, int, int], None],
+    ) -> None:
+        """Call ``pull(state_a, rng_a, a, b)`` for consecutive ranges from the end to step 0."""
+        raise NotImplementedError
 
     def step_evals(self, steps: int) -> int:
-        """Inner-step evaluations of one forward + backward (the recompute count)."""
-        if self.pullback == "segment":
-            return 2 * steps
-        # "step" re-advances all but the last step of each segment before pulling back.
-        return 3 * steps - len(self.starts(steps))
+        """Inner-step evaluations of one forward + backward (without the probe step)."""
+        raise NotImplementedError
+
+    def stored_states(self, steps: int) -> int:
+        """The most states held at once on the device besides the working one."""
+        raise NotImplementedError
+
+    def graph_steps(self, steps: int) -> int:
+        """The most steps whose second-order graph is alive at once in backward."""
+        return 1
 
 
 class _Unroll(torch.autograd.Function):
-    """Forward: advance the whole unroll, storing states. Backward: the schedule's pullbacks.
+    """Forward: the schedule's forward, storing states. Backward: its pullbacks.
 
     Flat inputs: ``[params..., opt..., buffers..., consts...]``; outputs:
     ``[params..., opt..., buffers..., losses]`` with buffers non-differentiable.
@@ -253,65 +317,54 @@ class _Unroll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: _Run, *flat: Tensor):  # type: ignore[override]
         state0, consts = run.unflatten(flat)
-        sched, problem, steps = run.schedule, run.problem, run.problem.steps
-        stored: list[tuple[int, InnerState, RngState]] = []
-        losses: list[Tensor] = []
-        state = state0.detached(requires_grad=False)
-        for a in sched.starts(steps):
-            b = min(a + sched.segment, steps)
-            stored.append((a, state, capture_rng(problem.device)))
-            state, seg_losses = advance(problem, state, a, b, consts)
-            losses += seg_losses
-        # The first stored state is the input itself; save_for_backward guards it (and the
+        rng0 = capture_rng(run.problem.device)
+        state, losses, memo = run.schedule.forward(
+            run.problem, state0.detached(requires_grad=False), rng0, consts
+        )
+        # The initial state is the input itself; save_for_backward guards it (and the
         # constants) against in-place changes between adapt and backward.
         ctx.save_for_backward(*flat)
         ctx.run = run
-        ctx.stored = stored[1:]
-        ctx.rng0 = stored[0][2]
+        ctx.memo = memo
+        ctx.rng0 = rng0
         buffers = tuple(b.detach() for b in state.buffers.values())
         ctx.mark_non_differentiable(*buffers)
-        out = (*state.params.values(), *state.opt.values(), *buffers, torch.stack(losses))
-        return out
+        return (*state.params.values(), *state.opt.values(), *buffers, torch.stack(losses))
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         run: _Run = ctx.run
-        problem, sched, steps = run.problem, run.schedule, run.problem.steps
+        problem = run.problem
         flat = ctx.saved_tensors
         state0, consts = run.unflatten(flat)
         n_p, n_o = len(state0.params), len(state0.opt)
-        grad_b = Cotangent(
-            dict(zip(state0.params, grads[:n_p])), dict(zip(state0.opt, grads[n_p : n_p + n_o]))
-        )
+        grad = [
+            Cotangent(
+                dict(zip(state0.params, grads[:n_p])),
+                dict(zip(state0.opt, grads[n_p : n_p + n_o])),
+            )
+        ]
         grad_losses = grads[-1]
         n_c = len(consts.flat())
         need = list(ctx.needs_input_grad[1 + len(flat) - n_c :])
         acc: list[Tensor | None] = [None] * n_c
-        stored = [(0, state0.detached(False), ctx.rng0), *ctx.stored]
-        ctx.stored = None
-        while stored:
-            # Popping frees each stored state as soon as its segment is pulled back.
-            a, state_a, rng_a = stored.pop()
-            b = min(a + sched.segment, steps)
-            if sched.pullback == "segment":
-                grad_b, g_c = pullback(
-                    problem, state_a, rng_a, a, b, consts, need, grad_b, grad_losses[a:b]
-                )
-                _accumulate(acc, g_c)
-                continue
-            keep: list[tuple[InnerState, RngState]] = []
-            with replay_rng(rng_a):
-                last, _ = advance(problem, state_a, a, b - 1, consts, keep=keep)
-                keep.append((last, capture_rng(problem.device)))
-            del state_a
-            for t in reversed(range(a, b)):
-                s_t, rng_t = keep.pop()
-                grad_b, g_c = pullback(
-                    problem, s_t, rng_t, t, t + 1, consts, need, grad_b, grad_losses[t : t + 1]
-                )
-                _accumulate(acc, g_c)
+        expect = [problem.steps]
+
+        def pull(state_a: InnerState, rng_a: RngState, a: int, b: int) -> None:
+            # the schedule must hand over consecutive ranges, last first
+            assert b == expect[0], (a, b, expect[0])
+            grad[0], g_c = pullback(
+                problem, state_a, rng_a, a, b, consts, need, grad[0], grad_losses[a:b]
+            )
+            _accumulate(acc, g_c)
+            expect[0] = a
+
+        memo, ctx.memo = ctx.memo, None
+        run.schedule.backward(problem, memo, state0.detached(False), ctx.rng0, consts, pull)
+        assert expect[0] == 0
         n_b = len(state0.buffers)
-        return (None, *grad_b.params.values(), *grad_b.opt.values(), *([None] * n_b), *acc)
+        g = grad[0]
+        return (None, *g.params.values(), *g.opt.values(), *([None] * n_b), *acc)
 
 
 def _accumulate(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
@@ -325,7 +378,7 @@ class _Run:
     """What the custom Function needs besides tensors."""
 
     problem: InnerProblem
-    schedule: UniformSchedule
+    schedule: Schedule
     names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
     consts_template: Consts
 
@@ -345,11 +398,11 @@ class _Run:
         return InnerState(params, opt, buffers), flat[i:]
 
 
-def run_uniform(
+def run_schedule(
     problem: InnerProblem,
     state0: InnerState,
     consts: Consts,
-    schedule: UniformSchedule,
+    schedule: Schedule,
 ) -> tuple[InnerState, Tensor]:
     """Run the unroll under ``schedule``; the result is differentiable w.r.t. the inputs.
 
@@ -357,7 +410,7 @@ def run_uniform(
         problem: the static problem.
         state0: the initial state (params θ, optimizer state, buffers).
         consts: constants (fixed params, tensor hyper-parameters, θ₀).
-        schedule: the uniform schedule.
+        schedule: the schedule.
 
     Returns:
         ``(state_N, losses)`` with ``losses`` of shape ``(N,)``.

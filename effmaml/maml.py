@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .inner import InnerOptimizer
+from .memory import parse_bytes
 from .step import (
     Consts,
     Counter,
@@ -109,6 +110,13 @@ class MAML:
             (iMAML's objective). Default 0.0.
         check_finite: raise as soon as an inner loss is not finite (costs one host sync per
             step on CUDA). Default True.
+        memory_budget: the memory one meta-gradient (adapt + query backward) may use above
+            what is in use when ``adapt`` starts: bytes, or a string like ``"6GiB"``. Device
+            memory on CUDA, resident memory on a CPU. ``strategy="auto"`` picks the fastest
+            exact schedule that fits; ``checkpoint``/``offload`` (``segment=None``) and
+            ``revolve`` (``slots=None``) pick their option; a strategy that cannot fit
+            raises ``MemoryError`` before unrolling. Predictions come from
+            :func:`effmaml.memory.estimate`'s model.
         **strategy_options: options of the named strategy (``segment=``, ``pullback=``).
 
     Raises:
@@ -128,6 +136,7 @@ class MAML:
         update_running_stats: bool = True,
         prox_lambda: float = 0.0,
         check_finite: bool = True,
+        memory_budget: int | float | str | None = None,
         **strategy_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -151,6 +160,7 @@ class MAML:
         self.update_running_stats = update_running_stats
         self.prox_lambda = float(prox_lambda)
         self.check_finite = check_finite
+        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
         self.adapted_names = self._select(params)
         inner.check_names(self.adapted_names)
 
@@ -211,9 +221,32 @@ class MAML:
             ValueError: empty sequence, ``steps < 1``, or a length that disagrees with
                 ``steps``.
             FloatingPointError: a non-finite inner loss (names the step).
+            MemoryError: the strategy cannot meet ``memory_budget`` (raised before
+                unrolling; says the smallest budget that would do).
+        """
+        problem, state0, consts = self.problem(batches, steps)
+        out = self.strategy.run(problem, state0, consts)
+        return Adapted(
+            self.model,
+            out.state.params,
+            out.state.buffers,
+            out.losses,
+            out.state.opt,
+            consts.fixed,
+            out.info,
+            problem.counter,
+            self.strategy,
+        )
+
+    def problem(
+        self, batches: Sequence[Any] | Any, steps: int | None = None
+    ) -> tuple[InnerProblem, InnerState, Consts]:
+        """The inner problem ``adapt`` would run, its initial state and constants.
+
+        For tools built on the engine (:func:`effmaml.memory.estimate`); arguments as for
+        :meth:`adapt`.
         """
         seq = self._batches(batches, steps)
-        counter = Counter()
         problem = InnerProblem(
             model=self.model,
             loss_fn=self.loss_fn,
@@ -224,7 +257,8 @@ class MAML:
             clip=self.clip_grad_grad_norm,
             update_running_stats=self.update_running_stats,
             check_finite=self.check_finite,
-            counter=counter,
+            counter=Counter(),
+            memory_budget=self.memory_budget,
         )
         named = dict(self.model.named_parameters())
         theta = {n: named[n] for n in self.adapted_names}
@@ -236,18 +270,7 @@ class MAML:
         consts = Consts(
             fixed, self.inner.hyperparameters(), dict(theta) if self.prox_lambda else {}
         )
-        out = self.strategy.run(problem, state0, consts)
-        return Adapted(
-            self.model,
-            out.state.params,
-            out.state.buffers,
-            out.losses,
-            out.state.opt,
-            fixed,
-            out.info,
-            counter,
-            self.strategy,
-        )
+        return problem, state0, consts
 
     @staticmethod
     def _batches(batches: Any, steps: int | None) -> Sequence[Any]:

@@ -1,4 +1,4 @@
-"""Counting and measuring memory.
+"""Counting, measuring and predicting memory.
 
 * :func:`saved_bytes`: exact and device-independent, the bytes autograd saves for backward
   inside a block (deduplicated by storage), via
@@ -14,16 +14,25 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "PeakMemory",
+    "Prediction",
+    "Probe",
     "SavedBytes",
+    "available_bytes",
     "current_rss_bytes",
+    "estimate",
+    "format_bytes",
+    "parse_bytes",
     "peak_rss_bytes",
     "reset_peak_rss",
     "saved_bytes",
@@ -156,3 +165,135 @@ class PeakMemory:
         else:
             self.peak = peak_rss_bytes() - self._base
             self.reserved = self.peak
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10})
+_UNITS.update({"M": 2**20, "G": 2**30, "T": 2**40})
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``"6GiB"``, ``"512 MiB"``, ``"1.5GB"`` or a number of bytes -> bytes.
+
+    Raises:
+        ValueError: not a size, or not positive.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a memory size: {value!r}")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(
+                f"not a memory size: {value!r}; write it like '6GiB', '512MiB', '1.5GB' or give "
+                f"a number of bytes"
+            )
+        n = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not n > 0 or not math.isfinite(n):
+        raise ValueError(f"a memory size must be a positive number of bytes (got {value!r})")
+    return int(n)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new work now: ``cuda.mem_get_info`` on CUDA, else MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return _meminfo_kib("MemAvailable") * 1024
+    except (OSError, RuntimeError):
+        return 8 * 2**30
+
+
+def _meminfo_kib(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/meminfo")
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as a short human string (``1.50 GiB``)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one probe step measures.
+
+    Attributes:
+        state_bytes: P, the inner state (adapted parameters, optimizer state, buffers).
+        param_bytes: the adapted parameters alone.
+        step_graph_bytes: A, the bytes autograd saves for one step with its second-order
+            graph (deduplicated by storage).
+        first_order_graph_bytes: the same for a first-order step, when measured
+            (:func:`estimate` does); 0 if not.
+    """
+
+    state_bytes: int
+    param_bytes: int
+    step_graph_bytes: int
+    first_order_graph_bytes: int = 0
+
+    def first_order_bytes(self) -> int:
+        """The first-order graph, or A as its upper bound when it was not measured."""
+        return self.first_order_graph_bytes or self.step_graph_bytes
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A schedule's predicted cost for one meta-gradient (adapt + query backward).
+
+    Attributes:
+        peak_bytes: device memory above what was in use before ``adapt`` (CPU: resident).
+        step_evals: inner-step evaluations, the probe step included.
+        host_bytes: pinned host memory (``offload`` on CUDA), else 0.
+    """
+
+    peak_bytes: int
+    step_evals: int
+    host_bytes: int = 0
+
+
+def estimate(
+    maml: Any, batch: Any, steps: int, strategy: Any = None, **options: Any
+) -> dict[str, Prediction]:
+    """Predict peak memory and step evaluations of every schedule, from one probe step.
+
+    The probe runs step 0 on ``batch`` with its second-order graph, counts P (the state's
+    bytes) and A (the bytes autograd saves for it, via saved-tensor hooks), and feeds them
+    to each strategy's cost formula. Nothing else runs; the model is not changed.
+
+    Args:
+        maml: an :class:`effmaml.MAML` (its model, loss, inner optimizer, options).
+        batch: one batch like those ``adapt`` will get.
+        steps: N.
+        strategy: a name or instance to predict for alone (with ``options``); default all:
+            ``naive``, ``checkpoint`` (both pullbacks, segment chosen), ``revolve`` with
+            2, 4 and 8 slots, ``offload`` on CUDA, and the automatic choice.
+
+    Returns:
+        label -> :class:`Prediction` (labels like ``"checkpoint(segment=7, pullback='step')"``).
+    """
+    from .strategies import make_strategy
+    from .strategies.scheduled import probe
+
+    problem, state0, consts = maml.problem(batch, steps)
+    pr = probe(problem, state0, consts, first_order=True)
+    if strategy is not None:
+        chosen = [make_strategy(strategy, **options)]
+    else:
+        chosen = [make_strategy("naive"), make_strategy("checkpoint", pullback="segment")]
+        chosen += [make_strategy("checkpoint", pullback="step")]
+        chosen += [make_strategy("revolve", slots=s) for s in (2, 4, 8)]
+        if problem.device.type == "cuda":
+            chosen.append(make_strategy("offload"))
+    out: dict[str, Prediction] = {}
+    for st in chosen:
+        label, pred = st.plan(problem, pr)
+        out[label] = pred
+    return out

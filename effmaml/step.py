@@ -152,6 +152,8 @@ class InnerProblem:
         update_running_stats: whether train-mode BatchNorm updates running statistics.
         check_finite: raise on a non-finite inner loss (one host sync per step).
         counter: step-evaluation counter shared with the result.
+        memory_budget: bytes the meta-gradient may use above the start (device memory, or
+            resident memory on a CPU), or None.
     """
 
     model: nn.Module
@@ -164,6 +166,7 @@ class InnerProblem:
     update_running_stats: bool = True
     check_finite: bool = True
     counter: Counter = field(default_factory=Counter)
+    memory_budget: int | None = None
 
     @property
     def steps(self) -> int:

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from ..memory import Prediction, Probe
 from ..step import Consts, InnerProblem, InnerState
 
 __all__ = ["STRATEGIES", "Outcome", "Strategy", "make_strategy", "register_strategy"]
@@ -54,6 +55,18 @@ class Strategy:
     def options(self) -> dict[str, Any]:
         """The strategy's options, for reports."""
         return {}
+
+    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
+        """What this strategy would run on ``problem`` and its predicted cost.
+
+        Args:
+            problem: the problem (its ``steps``, ``device`` and ``memory_budget`` matter).
+            probe: P and A measured by one probe step.
+
+        Returns:
+            ``(label, prediction)``; the label names the resolved options.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no memory model")
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

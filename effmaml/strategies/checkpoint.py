@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
-import torch
+from ..engine import Schedule, Store
+from ..memory import Prediction, Probe
+from ..schedules import UniformSchedule
+from ..step import InnerProblem
+from .base import register_strategy
+from .scheduled import Scheduled
 
-from ..engine import UniformSchedule, run_uniform
-from ..memory import saved_bytes
-from ..step import Consts, InnerProblem, InnerState, inner_step
-from .base import Outcome, Strategy, register_strategy
-from .checks import check_double_backward
-
-__all__ = ["Checkpoint", "best_segment"]
+__all__ = ["Checkpoint", "best_segment", "uniform_peak"]
 
 PULLBACKS = ("segment", "step")
 
@@ -39,8 +39,31 @@ def best_segment(steps: int, pullback: str, state_bytes: int, step_graph_bytes: 
     return min(costs)[1]
 
 
+def uniform_peak(schedule: UniformSchedule, steps: int, probe: Probe, on_device: bool) -> int:
+    """Predicted peak above the start: stored states, live graphs, the working set.
+
+    ``on_device=False`` (offload): the stored states are on the host; the device holds the
+    working state and the one being prefetched.
+    """
+    p, a = probe.state_bytes, probe.step_graph_bytes
+    stored = schedule.stored_states(steps) if on_device else 1
+    return stored * p + schedule.graph_steps(steps) * a + working_bytes(probe)
+
+
+def working_bytes(probe: Probe) -> int:
+    """What every exact backward needs besides stored states and graphs.
+
+    # Note [The working set of a pullback]
+    # While one step's graph is pulled back, autograd holds its gradient buffers and
+    # temporaries (about one more A at the widest op), plus the cotangent and the
+    # accumulated meta-gradient (two copies of the state). Calibrated against measured
+    # peaks on both bench presets (see results/*/summary.md, predicted vs measured).
+    """
+    return probe.step_graph_bytes + 2 * probe.state_bytes
+
+
 @register_strategy
-class Checkpoint(Strategy):
+class Checkpoint(Scheduled):
     """Uniform checkpointing: trades recomputation for memory, exactly.
 
     The forward pass runs the inner loop first-order and stores the state (parameters,
@@ -59,20 +82,20 @@ class Checkpoint(Strategy):
     A batch sequence is indexed again during the recomputation, so a lazy sequence must
     return the same batch for the same index.
 
-    Args:
-        segment: steps per segment ``k`` (≥ 1; values above N mean one segment), or
-            ``None`` to choose it: ``ceil(sqrt(N))`` for ``pullback="step"``; for
-            ``"segment"`` the k minimising ceil(N/k)·P + k·A, with P counted from the
-            state's tensors and A measured by the probe step (bytes saved by autograd).
-            The resolved k is in ``Adapted.info["segment"]``.
-
     Every ``adapt`` runs one probe step first (see Note [Why checkpoint probes one step]):
     step evaluations are 2N + 1 (``"segment"``) or 3N - ceil(N/k) + 1 (``"step"``).
+
+    Args:
+        segment: steps per segment ``k`` (≥ 1; values above N mean one segment), or
+            ``None`` to choose it: under a ``memory_budget``, the k with the fewest step
+            evaluations (then the least memory) whose predicted peak fits; otherwise
+            ``ceil(sqrt(N))`` for ``pullback="step"`` and for ``"segment"`` the k
+            minimising ceil(N/k)·P + k·A, with P counted from the state's tensors and A
+            measured by the probe step. The resolved k is in ``Adapted.info["segment"]``.
         pullback: ``"segment"`` (default) or ``"step"``.
     """
 
     name = "checkpoint"
-    exact = True
 
     def __init__(self, segment: int | None = None, pullback: str = "segment") -> None:
         if segment is not None:
@@ -88,51 +111,28 @@ class Checkpoint(Strategy):
         self.segment = segment
         self.pullback = pullback
 
-    def options(self):
+    def options(self) -> dict[str, Any]:
         return {"segment": self.segment, "pullback": self.pullback}
 
-    def resolve_segment(self, problem: InnerProblem, state0: InnerState, step_bytes: int) -> int:
-        """The segment length used for ``problem``, given A = ``step_bytes``."""
+    def store(self, problem: InnerProblem) -> Store:
+        return Store()
+
+    def candidates(self, problem: InnerProblem, probe: Probe) -> list[Schedule]:
         n = problem.steps
+        store = self.store(problem)
         if self.segment is not None:
-            return min(self.segment, n)
-        return best_segment(n, self.pullback, state0.nbytes(), step_bytes)
+            return [UniformSchedule(min(self.segment, n), self.pullback, store)]
+        k0 = best_segment(n, self.pullback, probe.state_bytes, probe.step_graph_bytes)
+        ks = [k0] + ([k for k in range(1, n + 1) if k != k0] if problem.memory_budget else [])
+        return [UniformSchedule(k, self.pullback, store) for k in ks]
 
-    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
-        step_bytes = probe_step(problem, state0, consts)
-        k = self.resolve_segment(problem, state0, step_bytes)
-        schedule = UniformSchedule(k, self.pullback)
-        state, losses = run_uniform(problem, state0, consts, schedule)
-        info = {
-            "segment": k,
-            "pullback": self.pullback,
-            "state_bytes": state0.nbytes(),
-            "step_graph_bytes": step_bytes,
-            "probe_evals": 1,
-            "step_evals_predicted": schedule.step_evals(problem.steps) + 1,
-        }
-        return Outcome(state, list(losses.unbind(0)), info)
+    def predict(self, schedule: Schedule, steps: int, probe: Probe) -> Prediction:
+        assert isinstance(schedule, UniformSchedule)
+        return Prediction(
+            uniform_peak(schedule, steps, probe, on_device=True),
+            schedule.step_evals(steps) + 1,
+        )
 
-
-def probe_step(problem: InnerProblem, state0: InnerState, consts: Consts) -> int:
-    """Run step 0 once with its graph: measure A and check that double backward exists.
-
-    # Note [Why checkpoint probes one step]
-    # Inside a custom Function's backward, a @once_differentiable operation does not leave
-    # the DelayedError node that makes naive fail loudly: its second-order term would just be
-    # missing. Probing step 0 in the forward pass, outside any backward, finds such an
-    # operation before any work (check_double_backward), and measures A, the bytes autograd
-    # saves for one second-order step, for segment=None. Cost: one step evaluation, counted
-    # in step_evals; RNG and buffers are left as they were.
-
-    Returns:
-        A, in bytes (deduplicated by storage).
-    """
-    devices = [problem.device] if problem.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        s = state0.detached(requires_grad=True)
-        with saved_bytes() as count:
-            out, loss = inner_step(problem, s, 0, consts, create_graph=True)
-        check_double_backward(out.params.values())
-        del out, loss
-    return count.bytes
+    def resolved(self, schedule: Schedule) -> dict[str, Any]:
+        assert isinstance(schedule, UniformSchedule)
+        return {"segment": schedule.segment, "pullback": schedule.pullback}

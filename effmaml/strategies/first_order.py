@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..clip import clip_backward
 from ..engine import advance
+from ..memory import Prediction, Probe
 from ..step import Consts, InnerProblem, InnerState
 from .base import Outcome, Strategy, register_strategy
 
@@ -57,3 +58,8 @@ class FirstOrder(Strategy):
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
         params = clip_backward(params, problem.clip)
         return Outcome(InnerState(params, state.opt, state.buffers), losses)
+
+    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
+        # the working state and its successor, one first-order step's graph (at most A)
+        peak = 2 * probe.state_bytes + probe.first_order_bytes()
+        return "first_order", Prediction(peak, problem.steps)

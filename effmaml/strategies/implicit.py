@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import advance
+from ..memory import Prediction, Probe
 from ..step import Consts, FunctionalModel, InnerProblem, InnerState, RepeatedBatch
 from .base import Outcome, Strategy, register_strategy
 
@@ -134,6 +135,15 @@ class Implicit(Strategy):
         out = _ImplicitGrad.apply(solver, *state0.params.values(), *fixed)
         params = dict(zip(state0.params, out))
         return Outcome(InnerState(params, final.opt, final.buffers), losses, info)
+
+    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
+        from .checkpoint import working_bytes
+
+        # the forward like first_order; the solve: 4 CG vectors and one HVP graph
+        peak = 2 * probe.state_bytes + 4 * probe.param_bytes + working_bytes(probe)
+        peak = max(peak, 2 * probe.state_bytes + probe.first_order_bytes())
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"implicit({opts})", Prediction(peak, problem.steps)
 
 
 def conjugate_gradient(

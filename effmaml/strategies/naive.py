@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..memory import Prediction, Probe
 from ..step import Consts, InnerProblem, InnerState, inner_step
 from .base import Outcome, Strategy, register_strategy
 from .checks import check_double_backward
@@ -35,3 +36,9 @@ class Naive(Strategy):
             if t == 0:
                 check_double_backward(state.params.values())
         return Outcome(state, losses)
+
+    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
+        from .checkpoint import working_bytes
+
+        peak = problem.steps * probe.step_graph_bytes + working_bytes(probe)
+        return "naive", Prediction(peak, problem.steps)

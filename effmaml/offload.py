@@ -1,0 +1,112 @@
+"""Host offload: stored states in pinned host memory, copied on a side stream.
+
+:class:`HostStore` is a :class:`effmaml.engine.Store` for CUDA: ``put`` starts an
+asynchronous device-to-host copy into pinned memory on a side stream and lets the device
+tensor go; ``fetch`` starts the copy back (the schedule calls it one state ahead, so the
+copy overlaps the current pullback); ``get`` makes the compute stream wait for it. Device
+memory then holds the working state, the one being prefetched and one step's graph,
+whatever N is. On a CPU it is the plain :class:`~effmaml.engine.Store`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .engine import Handle, Store, _Resident
+from .step import InnerState
+
+__all__ = ["HostStore", "make_store"]
+
+
+@dataclass
+class _HostHandle(Handle):
+    params: dict[str, Tensor]
+    opt: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    nbytes: int
+    fetched: tuple[InnerState, torch.cuda.Event] | None = None
+
+
+class HostStore(Store):
+    """Stored states in pinned host memory (CUDA only; see the module docstring).
+
+    Args:
+        device: the CUDA device the steps run on.
+
+    Attributes:
+        held_bytes: host bytes held now; peak_host_bytes: the most held at once.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"HostStore needs a CUDA device (got {device}); use Store()")
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.held_bytes = 0
+        self.peak_host_bytes = 0
+
+    def put(self, state: InnerState) -> Handle:
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)  # the state is computed before it is copied
+
+        def down(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            out = {}
+            for k, v in d.items():
+                h = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                h.copy_(v.detach(), non_blocking=True)
+                # Note [Freeing a tensor that a side stream still reads]
+                # The caching allocator would reuse v's block as soon as Python drops it,
+                # while the copy may still be running; record_stream defers the reuse.
+                v.record_stream(self.stream)
+                out[k] = h
+            return out
+
+        with torch.cuda.stream(self.stream):
+            params, opt, buffers = down(state.params), down(state.opt), down(state.buffers)
+        nbytes = state.nbytes()
+        self.held_bytes += nbytes
+        self.peak_host_bytes = max(self.peak_host_bytes, self.held_bytes)
+        handle = _HostHandle(params, opt, buffers, nbytes)
+        # released with the handle: pinned blocks go back to torch's host cache
+        return handle
+
+    def fetch(self, handle: Handle) -> None:
+        if not isinstance(handle, _HostHandle) or handle.fetched is not None:
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+
+            def up(d: dict[str, Tensor]) -> dict[str, Tensor]:
+                return {k: v.to(self.device, non_blocking=True) for k, v in d.items()}
+
+            state = InnerState(up(handle.params), up(handle.opt), up(handle.buffers))
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        handle.fetched = (state, event)
+
+    def get(self, handle: Handle) -> InnerState:
+        if isinstance(handle, _Resident):
+            return handle.state
+        assert isinstance(handle, _HostHandle)
+        self.fetch(handle)
+        assert handle.fetched is not None
+        state, event = handle.fetched
+        main = torch.cuda.current_stream(self.device)
+        main.wait_event(event)
+        for t in [*state.params.values(), *state.opt.values(), *state.buffers.values()]:
+            t.record_stream(main)  # allocated on the side stream, used on the main one
+        handle.fetched = None
+        self.held_bytes -= handle.nbytes
+        handle.params, handle.opt, handle.buffers = {}, {}, {}
+        return state
+
+    def host_bytes(self) -> int:
+        return self.peak_host_bytes
+
+
+def make_store(device: torch.device) -> Store:
+    """:class:`HostStore` on CUDA, the device store elsewhere."""
+    return HostStore(device) if device.type == "cuda" else Store()

@@ -1,0 +1,69 @@
+"""Revolve: binomial checkpointing, the least recomputation for a given number of states."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine import Schedule
+from ..memory import Prediction, Probe
+from ..schedules import RevolveSchedule
+from ..step import InnerProblem
+from .base import register_strategy
+from .checkpoint import working_bytes
+from .scheduled import Scheduled
+
+__all__ = ["Revolve"]
+
+DEFAULT_SLOTS = 8
+
+
+@register_strategy
+class Revolve(Scheduled):
+    """Binomial checkpointing (Griewank & Walther, Algorithm 799 "revolve"), exact.
+
+    With ``slots = s`` stored states the reversal needs the provably least number of step
+    recomputations: a chain of N ≤ C(s + r, s) steps recomputes each step at most r times.
+    Every pullback is a single step. Memory ≈ (s + 1)·P + A (+ the working set) for any N;
+    step evaluations N + t(N, s) + 2 (t from :func:`effmaml.schedules.revolve_recomputations`,
+    the probe step included), in ``Adapted.info["step_evals_predicted"]``.
+
+    Args:
+        slots: stored states, the initial one included (≥ 1). ``None``: under a
+            ``memory_budget``, the most slots (fewest recomputations) that fit; otherwise 8.
+    """
+
+    name = "revolve"
+
+    def __init__(self, slots: int | None = None) -> None:
+        if slots is not None:
+            if isinstance(slots, bool) or not isinstance(slots, int):
+                raise TypeError(f"slots must be an int or None (got {slots!r})")
+            if slots < 1:
+                raise ValueError(
+                    f"slots must be >= 1 (got {slots}); one slot holds the initial state"
+                )
+        self.slots = slots
+
+    def options(self) -> dict[str, Any]:
+        return {"slots": self.slots}
+
+    def candidates(self, problem: InnerProblem, probe: Probe) -> list[Schedule]:
+        n = problem.steps
+        if self.slots is not None:
+            return [RevolveSchedule(min(self.slots, n))]
+        if problem.memory_budget is None:
+            return [RevolveSchedule(min(DEFAULT_SLOTS, n))]
+        return [RevolveSchedule(s) for s in range(1, n + 1)]
+
+    def predict(self, schedule: Schedule, steps: int, probe: Probe) -> Prediction:
+        assert isinstance(schedule, RevolveSchedule)
+        peak = (
+            schedule.stored_states(steps) * probe.state_bytes
+            + probe.step_graph_bytes
+            + working_bytes(probe)
+        )
+        return Prediction(peak, schedule.step_evals(steps) + 1)
+
+    def resolved(self, schedule: Schedule) -> dict[str, Any]:
+        assert isinstance(schedule, RevolveSchedule)
+        return {"slots": schedule.slots}
