@@ -33,6 +33,7 @@ COLUMNS = [
     "segment",
     "segment_resolved",
     "pullback",
+    "slots",
     "batch",
     "image",
     "dtype",
@@ -42,6 +43,10 @@ COLUMNS = [
     "peak_mib",
     "reserved_mib",
     "memory_kind",
+    "predicted_peak_mib",
+    "prediction_error",
+    "host_peak_mib",
+    "predicted_host_mib",
     "time_s",
     "time_min_s",
     "repeats",
@@ -151,6 +156,7 @@ def main(argv=None) -> None:
                     "steps": n,
                     "segment": opts.get("segment", ""),
                     "pullback": opts.get("pullback", ""),
+                    "slots": opts.get("slots", ""),
                     "batch": preset.batch,
                     "image": preset.image,
                     "dtype": preset.dtype,
@@ -158,8 +164,11 @@ def main(argv=None) -> None:
                     **env_cols,
                 }
                 bar.set_postfix_str(f"N={n} {label}")
+                cap = preset.cap(label)
                 if label in oom_at:
                     row.update(status="skipped", error=f"out of memory at N={oom_at[label]}")
+                elif cap is not None and n > cap:
+                    row.update(status="skipped", error=f"preset runs {label} up to N={cap}")
                 elif spec.needs_no_clip and preset.clip is not None:
                     row.update(status="skipped", error=f"{label} has no grad-of-grad clipping")
                 else:
@@ -167,7 +176,8 @@ def main(argv=None) -> None:
                     args = [preset.name, label, str(n)]
                     mem = _child([*args, "memory", grad_file], env_mem, preset.timeout_s)
                     row.update(mem)
-                    if mem.get("status", "ok") == "ok":
+                    timed = preset.time_max_steps is None or n <= preset.time_max_steps
+                    if mem.get("status", "ok") == "ok" and timed:
                         row.update(_child([*args, "time", grad_file], env_time, preset.timeout_s))
                     row.setdefault("status", "ok")
                     if row["status"] == "oom":

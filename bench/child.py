@@ -18,7 +18,7 @@ import torch
 from effmaml.memory import PeakMemory
 
 from .presets import PRESETS, RUNS
-from .workload import build, meta_gradient
+from .workload import build, meta_gradient, predict
 
 
 def _sync(device):
@@ -33,6 +33,7 @@ def main(argv: list[str]) -> dict:
     model, dtype, query = build(preset, device)
     row: dict = {}
     if mode == "memory":
+        predicted = predict(model, preset, spec, steps, device, dtype)
         with PeakMemory(device) as pm:
             grad, evals, info = meta_gradient(model, preset, spec, steps, device, dtype, query)
         torch.save(grad.cpu(), out_grad)
@@ -43,6 +44,15 @@ def main(argv: list[str]) -> dict:
             step_evals=evals,
             segment_resolved=info.get("segment"),
         )
+        if predicted is not None:
+            row.update(
+                predicted_peak_mib=predicted.peak_bytes / 2**20,
+                predicted_host_mib=predicted.host_bytes / 2**20,
+                prediction_error=predicted.peak_bytes / pm.peak - 1 if pm.peak > 0 else "",
+            )
+        schedule = info.get("schedule")
+        if schedule is not None and device.type == "cuda":
+            row["host_peak_mib"] = schedule.store.host_bytes() / 2**20
     else:
         meta_gradient(model, preset, spec, min(2, steps), device, dtype, query)  # warm-up
         times = []

@@ -30,6 +30,10 @@ RUNS: dict[str, RunSpec] = {
         ),
         RunSpec("checkpoint_auto_step", "checkpoint", (("segment", None), ("pullback", "step"))),
         RunSpec("checkpoint_k5", "checkpoint", (("segment", 5), ("pullback", "segment"))),
+        RunSpec("revolve_s2", "revolve", (("slots", 2),)),
+        RunSpec("revolve_s4", "revolve", (("slots", 4),)),
+        RunSpec("revolve_s8", "revolve", (("slots", 8),)),
+        RunSpec("offload", "offload", (("segment", None), ("pullback", "step"))),
         RunSpec("first_order", "first_order"),
         # iMAML (λ=1, 5 CG steps as in the paper); its Hessian from the last 4 distinct batches
         RunSpec("implicit", "implicit", (("lam", 1.0), ("cg_steps", 5), ("hvp_batches", 4))),
@@ -58,23 +62,62 @@ class Preset:
     repeats: int = 2
     timeout_s: int = 900
     runs: tuple[str, ...] = DEFAULT_RUNS
+    # label -> the largest N it runs at (to fit the machine's time); larger N: "skipped"
+    caps: tuple[tuple[str, int], ...] = ()
+    # above this N, only the memory child runs (one meta-gradient), no timing child
+    time_max_steps: int | None = None
+
+    def cap(self, label: str) -> int | None:
+        return dict(self.caps).get(label)
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         # The seed notebook's set-up: ResNet18, 16x3x224x224, SGD 0.01, clip 1e2.
+        # On a GPU lent for minutes: naive and peers where they fit (N <= 100), the
+        # memory-floor schedules at N = 500 and 1000 (memory only there).
         Preset(
             "resnet18-224",
             image=224,
             batch=16,
-            steps=(1, 10, 25, 50, 100, 200, 500, 1000),
+            steps=(10, 100, 500, 1000),
             clip=100.0,
-            repeats=2,
-            timeout_s=600,
+            repeats=1,
+            timeout_s=300,
+            caps=(
+                ("naive", 100),
+                ("torch_maml_naive", 100),
+                ("higher", 100),
+                ("checkpoint_auto_segment", 100),
+                ("checkpoint_auto_step", 100),
+                ("checkpoint_k5", 100),
+                ("torch_maml_checkpoint", 100),
+                ("revolve_s2", 100),
+                ("revolve_s4", 100),
+                ("implicit", 100),
+                ("first_order", 100),
+            ),
+            time_max_steps=100,
         ),
-        # Same model and code path, scaled to 2 CPU cores (~10-15 minutes).
-        Preset("cpu-small", image=64, batch=8, steps=(5, 10, 20, 40), clip=None, repeats=2),
+        # Same model and code path, scaled to 2 CPU cores (about 40 minutes): peers and the
+        # slowest schedule stop early, and N = 160 is measured for memory only.
+        Preset(
+            "cpu-small",
+            image=64,
+            batch=8,
+            steps=(5, 10, 20, 40, 80, 160),
+            clip=None,
+            repeats=1,
+            caps=(
+                ("torch_maml_naive", 40),
+                ("higher", 40),
+                ("torch_maml_checkpoint", 80),
+                ("checkpoint_k5", 80),
+                ("revolve_s2", 80),
+            ),
+            time_max_steps=80,
+        ),
         # For tests: seconds.
         Preset("tiny", image=32, batch=8, steps=(2, 3), clip=None, repeats=1, timeout_s=300),
     ]

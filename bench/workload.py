@@ -13,7 +13,7 @@ import effmaml
 
 from .presets import Preset, RunSpec
 
-__all__ = ["LazyBatches", "build", "meta_gradient"]
+__all__ = ["LazyBatches", "agreement", "build", "meta_gradient", "predict"]
 
 
 def loss_fn(model, batch):
@@ -56,6 +56,28 @@ def build(preset: Preset, device: torch.device):
     return model, dtype, query
 
 
+def _maml(model, preset: Preset, spec: RunSpec) -> effmaml.MAML:
+    return effmaml.MAML(
+        model,
+        loss_fn,
+        effmaml.SGD(preset.lr),
+        spec.strategy,
+        clip_grad_grad_norm=preset.clip,
+        **spec.opts(),
+    )
+
+
+def predict(model, preset: Preset, spec: RunSpec, steps: int, device, dtype):
+    """effmaml's predicted peak for this run (None for peers), from one probe step."""
+    if spec.peer:
+        return None
+    batches = LazyBatches(preset, steps, device, dtype)
+    maml = _maml(model, preset, spec)
+    (pred,) = effmaml.memory.estimate(maml, batches[0], steps, maml.strategy).values()
+    model.zero_grad(set_to_none=True)
+    return pred
+
+
 def meta_gradient(model, preset: Preset, spec: RunSpec, steps: int, device, dtype, query):
     """Adapt for ``steps`` steps, compute the query loss and its meta-gradient.
 
@@ -68,14 +90,7 @@ def meta_gradient(model, preset: Preset, spec: RunSpec, steps: int, device, dtyp
         return _torch_maml(model, preset, spec, batches, query)
     if spec.peer == "higher":
         return _higher(model, preset, batches, query)
-    maml = effmaml.MAML(
-        model,
-        loss_fn,
-        effmaml.SGD(preset.lr),
-        spec.strategy,
-        clip_grad_grad_norm=preset.clip,
-        **spec.opts(),
-    )
+    maml = _maml(model, preset, spec)
     adapted = maml.adapt(batches)
     loss_fn(adapted, query).backward()
     return _flat(model), adapted.step_evals, dict(adapted.info)

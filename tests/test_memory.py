@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(
                           nn.Linear(64, 4))
     x = torch.randn(8192, 64); y = torch.randint(0, 4, (8192,))
     loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
-    kw = {"segment": 4} if strategy == "checkpoint" else {}
+    kw = {"checkpoint": {"segment": 4}, "revolve": {"slots": 4}}.get(strategy, {})
     maml = effmaml.MAML(model, loss_fn, effmaml.SGD(0.1), strategy, **kw)
     with PeakMemory("cpu") as pm:
         base = current_rss_bytes()
@@ -78,3 +78,11 @@ def test_implicit_memory_does_not_depend_on_steps():
     # the same state, CG vectors and one second-order graph: equal up to allocator noise
     assert hundred["peak"] <= 1.1 * five["peak"] + 4 * 2**20, (five, hundred)
     assert hundred["held"] <= 1.1 * five["held"] + 4 * 2**20, (five, hundred)
+
+
+@pytest.mark.slow
+def test_revolve_memory_is_flat_in_steps():
+    twenty, eighty = _run("revolve", 20), _run("revolve", 80)
+    assert eighty["peak"] <= 1.1 * twenty["peak"] + 4 * 2**20, (twenty, eighty)
+    naive = _run("naive", 20)
+    assert twenty["peak"] < naive["peak"] / 3, (twenty, naive)

@@ -51,3 +51,52 @@ def test_resnet18_checkpoint_matches_naive_cuda():
     ref, _ = _grads("naive", "cuda")
     ours, _ = _grads("checkpoint", "cuda", segment=2, pullback="step")
     assert _rel(ours, ref) <= 1e-4  # TF32 / nondeterministic kernels allowed on the GPU
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy,kw", [("offload", {"segment": 2}), ("revolve", {"slots": 2})])
+def test_resnet18_memory_floor_schedules_match_naive_cuda(strategy, kw):
+    ref, _ = _grads("naive", "cuda", steps=5)
+    ours, adapted = _grads(strategy, "cuda", steps=5, **kw)
+    assert _rel(ours, ref) <= 1e-4
+    if strategy == "offload":
+        assert adapted.info["schedule"].store.host_bytes() > 0
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_offload_float64_exact_on_cuda():
+    """Through pinned memory and the side stream, values stay bitwise equal to naive's."""
+    from .helpers import ce_loss, make_batch, make_model
+
+    out = {}
+    for strategy, kw in [("naive", {}), ("offload", {"segment": 2, "pullback": "step"})]:
+        model = make_model(p_drop=0.0).cuda()
+        batches = [tuple(t.cuda() for t in make_batch(s)) for s in range(7)]
+        adapted = effmaml.MAML(
+            model, ce_loss, effmaml.SGD(0.1, momentum=0.9), strategy, **kw
+        ).adapt(batches)
+        q = tuple(t.cuda() for t in make_batch(99))
+        g = torch.autograd.grad(ce_loss(adapted, q), list(model.parameters()))
+        out[strategy] = (torch.cat([x.reshape(-1) for x in g]), adapted.params)
+    ref, ours = out["naive"], out["offload"]
+    for k in ref[1]:
+        assert torch.equal(ref[1][k], ours[1][k]), k
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-12, atol=1e-12 * ref[0].abs().max().item())
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_offload_device_memory_flat_in_steps_cuda():
+    def peak(steps):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _grads("offload", "cuda", steps=steps, segment=2)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    p8, p32 = peak(8), peak(32)
+    assert p32 <= 1.15 * p8 + 16 * 2**20, (p8, p32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..engine import run_schedule
@@ -56,12 +57,13 @@ class Auto(Strategy):
 
     def decide(
         self, problem: InnerProblem, pr: Probe
-    ) -> tuple[Strategy, Any, Prediction, list[tuple[str, Prediction]]]:
-        """The strategy (and schedule, for scheduled ones) to run, and what was considered."""
+    ) -> tuple[Strategy, Any, Prediction, str, int, list[tuple[str, Prediction]]]:
+        """The strategy (and schedule, for scheduled ones) to run, its prediction and label,
+        the budget used and what was considered."""
         budget = problem.memory_budget
         if budget is None:
             budget = int(0.9 * available_bytes(problem.device))
-            problem.memory_budget = budget
+        problem = dataclasses.replace(problem, memory_budget=budget)
         considered: list[tuple[str, Prediction]] = []
         best = None
         for st in self._options(problem):
@@ -78,7 +80,7 @@ class Auto(Strategy):
                 continue
             key = (pred.step_evals, pred.peak_bytes)
             if best is None or key < best[0]:
-                best = (key, st, schedule, pred)
+                best = (key, st, schedule, pred, label)
         if best is None:
             floor = min(
                 Revolve(1)
@@ -93,15 +95,19 @@ class Auto(Strategy):
                 f"is about {format_bytes(floor)}: raise the budget, shrink the batch, or use "
                 f"strategy='first_order'"
             )
-        _, st, schedule, pred = best
-        return st, schedule, pred, considered
+        _, st, schedule, pred, label = best
+        return st, schedule, pred, label, budget, considered
+
+    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
+        _, _, pred, label, _, _ = self.decide(problem, probe)
+        return f"auto -> {label}", pred
 
     def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
         pr = probe(problem, state0, consts)
-        st, schedule, pred, considered = self.decide(problem, pr)
+        st, schedule, pred, label, budget, considered = self.decide(problem, pr)
         info: dict[str, Any] = {
-            "chosen": st.plan(problem, pr)[0],
-            "memory_budget": problem.memory_budget,
+            "chosen": label,
+            "memory_budget": budget,
             "considered": considered,
             "state_bytes": pr.state_bytes,
             "step_graph_bytes": pr.step_graph_bytes,

@@ -60,6 +60,6 @@ class FirstOrder(Strategy):
         return Outcome(InnerState(params, state.opt, state.buffers), losses)
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
-        # the working state and its successor, one first-order step's graph (at most A)
-        peak = 2 * probe.state_bytes + probe.first_order_bytes()
+        # the working state, its successor and the output; one first-order step's graph
+        peak = 3 * probe.state_bytes + probe.first_order_bytes()
         return "first_order", Prediction(peak, problem.steps)

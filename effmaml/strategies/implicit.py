@@ -139,9 +139,10 @@ class Implicit(Strategy):
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
         from .checkpoint import working_bytes
 
-        # the forward like first_order; the solve: 4 CG vectors and one HVP graph
-        peak = 2 * probe.state_bytes + 4 * probe.param_bytes + working_bytes(probe)
-        peak = max(peak, 2 * probe.state_bytes + probe.first_order_bytes())
+        # the solve: φ_N and the output, CG's 4 vectors, the product's operands and
+        # results (3 more), one HVP graph and its working set
+        peak = 2 * probe.state_bytes + 7 * probe.param_bytes + working_bytes(probe)
+        peak = max(peak, 3 * probe.state_bytes + probe.first_order_bytes())
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"implicit({opts})", Prediction(peak, problem.steps)
 

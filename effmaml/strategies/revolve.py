@@ -23,7 +23,7 @@ class Revolve(Scheduled):
 
     With ``slots = s`` stored states the reversal needs the provably least number of step
     recomputations: a chain of N ≤ C(s + r, s) steps recomputes each step at most r times.
-    Every pullback is a single step. Memory ≈ (s + 1)·P + A (+ the working set) for any N;
+    Every pullback is a single step. Memory ≈ (s + 2)·P + A (+ the working set) for any N;
     step evaluations N + t(N, s) + 2 (t from :func:`effmaml.schedules.revolve_recomputations`,
     the probe step included), in ``Adapted.info["step_evals_predicted"]``.
 
@@ -57,8 +57,9 @@ class Revolve(Scheduled):
 
     def predict(self, schedule: Schedule, steps: int, probe: Probe) -> Prediction:
         assert isinstance(schedule, RevolveSchedule)
+        # + 1 state: the output φ_N, alive while backward walks the plan
         peak = (
-            schedule.stored_states(steps) * probe.state_bytes
+            (schedule.stored_states(steps) + 1) * probe.state_bytes
             + probe.step_graph_bytes
             + working_bytes(probe)
         )
