@@ -5,7 +5,7 @@
 >>> loss_fn(adapted, query_batch).backward() # meta-gradient in model.parameters()
 """
 
-from . import memory
+from . import distributed, memory
 from .inner import SGD, Adam, InnerOptimizer
 from .maml import MAML, Adapted, RepeatedBatch
 from .strategies import (
@@ -21,6 +21,7 @@ from .strategies import (
     make_strategy,
     register_strategy,
 )
+from .train import MetaTrainer
 
 __version__ = "0.1.0"
 
@@ -35,11 +36,13 @@ __all__ = [
     "FirstOrder",
     "Implicit",
     "InnerOptimizer",
+    "MetaTrainer",
     "Naive",
     "Offload",
     "RepeatedBatch",
     "Revolve",
     "Strategy",
+    "distributed",
     "make_strategy",
     "memory",
     "register_strategy",

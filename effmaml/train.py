@@ -1,0 +1,345 @@
+"""The meta-training loop: sample tasks, adapt, average meta-gradients, step; resume exactly.
+
+>>> trainer = MetaTrainer(maml, torch.optim.Adam(model.parameters(), 1e-3), sample_tasks,
+...                       meta_batch=8, inner_steps=5, checkpoint_dir="runs/sine")
+>>> trainer.train(3000, resume=True)   # continues from runs/sine/checkpoint.pt if present
+
+Under ``torchrun`` (see :mod:`effmaml.distributed`) every rank runs the same script: each
+adapts on its share of the meta-batch, the meta-gradients are summed with one all-reduce,
+and all ranks take the same outer step. Rank 0 alone writes the log and checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .distributed import all_reduce_sum, rank_slice, world
+from .maml import MAML
+
+__all__ = ["CHECKPOINT_NAME", "LOG_COLUMNS", "MetaTrainer"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_COLUMNS = ["iteration", "meta_loss", "seconds", "tasks_per_s"]
+_FORMAT = 1
+
+Task = tuple[Any, Any]
+
+
+class MetaTrainer:
+    """Outer loop of MAML: one outer step per meta-batch of tasks.
+
+    Each iteration calls ``sample_tasks(generator)`` for ``meta_batch`` tasks
+    ``(support, query)``; adapts on each support set with ``maml`` (any strategy), computes
+    ``query_loss_fn(adapted, query)`` and backpropagates it; the meta-gradient is the mean
+    over the meta-batch; ``outer_optimizer`` takes one step. Every trainable parameter gets
+    a gradient tensor each iteration (zeros where no task reached it), in one process or
+    many alike.
+
+    Memory: one task's adapt + backward at a time (whatever the strategy keeps), plus the
+    summed gradients. Compute: ``meta_batch / world_size`` adaptations per process.
+
+    Args:
+        maml: the :class:`effmaml.MAML` to train (its model is the one updated).
+        outer_optimizer: a ``torch.optim`` optimizer over the model's parameters.
+        sample_tasks: ``sample_tasks(generator) -> [(support, query), ...]`` with exactly
+            ``meta_batch`` tasks, drawing all its randomness from ``generator`` (a
+            ``torch.Generator`` owned and checkpointed by the trainer). ``support`` is what
+            ``maml.adapt`` takes: a sequence of batches, or one batch with ``inner_steps``.
+        meta_batch: tasks per outer step.
+        inner_steps: passed to ``adapt(support, steps=inner_steps)``; None when each
+            support is a sequence of batches, one per step.
+        seed: seeds the task generator.
+        query_loss_fn: ``(adapted, query) -> scalar``; default ``maml.loss_fn``.
+        checkpoint_dir: where ``checkpoint.pt`` and ``log.csv`` go; None: neither.
+        checkpoint_every: also checkpoint every this many iterations (0: only at the end).
+        progress: show a progress bar (rank 0).
+        config: extra plain values that define the run (learning rates, data set ...);
+            stored in the checkpoint and checked on resume.
+        group: the process group (default: the default group when torch.distributed is
+            initialised, else a single process).
+
+    Raises:
+        ValueError: ``meta_batch < 1``, fewer tasks than processes, ``checkpoint_every < 0``.
+    """
+
+    def __init__(
+        self,
+        maml: MAML,
+        outer_optimizer: torch.optim.Optimizer,
+        sample_tasks: Callable[[torch.Generator], Sequence[Task]],
+        *,
+        meta_batch: int,
+        inner_steps: int | None = None,
+        seed: int = 0,
+        query_loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        progress: bool = True,
+        config: dict[str, Any] | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if isinstance(meta_batch, bool) or not isinstance(meta_batch, int) or meta_batch < 1:
+            raise ValueError(f"meta_batch must be an int >= 1 (got {meta_batch!r})")
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (got {checkpoint_every})")
+        if checkpoint_every and checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir= to know where to write")
+        self.maml = maml
+        self.model = maml.model
+        self.optimizer = outer_optimizer
+        self.sample_tasks = sample_tasks
+        self.meta_batch = meta_batch
+        self.inner_steps = inner_steps
+        self.query_loss_fn = query_loss_fn or maml.loss_fn
+        self.group = group
+        self.rank, self.world_size = world(group)
+        self.share = rank_slice(meta_batch, self.rank, self.world_size)
+        self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.progress = progress
+        self.generator = torch.Generator().manual_seed(seed)
+        self.iteration = 0
+        self.config = {
+            "meta_batch": meta_batch,
+            "inner_steps": inner_steps,
+            "seed": seed,
+            "strategy": repr(maml.strategy),
+            "inner": repr(maml.inner),
+            "world_size": self.world_size,
+            **(config or {}),
+        }
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+
+    # -- the loop ------------------------------------------------------------------------
+    def step(self) -> float:
+        """One outer step; returns the meta-loss (mean query loss over the meta-batch)."""
+        tasks = list(self.sample_tasks(self.generator))
+        if len(tasks) != self.meta_batch:
+            raise ValueError(
+                f"sample_tasks returned {len(tasks)} tasks, expected meta_batch="
+                f"{self.meta_batch}; make it return exactly meta_batch (support, query) pairs"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        p0 = self._params[0]
+        loss_sum = torch.zeros((), dtype=p0.dtype, device=p0.device)
+        for i in self.share:
+            support, query = tasks[i]
+            adapted = self.maml.adapt(support, steps=self.inner_steps)
+            loss = self.query_loss_fn(adapted, query)
+            loss.backward()
+            loss_sum += loss.detach().to(loss_sum.dtype)
+            del adapted, loss
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self._params]
+        stats = loss_sum.reshape(1)
+        all_reduce_sum([*grads, stats], self.group)
+        for g in grads:
+            g.div_(self.meta_batch)
+        self.optimizer.step()
+        self.iteration += 1
+        return stats.item() / self.meta_batch
+
+    def train(self, iterations: int, resume: bool = False) -> list[float]:
+        """Run outer steps until ``iterations`` have been done in total.
+
+        Args:
+            iterations: the total number of outer steps of the run (not of this call).
+            resume: continue from ``checkpoint_dir/checkpoint.pt`` if it exists (the run
+                then ends identical to one never interrupted); start afresh if not.
+
+        Returns:
+            The meta-losses of the iterations run by this call.
+        """
+        if resume:
+            self.load_latest()
+        self._sync_parameters()
+        self._open_log(resume)
+        losses: list[float] = []
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=iterations, initial=self.iteration, desc="meta-train", unit="it")
+        try:
+            while self.iteration < iterations:
+                t0 = time.perf_counter()
+                loss = self.step()
+                dt = time.perf_counter() - t0
+                losses.append(loss)
+                self._log(loss, dt)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(meta_loss=f"{loss:.4g}")
+                every = self.checkpoint_every
+                if every and self.iteration % every == 0 and self.iteration < iterations:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.dir is not None:
+            self.save()
+        return losses
+
+    def _sync_parameters(self) -> None:
+        """Start every rank from rank 0's parameters."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for p in self.model.parameters():
+                dist.broadcast(p.data, src=0, group=self.group)
+
+    # -- log -------------------------------------------------------------------------------
+    def _log_path(self) -> Path | None:
+        return None if self.dir is None else self.dir / "log.csv"
+
+    def _open_log(self, resume: bool) -> None:
+        path = self._log_path()
+        if path is None or self.rank != 0:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if resume and path.exists():
+            # rows written after the checkpoint (a crash between the two) are dropped
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= self.iteration]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def _log(self, loss: float, seconds: float) -> None:
+        path = self._log_path()
+        if path is None or self.rank != 0:
+            return
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=LOG_COLUMNS).writerow(
+                {
+                    "iteration": self.iteration,
+                    "meta_loss": repr(loss),
+                    "seconds": f"{seconds:.4f}",
+                    "tasks_per_s": f"{self.meta_batch / seconds:.3f}",
+                }
+            )
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _rng_state(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (this rank's RNG only; :meth:`save` gathers all)."""
+        return {
+            "format": _FORMAT,
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": [self._rng_state()],
+            "config": self.config,
+        }
+
+    def save(self) -> Path | None:
+        """Write ``checkpoint.pt`` atomically (rank 0): a temporary file, fsync, rename.
+
+        A crash while writing leaves the previous checkpoint intact. Every rank must call
+        it (the ranks' RNG states are gathered).
+        """
+        if self.dir is None:
+            return None
+        state = self.state_dict()
+        if self.world_size > 1:
+            rngs: list[Any] = [None] * self.world_size
+            dist.all_gather_object(rngs, self._rng_state(), group=self.group)
+            state["rng"] = rngs
+        if self.rank != 0:
+            return None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / CHECKPOINT_NAME
+        tmp = self.dir / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    def load_latest(self) -> bool:
+        """Load ``checkpoint_dir/checkpoint.pt`` if it exists; return whether it did."""
+        if self.dir is None:
+            raise ValueError("resume=True needs checkpoint_dir= to find the checkpoint")
+        path = self.dir / CHECKPOINT_NAME
+        if not path.exists():
+            if self.rank == 0:
+                warnings.warn(f"no checkpoint at {path}; starting from iteration 0", stacklevel=3)
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(state, source=str(path))
+        return True
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
+        """Restore a :meth:`state_dict`, after checking it matches this model and run.
+
+        Raises:
+            ValueError: wrong format, parameter names/shapes that differ from the model's,
+                a different run configuration, or a different number of processes.
+        """
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"{source} is not an effmaml MetaTrainer checkpoint")
+        self._check_model(state["model"], source)
+        diff = {
+            k: (state["config"].get(k), self.config.get(k))
+            for k in sorted(set(state["config"]) | set(self.config))
+            if state["config"].get(k) != self.config.get(k)
+        }
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{source} was written by a run with another configuration ({lines}); resume "
+                f"with the same settings, or start a new run in another checkpoint_dir"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        rng = state["rng"][self.rank]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.iteration = int(state["iteration"])
+
+    def _check_model(self, saved: dict[str, Tensor], source: str) -> None:
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(saved))
+        extra = sorted(set(saved) - set(own))
+        shapes = [
+            f"{k}: {tuple(saved[k].shape)} vs {tuple(own[k].shape)}"
+            for k in own
+            if k in saved and saved[k].shape != own[k].shape
+        ]
+        if missing or extra or shapes:
+            parts = []
+            if missing:
+                parts.append(f"missing from it: {missing[:5]}")
+            if extra:
+                parts.append(f"not in the model: {extra[:5]}")
+            if shapes:
+                parts.append(f"shapes differ (checkpoint vs model): {shapes[:5]}")
+            raise ValueError(
+                f"{source} does not match the model ({'; '.join(parts)}); build the same "
+                f"model as the run that wrote it"
+            )

@@ -1,0 +1,169 @@
+"""MetaTrainer: exact resume, atomic checkpoints, clear errors, and 2 gloo processes == 1."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import effmaml
+from bench.tasks import SineTasks, mlp, mse_loss
+
+from .dist.setup import make_trainer
+
+
+def _trainer(tmp_path, strategy="naive", dropout=False, meta_batch=3, **kw):
+    torch.manual_seed(0)
+    model = mlp(width=16, dtype=torch.float64)
+    if dropout:
+        model = nn.Sequential(*list(model)[:2], nn.Dropout(0.2), *list(model)[2:])
+    maml = effmaml.MAML(model, mse_loss, effmaml.SGD(0.01, momentum=0.5), strategy)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tasks = SineTasks(meta_batch, dtype=torch.float64)
+    return effmaml.MetaTrainer(
+        maml,
+        opt,
+        tasks,
+        meta_batch=meta_batch,
+        inner_steps=3,
+        seed=5,
+        checkpoint_dir=tmp_path,
+        progress=False,
+        **kw,
+    )
+
+
+def _params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("strategy", ["naive", "checkpoint"])
+def test_resume_is_bitwise_identical(tmp_path, strategy):
+    full = _trainer(tmp_path / "full", strategy, dropout=True)
+    losses = full.train(6)
+    # stop after 2 (checkpoint every 2, the process "dies" after iteration 3), resume
+    part = _trainer(tmp_path / "part", strategy, dropout=True, checkpoint_every=2)
+    part.train(3)
+    # what the dead process did after its last checkpoint (iteration 3) is lost
+    torch.manual_seed(999)  # the new process's global RNG differs
+    resumed = _trainer(tmp_path / "part", strategy, dropout=True, checkpoint_every=2)
+    state = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 3  # the final save of the first call
+    resumed.train(6, resume=True)
+    for k, v in _params(full).items():
+        assert torch.equal(v, _params(resumed)[k]), k
+    with open(tmp_path / "part" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [float(r["meta_loss"]) for r in rows] == losses
+
+
+def test_resume_drops_log_rows_after_the_checkpoint(tmp_path):
+    t = _trainer(tmp_path, checkpoint_every=2)
+    t.train(2)
+    # a crash after logging iteration 3 but before checkpointing it
+    t.step()
+    t._log(1.0, 1.0)
+    t2 = _trainer(tmp_path, checkpoint_every=2)
+    t2.train(4, resume=True)
+    with open(tmp_path / "log.csv") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+
+
+def test_crash_while_writing_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    t = _trainer(tmp_path)
+    t.train(2)
+    good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+
+    def dying_save(obj, f):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    t.step()
+    with pytest.raises(OSError, match="disk full"):
+        t.save()
+    monkeypatch.undo()
+    again = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert again["iteration"] == good["iteration"] == 2
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp file left
+
+
+def test_resume_without_checkpoint_starts_afresh(tmp_path):
+    t = _trainer(tmp_path / "new")
+    with pytest.warns(UserWarning, match="starting from iteration 0"):
+        t.train(1, resume=True)
+    assert t.iteration == 1
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    _trainer(tmp_path).train(1)
+    torch.manual_seed(0)
+    other = effmaml.MAML(mlp(width=8, dtype=torch.float64), mse_loss, effmaml.SGD(0.01))
+    t = effmaml.MetaTrainer(
+        other,
+        torch.optim.Adam(other.model.parameters()),
+        SineTasks(3, dtype=torch.float64),
+        meta_batch=3,
+        inner_steps=3,
+        seed=5,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
+    with pytest.raises(ValueError, match=r"does not match the model .*shapes differ"):
+        t.train(2, resume=True)
+    t = _trainer(tmp_path, meta_batch=4)
+    with pytest.raises(ValueError, match=r"another configuration \(meta_batch: checkpoint 3"):
+        t.train(2, resume=True)
+
+
+def test_bad_arguments():
+    model = mlp(dtype=torch.float64)
+    maml = effmaml.MAML(model, mse_loss, effmaml.SGD(0.01))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="meta_batch"):
+        effmaml.MetaTrainer(maml, opt, SineTasks(2), meta_batch=0)
+    t = effmaml.MetaTrainer(
+        maml, opt, SineTasks(2, dtype=torch.float64), meta_batch=3, inner_steps=2, progress=False
+    )
+    with pytest.raises(ValueError, match="returned 2 tasks, expected meta_batch=3"):
+        t.step()
+    with pytest.raises(ValueError, match="smaller than the world size"):
+        effmaml.distributed.rank_slice(1, 0, 2)
+
+
+def test_rank_slices_cover_the_meta_batch():
+    for n in range(2, 12):
+        for w in range(1, min(n, 5) + 1):
+            got = [i for r in range(w) for i in effmaml.distributed.rank_slice(n, r, w)]
+            assert got == list(range(n))
+
+
+def _torchrun(tmp_path, meta_batch):
+    out = tmp_path / f"dist-{meta_batch}.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--standalone", "tests/dist/worker.py", str(out), str(meta_batch)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("meta_batch", [4, 5])  # 5: an uneven split, 3 + 2 tasks
+def test_two_gloo_processes_equal_one(tmp_path, meta_batch):
+    dist = _torchrun(tmp_path, meta_batch)
+    single = make_trainer(meta_batch)
+    losses = single.train(3)
+    ref = _params(single)
+    scale = max(v.abs().max().item() for v in ref.values())
+    for k, v in ref.items():
+        # the same sums in another order: float64 rounding only
+        torch.testing.assert_close(dist["params"][k], v, rtol=1e-12, atol=1e-12 * scale)
+        # every rank holds the same parameters
+        assert torch.equal(dist["all"][0][k], dist["all"][1][k])
+    torch.testing.assert_close(
+        torch.tensor(dist["losses"]), torch.tensor(losses), rtol=1e-12, atol=0
+    )
