@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: setup test test-all lint format bench bench-micro report clean
+.PHONY: setup test test-all lint format bench bench-micro report fewshot scaling clean
 
 setup: $(SETUP)
 
@@ -41,6 +41,14 @@ bench: $(SETUP)
 
 report: $(SETUP)
 	$(PY) -m bench.report
+
+# MAML / first-order / iMAML / transfer / random on sine and linear tasks (~10 min on 2 cores)
+fewshot: $(SETUP)
+	$(PY) -m bench.fewshot
+
+# meta-iterations/s and memory for 1 and 2 processes (torchrun, gloo, one thread each)
+scaling: $(SETUP)
+	$(PY) -m bench.scaling
 
 bench-micro: $(SETUP)
 	$(PY) -m pytest -q tests/benchmarks --benchmark-only --benchmark-json=bench-micro.json

@@ -14,7 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-__all__ = ["summary_table", "update_readme", "write_report"]
+__all__ = ["pivot", "summary_table", "targets", "tradeoff_plot", "update_readme", "write_report"]
+
+EXACT = ("naive", "checkpoint", "revolve", "offload", "auto")
 
 
 def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) -> None:
@@ -43,9 +45,9 @@ def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) ->
 def summary_table(df: pd.DataFrame) -> str:
     """Per strategy, at the largest N where it ran: memory, time, overhead, agreement."""
     lines = [
-        "| strategy | N | status | peak MiB | time s (median) | × first_order | step evals "
-        "| rel. L2 vs naive | cosine vs naive |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| strategy | N | status | peak MiB | predicted MiB (err) | time s | × first_order "
+        "| step evals | rel. L2 vs naive | cosine vs naive |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, g in df.groupby("strategy", sort=False):
         ok = g[g.status == "ok"]
@@ -54,13 +56,124 @@ def summary_table(df: pd.DataFrame) -> str:
         def fmt(v, spec):
             return "" if pd.isna(v) or v == "" else format(float(v), spec)
 
+        pred = ""
+        if "predicted_peak_mib" in r and not pd.isna(r.predicted_peak_mib):
+            pred = f"{r.predicted_peak_mib:.0f} ({r.prediction_error:+.0%})"
         lines.append(
-            f"| {label} | {int(r.steps)} | {r.status} | {fmt(r.peak_mib, '.0f')} | "
+            f"| {label} | {int(r.steps)} | {r.status} | {fmt(r.peak_mib, '.0f')} | {pred} | "
             f"{fmt(r.time_s, '.2f')} | {fmt(r.overhead_vs_first_order, '.2f')} | "
             f"{fmt(r.step_evals, '.0f')} | {fmt(r.grad_rel_l2, '.1e')} | "
             f"{fmt(r.grad_cosine, '.6f')} |"
         )
     return "\n".join(lines)
+
+
+def pivot(df: pd.DataFrame, column: str, spec: str) -> str:
+    """strategy x N table of ``column`` (blank where the run did not finish)."""
+    ok = df[df.status == "ok"]
+    steps = sorted(df.steps.unique())
+    lines = ["| strategy | " + " | ".join(f"N={n}" for n in steps) + " |"]
+    lines.append("|---|" + "---|" * len(steps))
+    for label in df.strategy.unique():
+        cells = []
+        for n in steps:
+            v = ok[(ok.strategy == label) & (ok.steps == n)][column]
+            cells.append("" if v.empty or pd.isna(v.iloc[0]) else format(float(v.iloc[0]), spec))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _tradeoff_n(df: pd.DataFrame) -> int | None:
+    """The largest N at which most strategies have both a peak and a time."""
+    ok = df[(df.status == "ok") & df.time_s.notna()]
+    if ok.empty:
+        return None
+    counts = ok.groupby("steps").strategy.nunique()
+    best = counts.max()
+    return int(max(n for n, c in counts.items() if c >= best - 1))
+
+
+def tradeoff_plot(df: pd.DataFrame, path: Path, title: str) -> int | None:
+    """Seconds vs peak memory at one N, every strategy and peer: the trade-off curve."""
+    n = _tradeoff_n(df)
+    if n is None:
+        return None
+    ok = df[(df.status == "ok") & (df.steps == n) & df.time_s.notna()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, r in ok.iterrows():
+        exact = any(str(r.strategy).startswith(e) for e in EXACT) or str(r.peer) != "nan"
+        marker = "o" if exact and r.strategy not in ("first_order", "implicit") else "^"
+        ax.scatter(r.peak_mib, r.time_s, marker=marker, s=40)
+        ax.annotate(
+            r.strategy,
+            (r.peak_mib, r.time_s),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("peak memory MiB (log)")
+    ax.set_ylabel("seconds per meta-gradient")
+    ax.set_title(f"{title}\nN={n}: time vs memory (o exact, ^ approximate)", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return n
+
+
+def _row(df, label, n):
+    r = df[(df.strategy == label) & (df.steps == n) & (df.status == "ok")]
+    return None if r.empty else r.iloc[0]
+
+
+def targets(df: pd.DataFrame) -> list[str]:
+    """The issue's targets, as measured in this CSV."""
+    out = []
+    preset = df.iloc[0].preset
+    exact = [s for s in df.strategy.unique() if s.startswith(("checkpoint", "revolve", "offload"))]
+    if preset == "cpu-small":
+        ref, naive = _row(df, "torch_maml_checkpoint", 40), _row(df, "naive", 40)
+        if ref is not None and naive is not None:
+            hits = []
+            for s in exact:
+                r = _row(df, s, 40)
+                if r is None or pd.isna(r.time_s):
+                    continue
+                mem, t = r.peak_mib / ref.peak_mib, r.time_s / naive.time_s
+                ok = mem <= 0.5 and t <= 2.0
+                hits.append(f"{s} {mem:.0%} of the memory, {t:.2f}x the time{' ✓' if ok else ''}")
+            out.append(
+                f"- N=40, peak ≤ 50% of torch_maml_checkpoint's ({ref.peak_mib:.0f} MiB) and "
+                f"time ≤ 2x naive's ({naive.time_s:.2f} s): " + "; ".join(hits)
+            )
+        for s in sorted(x for x in exact if x.startswith("revolve")):
+            a, b = _row(df, s, 20), _row(df, s, 160)
+            if a is not None and b is not None:
+                g = b.peak_mib / a.peak_mib - 1
+                out.append(
+                    f"- {s}: peak {a.peak_mib:.0f} MiB at N=20, {b.peak_mib:.0f} MiB at N=160: "
+                    f"{g:+.1%} (target ≤ +20%){' ✓' if g <= 0.2 else ' ✗'}"
+                )
+    if preset == "resnet18-224":
+        for n in (500, 1000):
+            for s in exact:
+                r = _row(df, s, n)
+                if r is not None:
+                    gib = r.peak_mib / 1024
+                    out.append(
+                        f"- N={n} {s}: peak {gib:.2f} GiB (target ≤ 3 GiB)"
+                        f"{' ✓' if gib <= 3 else ' ✗'}"
+                    )
+    pred = df[df.prediction_error.notna()] if "prediction_error" in df else df.iloc[0:0]
+    if len(pred):
+        worst = pred.loc[pred.prediction_error.abs().idxmax()]
+        within = (pred.prediction_error.abs() <= 0.15).mean()
+        out.append(
+            f"- memory model: {within:.0%} of {len(pred)} rows within ±15% of the measured "
+            f"peak; worst {worst.strategy} N={worst.steps}: {worst.prediction_error:+.0%}"
+        )
+    return out
 
 
 def write_report(out_dir: Path | str) -> None:
@@ -80,6 +193,7 @@ def write_report(out_dir: Path | str) -> None:
         title,
     )
     _plot(df, "time_s", "seconds per meta-gradient (median)", out_dir / "time_vs_steps.png", title)
+    n_trade = tradeoff_plot(df, out_dir / "tradeoff.png", title)
     errors = df[~df.status.isin(["ok"])]
     text = [
         f"# {first.preset}",
@@ -90,7 +204,20 @@ def write_report(out_dir: Path | str) -> None:
         "",
         summary_table(df),
         "",
+        "Peak MiB at each N:",
+        "",
+        pivot(df, "peak_mib", ".0f"),
+        "",
+        "Seconds per meta-gradient at each N:",
+        "",
+        pivot(df, "time_s", ".2f"),
+        "",
     ]
+    tg = targets(df)
+    if tg:
+        text += ["Targets:", "", *tg, ""]
+    if n_trade is not None:
+        text += [f"Time vs memory at N={n_trade}: tradeoff.png", ""]
     if len(errors):
         text += ["Runs that did not finish:", ""]
         text += [
@@ -113,8 +240,15 @@ def update_readme(readme: Path | str = "README.md", root: Path | str = "results"
         return False
     parts = []
     for summary in sorted(root.glob("*/summary.md")):
-        body = summary.read_text().strip().replace("# ", "### ", 1)
-        parts += [body, "", f"![memory vs steps]({summary.parent / 'memory_vs_steps.png'})", ""]
+        body = summary.read_text().strip()
+        if body.startswith("# "):
+            body = body.replace("# ", "### ", 1)
+        else:
+            body = f"### {summary.parent.name}\n\n{body}"
+        parts += [body, ""]
+        for png in ("memory_vs_steps.png", "tradeoff.png", "loss_vs_steps.png"):
+            if (summary.parent / png).exists():
+                parts += [f"![{png[:-4]}]({summary.parent / png})", ""]
     block = "\n".join([START, *parts, END]) if parts else f"{START}\n{END}"
     head, rest = text.split(START, 1)
     readme.write_text(head + block + rest.split(END, 1)[1])
