@@ -8,14 +8,14 @@ Two problems, the same tasks and budget for every method:
   task boundaries w = w₀ + noise around a common w₀, 10-shot support, 20 query points.
 
 Methods: ``maml`` (exact second order; strategy ``naive``, the cheapest on these small
-nets), ``first_order``, ``implicit`` (iMAML), ``transfer`` (one network trained on all tasks pooled, then
-fine-tuned) and ``random`` (fine-tuned from a random initialisation). The meta-learners
-train with :class:`effmaml.MetaTrainer` (meta-batch 10, Adam 1e-3, 5 inner SGD steps);
-``transfer`` trains with the same optimizer on the same task stream. Evaluation: the
-same held-out tasks for everyone, plain SGD fine-tuning on the support set for
-0, 1, 5 and 10 steps, query loss (and accuracy) per task; mean and 95% CI over tasks, for
-3 meta-training seeds. Writes ``results/fewshot/`` (runs.csv, loss_vs_steps.png,
-summary.md).
+nets), ``first_order``, ``implicit`` (iMAML), ``transfer`` (one network trained on all
+tasks pooled, then fine-tuned) and ``random`` (fine-tuned from a random
+initialisation). The meta-learners train with :class:`effmaml.MetaTrainer` (meta-batch
+10, Adam 1e-3, 5 inner SGD steps); ``transfer`` trains with the same optimizer on the
+same task stream. Evaluation: the same held-out tasks for everyone, plain SGD fine-tuning
+on the support set for 0, 1, 5 and 10 steps, query loss (and accuracy) per task; mean
+and 95% CI over tasks, for 3 meta-training seeds. Writes ``results/fewshot/`` (runs.csv,
+loss_vs_steps.png, summary.md).
 """
 
 from __future__ import annotations
