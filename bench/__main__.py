@@ -103,6 +103,7 @@ def main(argv=None) -> None:
     ap.add_argument("--strategies", help="comma-separated run labels (default: all)")
     ap.add_argument("--out", default="results", help="results root (default: results)")
     ap.add_argument("--list", action="store_true", help="list presets and strategies")
+    ap.add_argument("--no-report", action="store_true", help="write runs.csv only")
     a = ap.parse_args(argv)
     if a.list:
         for p in PRESETS.values():
@@ -174,11 +175,16 @@ def main(argv=None) -> None:
                 else:
                     grad_file = os.path.join(tmp, f"{label}-{n}.pt")
                     args = [preset.name, label, str(n)]
-                    mem = _child([*args, "memory", grad_file], env_mem, preset.timeout_s)
-                    row.update(mem)
                     timed = preset.time_max_steps is None or n <= preset.time_max_steps
-                    if mem.get("status", "ok") == "ok" and timed:
-                        row.update(_child([*args, "time", grad_file], env_time, preset.timeout_s))
+                    if cuda:  # one process: the memory run is the warm-up of the timed ones
+                        mode = "both" if timed else "memory"
+                        row.update(_child([*args, mode, grad_file], env_time, preset.timeout_s))
+                    else:
+                        mem = _child([*args, "memory", grad_file], env_mem, preset.timeout_s)
+                        row.update(mem)
+                        if mem.get("status", "ok") == "ok" and timed:
+                            env = env_time
+                            row.update(_child([*args, "time", grad_file], env, preset.timeout_s))
                     row.setdefault("status", "ok")
                     if row["status"] == "oom":
                         oom_at[label] = n
@@ -211,6 +217,8 @@ def main(argv=None) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
+    if a.no_report:
+        return
     report.write_report(out_dir)
     if Path(a.out) == Path("results"):
         report.update_readme("README.md", a.out)

@@ -3,6 +3,8 @@
 MODE ``memory``: one meta-gradient inside a peak-memory window (start this process with
 ``MALLOC_MMAP_THRESHOLD_=65536`` on CPU); saves the flat meta-gradient to OUT_GRAD.
 MODE ``time``: a warm-up meta-gradient at 2 steps, then ``preset.repeats`` timed ones.
+MODE ``both`` (CUDA, where measuring memory does not slow anything): ``memory``, then
+``preset.repeats`` timed meta-gradients in the same process (the memory run warms up).
 Prints one JSON line.
 """
 
@@ -32,7 +34,7 @@ def main(argv: list[str]) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, dtype, query = build(preset, device)
     row: dict = {}
-    if mode == "memory":
+    if mode in ("memory", "both"):
         predicted = predict(model, preset, spec, steps, device, dtype)
         with PeakMemory(device) as pm:
             grad, evals, info = meta_gradient(model, preset, spec, steps, device, dtype, query)
@@ -53,8 +55,9 @@ def main(argv: list[str]) -> dict:
         schedule = info.get("schedule")
         if schedule is not None and device.type == "cuda":
             row["host_peak_mib"] = schedule.store.host_bytes() / 2**20
-    else:
-        meta_gradient(model, preset, spec, min(2, steps), device, dtype, query)  # warm-up
+    if mode in ("time", "both"):
+        if mode == "time":
+            meta_gradient(model, preset, spec, min(2, steps), device, dtype, query)  # warm-up
         times = []
         for _ in range(preset.repeats):
             _sync(device)
