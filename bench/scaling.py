@@ -106,7 +106,11 @@ def worker(out: str, iterations: int, meta_batch: int, device_name: str) -> None
             json.dumps({"processes": world, "seconds": seconds, "peaks": peaks, "kind": pm.kind})
         )
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
+        # gloo's threads can abort the interpreter's teardown; the result is written
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def _run(procs: int, iterations: int, meta_batch: int, device: str) -> dict:
