@@ -39,8 +39,23 @@ def sigmoid_net(dim: int = 10, dtype=torch.float32) -> nn.Module:
     return nn.Linear(dim, 1).to(dtype)
 
 
+class _Family:
+    """``family(g)``: ``meta_batch`` tasks; ``family.sample(g, n)``: n tasks."""
+
+    meta_batch: int
+
+    def task(self, g: torch.Generator):
+        raise NotImplementedError
+
+    def sample(self, g: torch.Generator, n: int) -> list:
+        return [self.task(g) for _ in range(n)]
+
+    def __call__(self, g: torch.Generator) -> list:
+        return self.sample(g, self.meta_batch)
+
+
 @dataclass
-class SineTasks:
+class SineTasks(_Family):
     """y = A sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5] (Finn et al. 2017)."""
 
     meta_batch: int
@@ -56,15 +71,9 @@ class SineTasks:
         k = self.k_support
         return (x[:k], y[:k]), (x[k:], y[k:])
 
-    def sample(self, g: torch.Generator, n: int) -> list:
-        return [self.task(g) for _ in range(n)]
-
-    def __call__(self, g: torch.Generator) -> list:
-        return self.sample(g, self.meta_batch)
-
 
 @dataclass
-class LinearClassTasks:
+class LinearClassTasks(_Family):
     """Binary classification with a shared structure: task boundary w = w₀ + σ·ε.
 
     Inputs x ~ N(0, I) in ``dim`` dimensions, label 1[w·x + b > 0] with the task's
@@ -95,9 +104,3 @@ class LinearClassTasks:
         y = (x @ w + b > 0).to(self.dtype)
         k = self.k_support
         return (x[:k], y[:k]), (x[k:], y[k:])
-
-    def sample(self, g: torch.Generator, n: int) -> list:
-        return [self.task(g) for _ in range(n)]
-
-    def __call__(self, g: torch.Generator) -> list:
-        return self.sample(g, self.meta_batch)

@@ -39,6 +39,7 @@ __all__ = [
     "Cotangent",
     "DeviceStore",
     "Handle",
+    "Resident",
     "RngState",
     "Schedule",
     "Store",
@@ -239,7 +240,9 @@ class Handle:
 
 
 @dataclass
-class _Resident(Handle):
+class Resident(Handle):
+    """A handle to a state kept where it is (on the device)."""
+
     state: InnerState
 
 
@@ -248,14 +251,14 @@ class Store:
 
     def put(self, state: InnerState) -> Handle:
         """Keep ``state`` (detached) and return a handle to it."""
-        return _Resident(state)
+        return Resident(state)
 
     def fetch(self, handle: Handle) -> None:
         """Start bringing ``handle`` back to the device (asynchronously where possible)."""
 
     def get(self, handle: Handle) -> InnerState:
         """The state on the device, once any copy has finished."""
-        assert isinstance(handle, _Resident)
+        assert isinstance(handle, Resident)
         return handle.state
 
     def host_bytes(self) -> int:

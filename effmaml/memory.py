@@ -91,12 +91,17 @@ def saved_bytes() -> Iterator[SavedBytes]:
         yield result
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _proc_kib(path: str, field: str) -> int:
+    """A ``Field: <n> kB`` line of a /proc file (Linux only)."""
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status (Linux only)")
+    raise RuntimeError(f"{field} not found in {path} (Linux only)")
+
+
+def _status_kib(field: str) -> int:
+    return _proc_kib("/proc/self/status", field)
 
 
 def current_rss_bytes() -> int:
@@ -200,17 +205,9 @@ def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        return _meminfo_kib("MemAvailable") * 1024
+        return _proc_kib("/proc/meminfo", "MemAvailable") * 1024
     except (OSError, RuntimeError):
         return 8 * 2**30
-
-
-def _meminfo_kib(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/meminfo")
 
 
 def format_bytes(n: float) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .engine import Handle, Store, _Resident
+from .engine import Handle, Resident, Store
 from .step import InnerState
 
 __all__ = ["HostStore", "make_store"]
@@ -88,7 +88,7 @@ class HostStore(Store):
         handle.fetched = (state, event)
 
     def get(self, handle: Handle) -> InnerState:
-        if isinstance(handle, _Resident):
+        if isinstance(handle, Resident):
             return handle.state
         assert isinstance(handle, _HostHandle)
         self.fetch(handle)

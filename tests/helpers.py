@@ -344,3 +344,17 @@ FULL_ROW = Opt("adam", "per_param", "update", True, 0.5, "head", "lazy", 0.3)
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a @ b / (a.norm() * b.norm())).item() if a.norm() > 0 and b.norm() > 0 else math.nan
+
+
+def compare_to_naive(opt: Opt, strategy: str, steps: int, **strategy_kw):
+    """Run ``strategy`` and naive on the same problem; assert the exactness rules.
+
+    Parameters, buffers and losses bitwise; gradients of quantities read at every step (lr,
+    fixed parameters, θ₀) accumulate in another order: scaled 1e-12. The RNG after the
+    query must be naive's.
+    """
+    ref = run_effmaml(opt, "naive", steps)
+    ours = run_effmaml(opt, strategy, steps, **strategy_kw)
+    assert_results_match(ours, ref, grad_rel=1e-12, exact_values=True)
+    assert ours["rng"].equal(ref["rng"]), "RNG after the query differs from naive's"
+    return ours

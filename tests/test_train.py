@@ -167,3 +167,15 @@ def test_two_gloo_processes_equal_one(tmp_path, meta_batch):
     torch.testing.assert_close(
         torch.tensor(dist["losses"]), torch.tensor(losses), rtol=1e-12, atol=0
     )
+
+
+def test_example_script_runs_and_resumes(tmp_path):
+    sys.path.insert(0, os.getcwd())
+    from examples.meta_train_sine import main
+
+    args = ["--iterations", "3", "--meta-batch", "2", "--inner-steps", "2", "--every", "2"]
+    args += ["--dir", str(tmp_path), "--device", "cpu"]
+    first = main(args)
+    assert len(first) == 3
+    more = main([*args[:1], "5", *args[2:], "--resume"])
+    assert len(more) == 2  # iterations 4 and 5 only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -10,7 +11,15 @@ from torch import Tensor
 from ..memory import Prediction, Probe
 from ..step import Consts, InnerProblem, InnerState
 
-__all__ = ["STRATEGIES", "Outcome", "Strategy", "make_strategy", "register_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "Outcome",
+    "Strategy",
+    "check_count",
+    "make_strategy",
+    "register_strategy",
+    "warn_learned_hyper",
+]
 
 
 @dataclass
@@ -111,3 +120,31 @@ def make_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
         raise TypeError(
             f"strategy {strategy!r} does not take options {sorted(options)}: {err}"
         ) from err
+
+
+def check_count(name: str, value: Any, hint: str = "", allow_none: bool = True) -> None:
+    """Validate an option that counts something (segment, slots, CG steps): an int >= 1.
+
+    Raises:
+        TypeError: not an int (bools refused).
+        ValueError: below 1; ``hint`` says what to do instead.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name} must be {kind} (got {value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 (got {value}){hint}")
+
+
+def warn_learned_hyper(consts: Consts, strategy: str, why: str) -> None:
+    """Warn that learned inner hyper-parameters get no meta-gradient under ``strategy``."""
+    learned = [k for k, v in consts.hyper.items() if v.requires_grad]
+    if learned:
+        warnings.warn(
+            f"strategy={strategy!r} gives no meta-gradient to the learned inner "
+            f"hyper-parameters {learned}{why}; use an exact strategy ('naive', 'checkpoint') "
+            f"to learn them",
+            stacklevel=5,
+        )

@@ -9,7 +9,7 @@ from ..engine import Schedule, Store
 from ..memory import Prediction, Probe
 from ..schedules import UniformSchedule
 from ..step import InnerProblem
-from .base import register_strategy
+from .base import check_count, register_strategy
 from .scheduled import Scheduled
 
 __all__ = ["Checkpoint", "best_segment", "uniform_peak"]
@@ -98,14 +98,7 @@ class Checkpoint(Scheduled):
     name = "checkpoint"
 
     def __init__(self, segment: int | None = None, pullback: str = "segment") -> None:
-        if segment is not None:
-            if isinstance(segment, bool) or not isinstance(segment, int):
-                raise TypeError(f"segment must be an int or None (got {segment!r})")
-            if segment < 1:
-                raise ValueError(
-                    f"segment must be >= 1 (got {segment}); pass segment=None to choose it "
-                    f"automatically"
-                )
+        check_count("segment", segment, "; pass segment=None to choose it automatically")
         if pullback not in PULLBACKS:
             raise ValueError(f"pullback must be one of {PULLBACKS} (got {pullback!r})")
         self.segment = segment

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
@@ -11,7 +9,7 @@ from ..clip import clip_backward
 from ..engine import advance
 from ..memory import Prediction, Probe
 from ..step import Consts, InnerProblem, InnerState
-from .base import Outcome, Strategy, register_strategy
+from .base import Outcome, Strategy, register_strategy, warn_learned_hyper
 
 __all__ = ["FirstOrder"]
 
@@ -46,14 +44,7 @@ class FirstOrder(Strategy):
     exact = False
 
     def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
-        learned = [k for k, v in consts.hyper.items() if v.requires_grad]
-        if learned:
-            warnings.warn(
-                f"strategy='first_order' gives no meta-gradient to the learned inner "
-                f"hyper-parameters {learned}; use an exact strategy ('naive', 'checkpoint') "
-                f"to learn them",
-                stacklevel=4,
-            )
+        warn_learned_hyper(consts, self.name, "")
         state, losses = advance(problem, state0.detached(False), 0, problem.steps, consts)
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
         params = clip_backward(params, problem.clip)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..engine import advance
 from ..memory import Prediction, Probe
 from ..step import Consts, FunctionalModel, InnerProblem, InnerState, RepeatedBatch
-from .base import Outcome, Strategy, register_strategy
+from .base import Outcome, Strategy, check_count, register_strategy, warn_learned_hyper
 
 __all__ = ["Implicit", "conjugate_gradient"]
 
@@ -79,16 +79,12 @@ class Implicit(Strategy):
     ) -> None:
         if lam is not None and not (isinstance(lam, (int, float)) and lam > 0):
             raise ValueError(f"lam must be a number > 0 (got {lam!r}); iMAML needs λ > 0")
-        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
-            raise ValueError(f"cg_steps must be an int >= 1 (got {cg_steps!r})")
+        check_count("cg_steps", cg_steps, allow_none=False)
         if not cg_damping >= 0:
             raise ValueError(f"cg_damping must be >= 0 (got {cg_damping!r})")
         if not cg_tol >= 0:
             raise ValueError(f"cg_tol must be >= 0 (got {cg_tol!r})")
-        if hvp_batches is not None and (
-            isinstance(hvp_batches, bool) or not isinstance(hvp_batches, int) or hvp_batches < 1
-        ):
-            raise ValueError(f"hvp_batches must be an int >= 1 or None (got {hvp_batches!r})")
+        check_count("hvp_batches", hvp_batches, "; None uses every distinct batch")
         self.hvp_batches = hvp_batches
         self.lam = None if lam is None else float(lam)
         self.cg_steps = cg_steps
@@ -117,14 +113,7 @@ class Implicit(Strategy):
 
     def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
         lam = self.resolve_lam(problem.prox)
-        learned = [k for k, v in consts.hyper.items() if v.requires_grad]
-        if learned:
-            warnings.warn(
-                f"strategy='implicit' gives no meta-gradient to the learned inner "
-                f"hyper-parameters {learned}: the inner solution does not depend on them; use "
-                f"an exact strategy ('naive', 'checkpoint') to learn them",
-                stacklevel=4,
-            )
+        warn_learned_hyper(consts, self.name, ": the inner solution does not depend on them")
         problem = dataclasses.replace(problem, prox=lam)
         theta0 = {k: v.detach() for k, v in state0.params.items()}
         consts = Consts(consts.fixed, consts.hyper, theta0)

@@ -8,7 +8,7 @@ from ..engine import Schedule
 from ..memory import Prediction, Probe
 from ..schedules import RevolveSchedule
 from ..step import InnerProblem
-from .base import register_strategy
+from .base import check_count, register_strategy
 from .checkpoint import working_bytes
 from .scheduled import Scheduled
 
@@ -35,13 +35,7 @@ class Revolve(Scheduled):
     name = "revolve"
 
     def __init__(self, slots: int | None = None) -> None:
-        if slots is not None:
-            if isinstance(slots, bool) or not isinstance(slots, int):
-                raise TypeError(f"slots must be an int or None (got {slots!r})")
-            if slots < 1:
-                raise ValueError(
-                    f"slots must be >= 1 (got {slots}); one slot holds the initial state"
-                )
+        check_count("slots", slots, "; one slot holds the initial state")
         self.slots = slots
 
     def options(self) -> dict[str, Any]:
