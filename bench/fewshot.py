@@ -225,7 +225,8 @@ def write(out: Path, rows, pooled, seeds) -> None:
         f"Held-out tasks: {rows[0]['tasks']} per seed, the same for every method; seeds "
         f"{', '.join(map(str, seeds))} (pooled: mean ± 95% CI over seeds × tasks). Budget: "
         + "; ".join(
-            f"{p} {PROBLEMS[p].iterations} meta-iterations × {PROBLEMS[p].meta_batch} tasks"
+            f"{p} {max(r['meta_iterations'] for r in rows if r['problem'] == p)} "
+            f"meta-iterations × {PROBLEMS[p].meta_batch} tasks"
             for p in problems
         )
         + ".",
@@ -247,6 +248,16 @@ def write(out: Path, rows, pooled, seeds) -> None:
                     cells.append(f"{_mean(v):.3f} ± {_ci(v):.3f}")
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
             lines.append("")
+        k = EVAL_STEPS[-1]
+        per_seed = []
+        for m in METHODS:
+            vals = [
+                f"seed {r['seed']}: {r['query_loss']:.3f}"
+                for r in rows
+                if r["problem"] == p and r["method"] == m and r["adapt_steps"] == k
+            ]
+            per_seed.append(f"{m} ({', '.join(vals)})")
+        lines += [f"Per seed, query loss after k={k}: " + "; ".join(per_seed) + ".", ""]
     (out / "summary.md").write_text("\n".join(lines))
     _plot(out, problems, pooled)
 
