@@ -34,6 +34,7 @@ COLUMNS = [
     "segment_resolved",
     "pullback",
     "slots",
+    "chosen",
     "batch",
     "image",
     "dtype",

@@ -45,6 +45,7 @@ def main(argv: list[str]) -> dict:
             memory_kind=pm.kind,
             step_evals=evals,
             segment_resolved=info.get("segment"),
+            chosen=info.get("chosen", ""),
         )
         if predicted is not None:
             row.update(

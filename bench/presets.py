@@ -40,11 +40,14 @@ RUNS: dict[str, RunSpec] = {
         RunSpec("torch_maml_naive", "naive", peer="torch_maml"),
         RunSpec("torch_maml_checkpoint", "checkpoint", (("segment", 5),), peer="torch_maml"),
         RunSpec("higher", "naive", peer="higher", needs_no_clip=True),
+        # the fastest exact schedule predicted to fit 400 MiB (cpu-small: ~half of
+        # torch_maml_checkpoint's peak at N=40)
+        RunSpec("auto_400MiB", "auto", (("memory_budget", "400MiB"),)),
         # naive run twice: the noise floor of agreement on nondeterministic GPU kernels
         RunSpec("naive_rerun", "naive"),
     ]
 }
-DEFAULT_RUNS = tuple(label for label in RUNS if label != "naive_rerun")
+DEFAULT_RUNS = tuple(label for label in RUNS if label not in ("naive_rerun", "auto_400MiB"))
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,17 @@ PRESETS: dict[str, Preset] = {
                 ("revolve_s2", 80),
             ),
             time_max_steps=80,
+        ),
+        # The memory-budget target at N=40 in one run: auto under 400 MiB against naive
+        # and torch_maml_checkpoint (cpu-small's model and data).
+        Preset(
+            "cpu-small-budget",
+            image=64,
+            batch=8,
+            steps=(40,),
+            clip=None,
+            repeats=1,
+            runs=("naive", "first_order", "torch_maml_checkpoint", "auto_400MiB"),
         ),
         # For tests: seconds.
         Preset("tiny", image=32, batch=8, steps=(2, 3), clip=None, repeats=1, timeout_s=300),

@@ -131,8 +131,12 @@ def targets(df: pd.DataFrame) -> list[str]:
     """The issue's targets, as measured in this CSV."""
     out = []
     preset = df.iloc[0].preset
-    exact = [s for s in df.strategy.unique() if s.startswith(("checkpoint", "revolve", "offload"))]
-    if preset == "cpu-small":
+    exact = [
+        s
+        for s in df.strategy.unique()
+        if s.startswith(("checkpoint", "revolve", "offload", "auto"))
+    ]
+    if str(preset).startswith("cpu-small"):
         ref, naive = _row(df, "torch_maml_checkpoint", 40), _row(df, "naive", 40)
         if ref is not None and naive is not None:
             hits = []
@@ -142,7 +146,10 @@ def targets(df: pd.DataFrame) -> list[str]:
                     continue
                 mem, t = r.peak_mib / ref.peak_mib, r.time_s / naive.time_s
                 ok = mem <= 0.5 and t <= 2.0
-                hits.append(f"{s} {mem:.0%} of the memory, {t:.2f}x the time{' ✓' if ok else ''}")
+                name = s if pd.isna(r.get("chosen")) or not r.get("chosen") else f"{s} ({r.chosen})"
+                hits.append(
+                    f"{name} {mem:.0%} of the memory, {t:.2f}x the time{' ✓' if ok else ''}"
+                )
             out.append(
                 f"- N=40, peak ≤ 50% of torch_maml_checkpoint's ({ref.peak_mib:.0f} MiB) and "
                 f"time ≤ 2x naive's ({naive.time_s:.2f} s): " + "; ".join(hits)
