@@ -1,0 +1,17 @@
+"""The run shared by the distributed test and its single-process reference."""
+
+import torch
+
+import effmaml
+from bench.tasks import SineTasks, mlp, mse_loss
+
+
+def make_trainer(meta_batch, strategy="checkpoint", **kw):
+    torch.manual_seed(0)
+    model = mlp(width=16, dtype=torch.float64)
+    maml = effmaml.MAML(model, mse_loss, effmaml.SGD(0.01), strategy)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tasks = SineTasks(meta_batch, dtype=torch.float64)
+    return effmaml.MetaTrainer(
+        maml, opt, tasks, meta_batch=meta_batch, inner_steps=3, seed=1, progress=False, **kw
+    )

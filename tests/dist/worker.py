@@ -1,0 +1,32 @@
+"""Run by tests/test_train.py under torchrun: meta-train a few steps, save rank 0's params.
+
+usage: python -m torch.distributed.run --nproc-per-node P tests/dist/worker.py OUT META_BATCH
+"""
+
+import os
+import sys
+
+import torch
+
+import effmaml
+from effmaml.distributed import init_from_env
+from tests.dist.setup import make_trainer
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out, meta_batch = sys.argv[1], int(sys.argv[2])
+    rank, world_size = init_from_env("cpu")
+    trainer = make_trainer(meta_batch)
+    losses = trainer.train(3)
+    params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, params)
+    if rank == 0:
+        torch.save({"params": params, "losses": losses, "all": gathered}, out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    assert effmaml.distributed.world() == (0, 1)
+    # gloo's threads can abort the interpreter's own teardown ("terminate called without an
+    # active exception"); everything is written, so leave without it
+    sys.stdout.flush()
+    os._exit(0)
