@@ -42,7 +42,7 @@ bench: $(SETUP)
 report: $(SETUP)
 	$(PY) -m bench.report
 
-# MAML / first-order / iMAML / transfer / random on sine and linear tasks (~10 min on 2 cores)
+# MAML / first-order / iMAML / transfer / random on sine and linear tasks (15 min measured on 2 cores)
 fewshot: $(SETUP)
 	$(PY) -m bench.fewshot
 

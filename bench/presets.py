@@ -103,7 +103,7 @@ PRESETS: dict[str, Preset] = {
             ),
             time_max_steps=100,
         ),
-        # Same model and code path, scaled to 2 CPU cores (about 40 minutes): peers and the
+        # Same model and code path, scaled to 2 CPU cores (75 minutes measured here): peers and the
         # slowest schedule stop early, and N = 160 is measured for memory only.
         Preset(
             "cpu-small",

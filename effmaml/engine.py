@@ -37,7 +37,6 @@ from .step import Consts, InnerProblem, InnerState, inner_step
 
 __all__ = [
     "Cotangent",
-    "DeviceStore",
     "Handle",
     "Resident",
     "RngState",
@@ -264,9 +263,6 @@ class Store:
     def host_bytes(self) -> int:
         """Peak bytes kept off the device (0 here)."""
         return 0
-
-
-DeviceStore = Store
 
 
 class Schedule:

@@ -12,7 +12,7 @@ from ..step import Consts, InnerProblem, InnerState, inner_step
 from .base import Outcome, Strategy
 from .checks import check_double_backward
 
-__all__ = ["Scheduled", "probe", "probe_step"]
+__all__ = ["Scheduled", "probe"]
 
 
 class Scheduled(Strategy):
@@ -83,11 +83,6 @@ class Scheduled(Strategy):
         schedule, prediction = self.choose(problem, probe)
         opts = ", ".join(f"{k}={v!r}" for k, v in self.resolved(schedule).items())
         return f"{self.name}({opts})", prediction
-
-
-def probe_step(problem: InnerProblem, state0: InnerState, consts: Consts) -> int:
-    """A, the bytes autograd saves for step 0 with its second-order graph (see :func:`probe`)."""
-    return probe(problem, state0, consts).step_graph_bytes
 
 
 def probe(
