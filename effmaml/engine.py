@@ -26,62 +26,28 @@ segment at every inner ``autograd.grad`` call and holds what it recomputed.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .checks import raise_if_no_double_backward
+from .replay import RngState, Witness, capture_rng, replay_rng
 from .step import Consts, InnerProblem, InnerState, inner_step
 
 __all__ = [
     "Cotangent",
     "Handle",
     "Resident",
-    "RngState",
     "Schedule",
     "Store",
     "advance",
     "advance_to",
-    "capture_rng",
     "pullback",
-    "replay_rng",
     "run_schedule",
 ]
-
-
-@dataclass
-class RngState:
-    """The global RNG state (CPU, and CUDA for a CUDA device) at one point of the unroll."""
-
-    cpu: Tensor
-    cuda: Tensor | None
-    device: torch.device
-
-
-def capture_rng(device: torch.device) -> RngState:
-    """Snapshot the RNG that a step on ``device`` draws from (dropout)."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return RngState(torch.get_rng_state(), cuda, device)
-
-
-@contextlib.contextmanager
-def replay_rng(state: RngState) -> Iterator[None]:
-    """Run the body from RNG ``state`` and restore the global RNG afterwards.
-
-    # Note [Dropout under recomputation]
-    # A recomputed step must draw the same dropout masks as the original one, and the
-    # backward pass must not disturb the RNG that the user's code sees after it. fork_rng
-    # saves and restores the global state around the body; inside it we jump to the state
-    # captured when the step first ran.
-    """
-    devices = [state.device] if state.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state.cpu)
-        if state.cuda is not None:
-            torch.cuda.set_rng_state(state.cuda, state.device)
-        yield
 
 
 def advance(
@@ -204,25 +170,6 @@ def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-_NO_DOUBLE_BACKWARD = (
-    "double backward",
-    "not implemented",
-    "once_differentiable",
-    "twice differentiable",
-)
-
-
-def raise_if_no_double_backward(err: BaseException) -> None:
-    """Re-raise an autograd error about missing second derivatives with a fix."""
-    msg = str(err)
-    if any(s in msg.lower() for s in _NO_DOUBLE_BACKWARD):
-        raise RuntimeError(
-            "an operation in the model or loss has no double backward, which exact "
-            "(second-order) MAML needs; replace that operation, or use "
-            f"strategy='first_order', which needs none. Autograd said: {msg}"
-        ) from err
-
-
 def advance_to(
     problem: InnerProblem, state: InnerState, rng: RngState, a: int, b: int, consts: Consts
 ) -> tuple[InnerState, RngState]:
@@ -294,8 +241,17 @@ class Schedule:
         raise NotImplementedError
 
     def step_evals(self, steps: int) -> int:
-        """Inner-step evaluations of one forward + backward (without the probe step)."""
+        """Inner-step evaluations of one forward + backward (without the probe)."""
         raise NotImplementedError
+
+    def advances(self, steps: int) -> int:
+        """Steps run without graph (forward and re-advances): every exact schedule pulls
+        each of the N steps back exactly once, and each pullback is one evaluation."""
+        return self.step_evals(steps) - steps
+
+    def moved_states(self, steps: int) -> int:
+        """States that pass through :attr:`store` (each goes off the device and back)."""
+        return 0
 
     def stored_states(self, steps: int) -> int:
         """The most states held at once on the device besides the working one."""
@@ -361,6 +317,8 @@ class _Unroll(torch.autograd.Function):
         memo, ctx.memo = ctx.memo, None
         run.schedule.backward(problem, memo, state0.detached(False), ctx.rng0, consts, pull)
         assert expect[0] == 0
+        if problem.witness is not None:
+            problem.witness.verify()
         n_b = len(state0.buffers)
         g = grad[0]
         return (None, *g.params.values(), *g.opt.values(), *([None] * n_b), *acc)
@@ -415,6 +373,12 @@ def run_schedule(
         ``(state_N, losses)`` with ``losses`` of shape ``(N,)``.
     """
     names = (tuple(state0.params), tuple(state0.opt), tuple(state0.buffers))
+    # Note [Checking that a recomputation saw the same batch]
+    # The forward pass records each step's loss and batch fingerprint; every step run
+    # again in backward is compared with them on the device, and the backward ends with one
+    # check (one host sync) that raises if a batch source gave another batch for an index.
+    witness = Witness(problem.steps, problem.device, problem.autocast)
+    problem = dataclasses.replace(problem, witness=witness)
     run = _Run(problem, schedule, names, consts)
     flat = [*state0.params.values(), *state0.opt.values(), *state0.buffers.values(), *consts.flat()]
     out = _Unroll.apply(run, *flat)

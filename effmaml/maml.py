@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -117,6 +117,9 @@ class MAML:
             ``revolve`` (``slots=None``) pick their option; a strategy that cannot fit
             raises ``MemoryError`` before unrolling. Predictions come from
             :func:`effmaml.memory.estimate`'s model.
+        host_memory_budget: the pinned host memory ``offload`` may hold (bytes or a string);
+            ``offload`` over it raises ``MemoryError`` before unrolling, ``auto`` skips it.
+            Default: half of what the OS reports available when ``adapt`` starts.
         **strategy_options: options of the named strategy (``segment=``, ``pullback=``).
 
     Raises:
@@ -137,6 +140,7 @@ class MAML:
         prox_lambda: float = 0.0,
         check_finite: bool = True,
         memory_budget: int | float | str | None = None,
+        host_memory_budget: int | float | str | None = None,
         **strategy_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -161,6 +165,10 @@ class MAML:
         self.prox_lambda = float(prox_lambda)
         self.check_finite = check_finite
         self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
+        self.host_memory_budget = (
+            None if host_memory_budget is None else parse_bytes(host_memory_budget)
+        )
+        self._probes: dict[Any, Any] = {}  # probe results by batch signature
         self.adapted_names = self._select(params)
         inner.check_names(self.adapted_names)
 
@@ -205,12 +213,16 @@ class MAML:
         """Run the inner loop and return the adapted model.
 
         Args:
-            batches: a sequence of batches, one per inner step (any ``Sequence``: a lazy one
-                that builds batch t in ``__getitem__`` works; exact strategies that
-                recompute index it again and need the same batch for the same index).
-                With ``steps``, a single batch reused at every step.
+            batches: the batch source, one batch per inner step: anything with ``__len__``
+                and ``__getitem__`` (a list, a ``torch.utils.data.Dataset`` whose item t is
+                step t's batch, a lazy class that builds batch t on demand). Recomputing
+                strategies index it again in backward and need the same batch for the same
+                index; a source that breaks this is caught there
+                (:class:`effmaml.replay.NondeterministicBatchError`). Iterators, generators
+                and ``IterableDataset`` are refused (they cannot be indexed again). With
+                ``steps``, a single batch reused at every step.
             steps: the number of inner steps when ``batches`` is a single batch. A tensor,
-                tuple or dict is always one batch; a list (or other sequence) given with
+                tuple or dict is always one batch; a list (or other source) given with
                 ``steps`` must hold exactly ``steps`` batches.
 
         Returns:
@@ -218,7 +230,8 @@ class MAML:
             meta-gradient in ``.grad`` of the model's parameters.
 
         Raises:
-            ValueError: empty sequence, ``steps < 1``, or a length that disagrees with
+            TypeError: a source that cannot be indexed by step (says what to pass).
+            ValueError: empty source, ``steps < 1``, or a length that disagrees with
                 ``steps``.
             FloatingPointError: a non-finite inner loss (names the step).
             MemoryError: the strategy cannot meet ``memory_budget`` (raised before
@@ -259,6 +272,8 @@ class MAML:
             check_finite=self.check_finite,
             counter=Counter(),
             memory_budget=self.memory_budget,
+            host_memory_budget=self.host_memory_budget,
+            probe_cache=self._probes,
         )
         named = dict(self.model.named_parameters())
         theta = {n: named[n] for n in self.adapted_names}
@@ -274,28 +289,32 @@ class MAML:
 
     @staticmethod
     def _batches(batches: Any, steps: int | None) -> Sequence[Any]:
+        one_batch = isinstance(batches, (Tensor, tuple, Mapping, str))
         if steps is not None:
             if isinstance(steps, bool) or not isinstance(steps, int):
                 raise TypeError(f"steps must be an int (got {steps!r})")
             if steps < 1:
                 raise ValueError(f"steps must be >= 1 (got {steps})")
-            if isinstance(batches, (Tensor, tuple, Mapping)) or not isinstance(batches, Sequence):
+            if one_batch or not _indexable(batches):
+                _refuse_iterator(batches)
                 return RepeatedBatch(batches, steps)
             if len(batches) != steps:
                 raise ValueError(
-                    f"got a sequence of {len(batches)} batches with steps={steps}; pass the "
-                    f"sequence alone, adapt(batches), for one batch per step, or one batch "
+                    f"got a source of {len(batches)} batches with steps={steps}; pass the "
+                    f"source alone, adapt(batches), for one batch per step, or one batch "
                     f"(a tensor, tuple or dict) with steps={steps} to reuse it"
                 )
             return batches
-        if isinstance(batches, (Tensor, Mapping, str)) or not isinstance(batches, Sequence):
+        _refuse_iterator(batches)
+        if one_batch or not _indexable(batches):
             raise TypeError(
-                f"adapt() takes a sequence of batches, one per step (got "
+                f"adapt() takes a batch source, one batch per step: anything with __len__ and "
+                f"__getitem__ (a list, a torch Dataset of per-step batches, a lazy class) (got "
                 f"{type(batches).__name__}); to reuse one batch, call adapt(batch, steps=N)"
             )
         if len(batches) == 0:
             raise ValueError(
-                "adapt() got an empty batch sequence; pass at least one batch, or one batch "
+                "adapt() got an empty batch source; pass at least one batch, or one batch "
                 "with steps=N"
             )
         return batches
@@ -304,4 +323,29 @@ class MAML:
         return (
             f"MAML({type(self.model).__name__}, inner={self.inner!r}, "
             f"strategy={self.strategy!r}, adapted={len(self.adapted_names)} params)"
+        )
+
+
+def _indexable(source: Any) -> bool:
+    """Whether ``source`` can be indexed by step: ``__len__`` and ``__getitem__``."""
+    cls = type(source)
+    return hasattr(cls, "__len__") and hasattr(cls, "__getitem__")
+
+
+def _refuse_iterator(source: Any) -> None:
+    """Raise for one-pass sources (iterators, generators, IterableDataset)."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(source, (Iterator, IterableDataset)) or (
+        not _indexable(source)
+        and isinstance(source, Iterable)
+        and not isinstance(source, (Tensor, Mapping, str))
+    ):
+        raise TypeError(
+            f"adapt() got a one-pass source ({type(source).__name__}): recomputing "
+            f"strategies (checkpoint, revolve, offload, auto) run inner steps again in "
+            f"backward and need batch t again by its index, which an iterator cannot give. "
+            f"Pass something indexable: list(source) materialises it (fine for 'naive' and "
+            f"'first_order', which never re-read it), or a class with __len__ and "
+            f"__getitem__(t) that builds batch t on demand"
         )

@@ -29,11 +29,13 @@ __all__ = [
     "Probe",
     "SavedBytes",
     "available_bytes",
+    "available_host_bytes",
     "current_rss_bytes",
     "estimate",
     "format_bytes",
     "parse_bytes",
     "peak_rss_bytes",
+    "predict_seconds",
     "reset_peak_rss",
     "saved_bytes",
     "tensor_bytes",
@@ -204,6 +206,11 @@ def available_bytes(device: torch.device) -> int:
     """Memory free for new work now: ``cuda.mem_get_info`` on CUDA, else MemAvailable."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    return available_host_bytes()
+
+
+def available_host_bytes() -> int:
+    """Host memory available for new work (MemAvailable; 8 GiB where /proc is missing)."""
     try:
         return _proc_kib("/proc/meminfo", "MemAvailable") * 1024
     except (OSError, RuntimeError):
@@ -220,21 +227,32 @@ def format_bytes(n: float) -> str:
 
 @dataclass(frozen=True)
 class Probe:
-    """What one probe step measures.
+    """What the probe steps measure (:func:`effmaml.probe.probe`).
 
     Attributes:
         state_bytes: P, the inner state (adapted parameters, optimizer state, buffers).
         param_bytes: the adapted parameters alone.
         step_graph_bytes: A, the bytes autograd saves for one step with its second-order
             graph (deduplicated by storage).
-        first_order_graph_bytes: the same for a first-order step, when measured
-            (:func:`estimate` does); 0 if not.
+        first_order_graph_bytes: the same for a first-order step; 0 if not measured.
+        advance_seconds: t₁, one first-order step (an ``advance``); 0 if not measured.
+        pullback_seconds: t₂, one step with its graph plus its pullback; 0 if not measured.
+        host_bandwidth: bytes/s of a pinned host↔device copy (CUDA; 0 elsewhere).
+        pin_bandwidth: bytes/s at which new pinned host memory is allocated (CUDA).
+        seconds: what the probe itself took (0 when it came from the cache).
+        evals: step evaluations the probe ran (0 when it came from the cache).
     """
 
     state_bytes: int
     param_bytes: int
     step_graph_bytes: int
     first_order_graph_bytes: int = 0
+    advance_seconds: float = 0.0
+    pullback_seconds: float = 0.0
+    host_bandwidth: float = 0.0
+    pin_bandwidth: float = 0.0
+    seconds: float = 0.0
+    evals: int = 0
 
     def first_order_bytes(self) -> int:
         """The first-order graph, or A as its upper bound when it was not measured."""
@@ -247,23 +265,65 @@ class Prediction:
 
     Attributes:
         peak_bytes: device memory above what was in use before ``adapt`` (CPU: resident).
-        step_evals: inner-step evaluations, the probe step included.
+        step_evals: inner-step evaluations, the probe steps included.
         host_bytes: pinned host memory (``offload`` on CUDA), else 0.
+        seconds: predicted wall time of adapt + the query's backward, the probe included.
     """
 
     peak_bytes: int
     step_evals: int
     host_bytes: int = 0
+    seconds: float = 0.0
+
+
+def predict_seconds(
+    probe: Probe,
+    advances: int,
+    pullbacks: int,
+    moved_bytes: int = 0,
+    pinned_bytes: int = 0,
+) -> float:
+    """Wall time of one meta-gradient from the probe's timings and a schedule's counts.
+
+    # Note [The time model]
+    # Every exact schedule pulls each step back exactly once (a step recomputed with its
+    # graph and differentiated: t₂ each, naive's forward + backward included) and differs in
+    # how many steps it runs without graph (advances: t₁ each): checkpoint(segment) N,
+    # checkpoint(step) 2N − ceil(N/k), revolve the binomial count, first_order N. Offload
+    # adds its host traffic (each stored state down and up again) at the measured pinned
+    # bandwidth, and the pinned memory it must newly allocate (page-locking is slow: on an
+    # H200 it made offload with segment=1 2.4x slower than checkpoint). The query loss's
+    # forward and backward cost about one first-order step. The probe's own time is added
+    # by the caller when the probe ran in this call.
+
+    Args:
+        probe: the probe (t₁, t₂, bandwidths).
+        advances: steps run without graph.
+        pullbacks: steps pulled back (recomputed with graph and differentiated).
+        moved_bytes: bytes copied between host and device, both directions together.
+        pinned_bytes: new pinned host memory to allocate.
+
+    Returns:
+        Seconds (0 when the probe measured no times).
+    """
+    t = (advances + 1) * probe.advance_seconds + pullbacks * probe.pullback_seconds
+    if moved_bytes and probe.host_bandwidth:
+        t += moved_bytes / probe.host_bandwidth
+    if pinned_bytes and probe.pin_bandwidth:
+        t += pinned_bytes / probe.pin_bandwidth
+    return t + probe.seconds
 
 
 def estimate(
     maml: Any, batch: Any, steps: int, strategy: Any = None, **options: Any
 ) -> dict[str, Prediction]:
-    """Predict peak memory and step evaluations of every schedule, from one probe step.
+    """Predict peak memory, step evaluations and seconds of every schedule, from the probe.
 
-    The probe runs step 0 on ``batch`` with its second-order graph, counts P (the state's
-    bytes) and A (the bytes autograd saves for it, via saved-tensor hooks), and feeds them
-    to each strategy's cost formula. Nothing else runs; the model is not changed.
+    The probe (:func:`effmaml.probe.probe`) runs on ``batch``: P (the state's bytes), A
+    (the bytes autograd saves for a second-order step), t₁ and t₂ (a first-order step, a
+    step with graph and its pullback); each strategy's formulas turn them into a
+    prediction. Nothing else runs; the model is not changed. The probe's result is cached
+    on ``maml``, so a following ``adapt`` with batches like ``batch`` does not probe again.
 
     Args:
         maml: an :class:`effmaml.MAML` (its model, loss, inner optimizer, options).
@@ -276,11 +336,11 @@ def estimate(
     Returns:
         label -> :class:`Prediction` (labels like ``"checkpoint(segment=7, pullback='step')"``).
     """
+    from .probe import probe
     from .strategies import make_strategy
-    from .strategies.scheduled import probe
 
     problem, state0, consts = maml.problem(batch, steps)
-    pr = probe(problem, state0, consts, first_order=True)
+    pr = probe(problem, state0, consts, problem.probe_cache)
     if strategy is not None:
         chosen = [make_strategy(strategy, **options)]
     else:

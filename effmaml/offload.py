@@ -10,6 +10,8 @@ whatever N is. On a CPU it is the plain :class:`~effmaml.engine.Store`.
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +20,9 @@ from torch import Tensor
 from .engine import Handle, Resident, Store
 from .step import InnerState
 
-__all__ = ["HostStore", "make_store"]
+__all__ = ["HostStore", "host_link", "make_store", "pinned_high_water"]
+
+_PINNED = {"held": 0, "high": 0}  # pinned bytes held by HostStores in this process
 
 
 @dataclass
@@ -69,6 +73,8 @@ class HostStore(Store):
         nbytes = state.nbytes()
         self.held_bytes += nbytes
         self.peak_host_bytes = max(self.peak_host_bytes, self.held_bytes)
+        _PINNED["held"] += nbytes
+        _PINNED["high"] = max(_PINNED["high"], _PINNED["held"])
         handle = _HostHandle(params, opt, buffers, nbytes)
         # released with the handle: pinned blocks go back to torch's host cache
         return handle
@@ -100,6 +106,7 @@ class HostStore(Store):
             t.record_stream(main)  # allocated on the side stream, used on the main one
         handle.fetched = None
         self.held_bytes -= handle.nbytes
+        _PINNED["held"] -= handle.nbytes
         handle.params, handle.opt, handle.buffers = {}, {}, {}
         return state
 
@@ -110,3 +117,41 @@ class HostStore(Store):
 def make_store(device: torch.device) -> Store:
     """:class:`HostStore` on CUDA, the device store elsewhere."""
     return HostStore(device) if device.type == "cuda" else Store()
+
+
+def pinned_high_water() -> int:
+    """The most pinned bytes HostStores of this process have held at once.
+
+    torch's caching host allocator keeps freed pinned blocks, so only an offload that needs
+    more than this pays for page-locking new memory (Note [The time model]).
+    """
+    return _PINNED["high"]
+
+
+_LINK_BYTES = 64 * 2**20
+
+
+@functools.cache
+def host_link(device: torch.device) -> tuple[float, float]:
+    """Pinned host↔device copy bandwidth and pinned-allocation rate, once per process.
+
+    Copies 64 MiB down and up (after one warm-up copy) and times a fresh pinned allocation
+    of the same size. Cost: about 100 ms, once.
+
+    Returns:
+        ``(copy bytes/s, averaged over both directions; pinned allocation bytes/s)``.
+    """
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    host = torch.empty(_LINK_BYTES, dtype=torch.uint8, pin_memory=True)
+    host.fill_(1)
+    t_pin = time.perf_counter() - t0
+    dev = torch.empty(_LINK_BYTES, dtype=torch.uint8, device=device)
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    host.copy_(dev, non_blocking=True)
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    t_copy = time.perf_counter() - t0
+    return 2 * _LINK_BYTES / max(t_copy, 1e-9), _LINK_BYTES / max(t_pin, 1e-9)

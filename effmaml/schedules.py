@@ -24,16 +24,8 @@ from functools import lru_cache
 
 from torch import Tensor
 
-from .engine import (
-    Handle,
-    RngState,
-    Schedule,
-    Store,
-    advance,
-    advance_to,
-    capture_rng,
-    replay_rng,
-)
+from .engine import Handle, Schedule, Store, advance, advance_to
+from .replay import RngState, capture_rng, replay_rng
 from .step import Consts, InnerState, inner_step
 
 __all__ = [
@@ -79,6 +71,11 @@ class UniformSchedule(Schedule):
 
     def graph_steps(self, steps: int) -> int:
         return min(self.segment, steps) if self.pullback == "segment" else 1
+
+    def moved_states(self, steps: int) -> int:
+        # the segment starts after the first; with "step" also every re-advanced state
+        starts = len(self.starts(steps)) - 1
+        return starts + (steps if self.pullback == "step" else 0)
 
     def forward(self, problem, state0, rng0, consts):
         steps = problem.steps

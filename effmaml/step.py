@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from .clip import clip_backward
 from .inner import InnerOptimizer
+from .replay import AutocastState, Witness, capture_autocast, replay_autocast
 
 __all__ = [
     "Consts",
@@ -154,6 +155,12 @@ class InnerProblem:
         counter: step-evaluation counter shared with the result.
         memory_budget: bytes the meta-gradient may use above the start (device memory, or
             resident memory on a CPU), or None.
+        host_memory_budget: bytes of pinned host memory ``offload`` may hold, or None.
+        probe_cache: the front's cache of probe results (:func:`effmaml.probe.probe`).
+        autocast: the autocast state when ``adapt`` started; every inner step re-enters it
+            (Note [Autocast under recomputation]).
+        witness: set by recomputing strategies: records each step's loss and batch in the
+            forward pass and checks them when the step is recomputed.
     """
 
     model: nn.Module
@@ -167,13 +174,21 @@ class InnerProblem:
     check_finite: bool = True
     counter: Counter = field(default_factory=Counter)
     memory_budget: int | None = None
+    host_memory_budget: int | None = None
+    probe_cache: dict[Any, Any] | None = None
+    autocast: AutocastState = field(default_factory=capture_autocast)
+    witness: Witness | None = None
 
     @property
     def steps(self) -> int:
         return len(self.batches)
 
     def batch(self, t: int) -> Any:
-        return move_to(self.batches[t], self.device)
+        """Batch ``t`` on the device (seen by the witness, if any)."""
+        batch = move_to(self.batches[t], self.device)
+        if self.witness is not None:
+            self.witness.batch(t, batch)
+        return batch
 
 
 class RepeatedBatch(Sequence):
@@ -244,9 +259,11 @@ def inner_step(
     module = FunctionalModel(
         problem.model, {**consts.fixed, **state.params}, buffers, copy_buffers=False
     )
-    with torch.enable_grad():
+    with replay_autocast(problem.autocast), torch.enable_grad():
         loss = problem.loss_fn(module, problem.batch(t))
         _check_loss(loss, t, problem.check_finite)
+        if problem.witness is not None:
+            problem.witness.loss(t, loss)
         objective = loss
         if problem.prox:
             sq = sum(((state.params[k] - consts.theta0[k]) ** 2).sum() for k in state.params)

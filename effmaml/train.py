@@ -11,11 +11,13 @@ and all ranks take the same outer step. Rank 0 alone writes the log and checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,17 @@ from torch import Tensor
 from .distributed import all_reduce_sum, rank_slice, world
 from .maml import MAML
 
-__all__ = ["CHECKPOINT_NAME", "LOG_COLUMNS", "MetaTrainer"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "LOG_COLUMNS",
+    "PREVIOUS_NAME",
+    "MetaTrainer",
+    "task_rng",
+    "task_seed",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"  # the one before, kept in case the newest is damaged
 LOG_COLUMNS = ["iteration", "meta_loss", "seconds", "tasks_per_s"]
 _FORMAT = 1
 
@@ -44,6 +54,11 @@ class MetaTrainer:
     over the meta-batch; ``outer_optimizer`` takes one step. Every trainable parameter gets
     a gradient tensor each iteration (zeros where no task reached it), in one process or
     many alike.
+
+    Randomness inside a task (dropout, augmentation drawn from torch's RNG) comes from a
+    stream seeded by ``(seed, iteration, task index)`` alone (:func:`task_rng`), so the same
+    run on 1 or P processes, or resumed from a checkpoint, draws the same numbers for every
+    task whichever rank runs it; the global RNG outside the tasks is left as it was.
 
     Memory: one task's adapt + backward at a time (whatever the strategy keeps), plus the
     summed gradients. Compute: ``meta_batch / world_size`` adaptations per process.
@@ -107,6 +122,7 @@ class MetaTrainer:
         self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.progress = progress
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.config = {
@@ -134,9 +150,10 @@ class MetaTrainer:
         loss_sum = torch.zeros((), dtype=p0.dtype, device=p0.device)
         for i in self.share:
             support, query = tasks[i]
-            adapted = self.maml.adapt(support, steps=self.inner_steps)
-            loss = self.query_loss_fn(adapted, query)
-            loss.backward()
+            with task_rng(task_seed(self.seed, self.iteration, i), p0.device):
+                adapted = self.maml.adapt(support, steps=self.inner_steps)
+                loss = self.query_loss_fn(adapted, query)
+                loss.backward()
             loss_sum += loss.detach().to(loss_sum.dtype)
             del adapted, loss
         for p in self._params:
@@ -273,6 +290,11 @@ class MetaTrainer:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
+            if path.exists():
+                # the previous checkpoint stays one generation, in case this one is damaged
+                # later (a full disk, a copy cut short); a crash between the two renames
+                # leaves it alone, and load_latest falls back to it
+                os.replace(path, self.dir / PREVIOUS_NAME)
             os.replace(tmp, path)
         finally:
             if tmp.exists():
@@ -280,17 +302,48 @@ class MetaTrainer:
         return path
 
     def load_latest(self) -> bool:
-        """Load ``checkpoint_dir/checkpoint.pt`` if it exists; return whether it did."""
+        """Load the newest loadable checkpoint in ``checkpoint_dir``; return whether one was.
+
+        Tries ``checkpoint.pt``, then ``checkpoint.prev.pt`` (the one before it) with a
+        warning naming both when the newest is missing or cannot be read (truncated, not a
+        checkpoint). Without either file, warns and starts from iteration 0.
+
+        Raises:
+            RuntimeError: checkpoint files exist but none can be loaded (says what to do).
+            ValueError: a loadable checkpoint from another model or configuration.
+        """
         if self.dir is None:
             raise ValueError("resume=True needs checkpoint_dir= to find the checkpoint")
-        path = self.dir / CHECKPOINT_NAME
-        if not path.exists():
+        newest, previous = self.dir / CHECKPOINT_NAME, self.dir / PREVIOUS_NAME
+        failures: list[str] = []
+        if not newest.exists() and not previous.exists():
             if self.rank == 0:
-                warnings.warn(f"no checkpoint at {path}; starting from iteration 0", stacklevel=3)
+                warnings.warn(f"no checkpoint at {newest}; starting from iteration 0", stacklevel=3)
             return False
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.load_state_dict(state, source=str(path))
-        return True
+        for path in (newest, previous):
+            if not path.exists():
+                failures.append(f"{path} (missing: a crash while saving?)")
+                continue
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(state, dict) or state.get("format") != _FORMAT:
+                    raise ValueError("not an effmaml MetaTrainer checkpoint")
+            except Exception as err:  # a damaged file fails in many ways inside torch.load
+                failures.append(f"{path} ({type(err).__name__}: {str(err)[:200]})")
+                continue
+            if failures and self.rank == 0:
+                warnings.warn(
+                    f"could not load {failures[0]}; resuming from the previous checkpoint "
+                    f"{path} (iteration {state.get('iteration')}) instead",
+                    stacklevel=3,
+                )
+            self.load_state_dict(state, source=str(path))
+            return True
+        raise RuntimeError(
+            f"no checkpoint in {self.dir} can be loaded: {'; '.join(failures)}. The files are "
+            f"damaged; move them away (or use another checkpoint_dir) to start afresh, or "
+            f"call train(..., resume=False)"
+        )
 
     def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
         """Restore a :meth:`state_dict`, after checking it matches this model and run.
@@ -343,3 +396,35 @@ class MetaTrainer:
                 f"{source} does not match the model ({'; '.join(parts)}); build the same "
                 f"model as the run that wrote it"
             )
+
+
+def task_seed(seed: int, iteration: int, index: int) -> int:
+    """The seed of task ``index`` at outer step ``iteration`` of a run seeded ``seed``.
+
+    A hash, so that neighbouring tasks and iterations get unrelated streams. Stable across
+    processes, platforms and Python versions.
+    """
+    digest = hashlib.blake2b(f"{seed}:{iteration}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def task_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the body with torch's global RNG (CPU, and ``device``'s if CUDA) seeded by
+    ``seed``; restore it afterwards.
+
+    # Note [Task randomness belongs to the task]
+    # Under torchrun each rank adapts its own share of the meta-batch. If tasks drew dropout
+    # masks from the process's RNG, task 3 would draw from where rank 1's stream happens to
+    # be, not from where it would be in one process: 2 processes vs 1 differed by 63% with
+    # dropout 0.2. Seeding each task's stream from (seed, iteration, index) makes it a
+    # property of the task. Recomputing strategies replay it exactly (they capture and
+    # restore the RNG around each step).
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield

@@ -7,6 +7,7 @@ checked against code that shares nothing with it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Sequence
@@ -146,8 +147,14 @@ def learned_tensors(lr) -> list[torch.Tensor]:
     return []
 
 
-def run_effmaml(opt: Opt, strategy: str, steps: int, dtype=F64, rng_seed=7, **strategy_kw):
-    """Adapt + query loss + meta-gradient; returns a dict of everything to compare."""
+def run_effmaml(
+    opt: Opt, strategy: str, steps: int, dtype=F64, rng_seed=7, amp=None, **strategy_kw
+):
+    """Adapt + query loss + meta-gradient; returns a dict of everything to compare.
+
+    ``amp``: a dtype to run ``adapt`` and the query loss under CPU autocast (the usual AMP
+    pattern: the backward outside the autocast block).
+    """
     model, lr, adapted_names, batches, steps_kw = build(opt, steps, dtype)
     maml = effmaml.MAML(
         model,
@@ -161,9 +168,11 @@ def run_effmaml(opt: Opt, strategy: str, steps: int, dtype=F64, rng_seed=7, **st
         **strategy_kw,
     )
     torch.manual_seed(rng_seed)
-    adapted = maml.adapt(batches, steps=steps_kw) if steps_kw else maml.adapt(batches)
-    query = make_batch(999, dtype=dtype)
-    loss = ce_loss(adapted, query)
+    amp_ctx = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
+    with amp_ctx:
+        adapted = maml.adapt(batches, steps=steps_kw) if steps_kw else maml.adapt(batches)
+        query = make_batch(999, dtype=dtype)
+        loss = ce_loss(adapted, query)
     wrt = [*model.parameters(), *learned_tensors(lr)]
     grads = torch.autograd.grad(loss, wrt, allow_unused=True)
     rng_after = torch.get_rng_state()

@@ -91,12 +91,15 @@ def test_params_selection_adapts_only_selected_and_fixed_get_meta_grads(selector
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("strategy,kw", EXACT)
-def test_lazy_sequence_is_indexed_per_step(strategy, kw):
+@pytest.mark.parametrize("strategy,kw,probe_reads", [(s, kw, int(s != "naive")) for s, kw in EXACT])
+def test_lazy_sequence_is_indexed_per_step(strategy, kw, probe_reads):
     batches = LazyBatches(5)
-    adapted = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), strategy, **kw).adapt(batches)
-    # forward: each batch once (plus checkpoint's probe of step 0)
-    assert batches.calls == 5 + adapted.info.get("probe_evals", 0)
+    maml = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), strategy, **kw)
+    maml.adapt(batches)
+    # forward: each batch once, plus the probe's one read of batch 0 (checkpoint)
+    assert batches.calls == 5 + probe_reads
+    maml.adapt(batches)  # the probe's result is cached: only its signature read again
+    assert batches.calls == 2 * (5 + probe_reads)
 
 
 def test_steps_with_a_matching_list_uses_it_per_step():
@@ -127,11 +130,11 @@ def test_bad_strategy_option():
 
 
 def test_empty_sequence_and_bad_steps():
-    with pytest.raises(ValueError, match="empty batch sequence"):
+    with pytest.raises(ValueError, match="empty batch source"):
         _maml().adapt([])
     with pytest.raises(ValueError, match="steps must be >= 1"):
         _maml().adapt(make_batch(0), steps=0)
-    with pytest.raises(ValueError, match="got a sequence of 2 batches with steps=3"):
+    with pytest.raises(ValueError, match="got a source of 2 batches with steps=3"):
         _maml().adapt([make_batch(0), make_batch(1)], steps=3)
     with pytest.raises(TypeError, match="adapt\\(batch, steps=N\\)"):
         _maml().adapt(make_batch(0)[0])

@@ -1,12 +1,12 @@
 """checkpoint == naive in float64: values bitwise, gradients to summation order."""
 
-import dataclasses
 import gc
 
 import pytest
 import torch
 
 import effmaml
+from effmaml.probe import PROBE_EVALS
 
 from .helpers import (
     FULL_ROW,
@@ -45,22 +45,23 @@ def test_pairwise_grid(opt, pullback):
     _compare(opt, segment=3, pullback=pullback)
 
 
-# one probe step + forward N + the schedule's recomputation
-@pytest.mark.parametrize(
-    "pullback,expected", [("segment", 2 * STEPS + 1), ("step", 3 * STEPS - 3 + 1)]
-)
+# forward N + the schedule's recomputation (+ the probe's evaluations on a first call)
+@pytest.mark.parametrize("pullback,expected", [("segment", 2 * STEPS), ("step", 3 * STEPS - 3)])
 def test_recomputation_happens(pullback, expected):
     """Count step evaluations: forward N, then the schedule's recomputation in backward."""
-    opt = dataclasses.replace(FULL_ROW, batches="lazy")
     model, lr = make_model(), 0.1
     batches = LazyBatches(STEPS)
     maml = effmaml.MAML(model, ce_loss, effmaml.SGD(lr), "checkpoint", segment=3, pullback=pullback)
-    adapted = maml.adapt(batches)
-    assert adapted.step_evals == STEPS + 1 and batches.calls == STEPS + 1
-    ce_loss(adapted, make_batch(1)).backward()
-    assert adapted.step_evals == expected == adapted.info["step_evals_predicted"]
-    assert batches.calls == expected  # each evaluation indexed its batch again
-    del opt
+    for probe_evals in (PROBE_EVALS, 0):  # the second call reuses the probe
+        batches.calls = 0
+        adapted = maml.adapt(batches)
+        assert adapted.info["probe_evals"] == probe_evals
+        # the probe reads batch 0 once (for its signature) and reuses it for its steps
+        assert adapted.step_evals == STEPS + probe_evals and batches.calls == STEPS + 1
+        ce_loss(adapted, make_batch(1)).backward()
+        total = expected + probe_evals
+        assert adapted.step_evals == total == adapted.info["step_evals_predicted"]
+        assert batches.calls == expected + 1  # each evaluation indexed its batch again
 
 
 def test_naive_does_not_recompute():

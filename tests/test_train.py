@@ -142,20 +142,24 @@ def test_rank_slices_cover_the_meta_batch():
             assert got == list(range(n))
 
 
-def _torchrun(tmp_path, meta_batch):
+def _torchrun(tmp_path, meta_batch, dropout=0.0):
     out = tmp_path / f"dist-{meta_batch}.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--standalone", "tests/dist/worker.py", str(out), str(meta_batch)]
+    cmd += ["--standalone", "tests/dist/worker.py", str(out), str(meta_batch), str(dropout)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("meta_batch", [4, 5])  # 5: an uneven split, 3 + 2 tasks
-def test_two_gloo_processes_equal_one(tmp_path, meta_batch):
-    dist = _torchrun(tmp_path, meta_batch)
-    single = make_trainer(meta_batch)
+@pytest.mark.parametrize(
+    "meta_batch,dropout",
+    [(4, 0.0), (5, 0.2)],  # 5: an uneven split, 3 + 2 tasks; dropout: per-task RNG
+)
+def test_two_gloo_processes_equal_one(tmp_path, meta_batch, dropout):
+    dist = _torchrun(tmp_path, meta_batch, dropout)
+    torch.manual_seed(77)  # this process's RNG is not the workers': it must not matter
+    single = make_trainer(meta_batch, dropout=dropout)
     losses = single.train(3)
     ref = _params(single)
     scale = max(v.abs().max().item() for v in ref.values())
@@ -179,3 +183,60 @@ def test_example_script_runs_and_resumes(tmp_path):
     assert len(first) == 3
     more = main([*args[:1], "5", *args[2:], "--resume"])
     assert len(more) == 2  # iterations 4 and 5 only
+
+
+def test_task_randomness_depends_on_the_task_not_the_process(tmp_path):
+    """Each task's dropout stream is a function of (seed, iteration, task index)."""
+    a = _trainer(tmp_path / "a", dropout=True)
+    torch.manual_seed(1)
+    a.train(2)
+    b = _trainer(tmp_path / "b", dropout=True)
+    torch.manual_seed(2)  # another global RNG state: the same run
+    b.train(2)
+    for k, v in _params(a).items():
+        assert torch.equal(v, _params(b)[k]), k
+    before = torch.get_rng_state()
+    b.step()
+    assert torch.equal(torch.get_rng_state(), before)  # tasks leave the global RNG alone
+    assert effmaml.train.task_seed(1, 2, 3) == effmaml.train.task_seed(1, 2, 3)
+    assert len({effmaml.train.task_seed(1, i, j) for i in range(20) for j in range(20)}) == 400
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    full = _trainer(tmp_path / "full", dropout=True)
+    full.train(5)
+    part = _trainer(tmp_path / "part", dropout=True, checkpoint_every=1)
+    part.train(3)  # checkpoint.pt at 3, checkpoint.prev.pt at 2
+    ckpt = tmp_path / "part" / "checkpoint.pt"
+    prev = tmp_path / "part" / "checkpoint.prev.pt"
+    assert torch.load(prev, weights_only=True)["iteration"] == 2
+    _truncate(ckpt)
+    resumed = _trainer(tmp_path / "part", dropout=True, checkpoint_every=1)
+    with pytest.warns(UserWarning, match=r"could not load .*checkpoint\.pt.*checkpoint\.prev\.pt"):
+        resumed.train(5, resume=True)
+    for k, v in _params(full).items():
+        assert torch.equal(v, _params(resumed)[k]), k
+
+
+def test_crash_between_the_renames_resumes_from_the_previous(tmp_path):
+    t = _trainer(tmp_path, checkpoint_every=1)
+    t.train(2)
+    (tmp_path / "checkpoint.pt").unlink()  # what a crash between the two renames leaves
+    again = _trainer(tmp_path, checkpoint_every=1)
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        again.train(3, resume=True)
+    assert again.iteration == 3
+
+
+def test_no_loadable_checkpoint_is_a_clear_error(tmp_path):
+    t = _trainer(tmp_path, checkpoint_every=1)
+    t.train(2)
+    _truncate(tmp_path / "checkpoint.pt")
+    (tmp_path / "checkpoint.prev.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"no checkpoint in .* can be loaded.*resume=False"):
+        _trainer(tmp_path).train(3, resume=True)

@@ -1,4 +1,4 @@
-"""Auto: the fastest exact strategy whose predicted peak fits a memory budget."""
+"""Auto: the fastest exact strategy predicted to fit a memory budget."""
 
 from __future__ import annotations
 
@@ -7,27 +7,29 @@ from typing import Any
 
 from ..engine import run_schedule
 from ..memory import Prediction, Probe, available_bytes, format_bytes
+from ..probe import probe
 from ..step import Consts, InnerProblem, InnerState
 from .base import Outcome, Strategy, register_strategy
 from .checkpoint import Checkpoint
 from .naive import Naive
 from .offload import Offload
 from .revolve import Revolve
-from .scheduled import Scheduled, probe
+from .scheduled import Scheduled
 
 __all__ = ["Auto"]
 
 
 @register_strategy
 class Auto(Strategy):
-    """Pick the exact strategy with the fewest step evaluations that fits the budget.
+    """Pick the exact schedule with the least predicted time that fits the budget.
 
-    Considered, from one probe step (P and A): ``naive`` (N steps),
-    ``checkpoint`` with ``pullback="segment"`` (2N) and ``"step"`` (≈3N) over every
-    segment length, ``offload`` on CUDA (≈3N, device memory flat in N) and ``revolve`` over
-    every slot count (fewest recomputations that fit). Ties go to the smaller predicted
-    peak. The choice is in ``Adapted.info["chosen"]``; the meta-gradient is exact whatever
-    is chosen.
+    Considered, from the probe (P, A, the step times t₁ and t₂, on CUDA the pinned
+    bandwidth; Note [The time model]): ``naive``, ``checkpoint`` with ``pullback="segment"``
+    and ``"step"`` over every segment length, ``revolve`` over every slot count, and on CUDA
+    ``offload`` with both pullbacks (its pinned host memory within
+    ``host_memory_budget``). Ties go to fewer step evaluations, then the smaller peak. The
+    choice is in ``Adapted.info["chosen"]`` with its ``predicted_seconds``; the
+    meta-gradient is exact whatever is chosen.
 
     The budget is ``MAML(..., memory_budget=...)``: device memory on CUDA, resident memory
     on a CPU, above what is in use when ``adapt`` starts. Without one, ``auto`` uses 90% of
@@ -52,7 +54,7 @@ class Auto(Strategy):
             Revolve(),
         ]
         if problem.device.type == "cuda":
-            opts.append(Offload())
+            opts += [Offload(pullback="step"), Offload(pullback="segment")]
         return opts
 
     def decide(
@@ -70,7 +72,7 @@ class Auto(Strategy):
             try:
                 if isinstance(st, Scheduled):
                     schedule, pred = st.choose(problem, pr)
-                    label = st.plan(problem, pr)[0]
+                    label = st.label(schedule)
                 else:
                     schedule, (label, pred) = None, st.plan(problem, pr)
             except MemoryError:
@@ -78,22 +80,18 @@ class Auto(Strategy):
             considered.append((label, pred))
             if pred.peak_bytes > budget:
                 continue
-            key = (pred.step_evals, pred.peak_bytes)
+            key = (pred.seconds, pred.step_evals, pred.peak_bytes)
             if best is None or key < best[0]:
                 best = (key, st, schedule, pred, label)
         if best is None:
-            floor = min(
-                Revolve(1)
-                .predict(Revolve(1).candidates(problem, pr)[0], problem.steps, pr)
-                .peak_bytes,
-                *(p.peak_bytes for _, p in considered),
-            )
+            one_slot = Revolve(1)
+            floor = one_slot.predict(one_slot.candidates(problem, pr)[0], problem, pr)
             raise MemoryError(
                 f"no exact strategy fits memory_budget={format_bytes(budget)} for N="
                 f"{problem.steps} steps (state P={format_bytes(pr.state_bytes)}, one step's "
                 f"graph A={format_bytes(pr.step_graph_bytes)}); the smallest feasible budget "
-                f"is about {format_bytes(floor)}: raise the budget, shrink the batch, or use "
-                f"strategy='first_order'"
+                f"is about {format_bytes(floor.peak_bytes)}: raise the budget, shrink the "
+                f"batch, or use strategy='first_order'"
             )
         _, st, schedule, pred, label = best
         return st, schedule, pred, label, budget, considered
@@ -103,7 +101,7 @@ class Auto(Strategy):
         return f"auto -> {label}", pred
 
     def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
-        pr = probe(problem, state0, consts)
+        pr = probe(problem, state0, consts, problem.probe_cache)
         st, schedule, pred, label, budget, considered = self.decide(problem, pr)
         info: dict[str, Any] = {
             "chosen": label,
@@ -111,10 +109,12 @@ class Auto(Strategy):
             "considered": considered,
             "state_bytes": pr.state_bytes,
             "step_graph_bytes": pr.step_graph_bytes,
-            "probe_evals": 1,
-            "step_evals_predicted": pred.step_evals + (1 if schedule is None else 0),
+            "probe_evals": pr.evals,
+            "probe_seconds": pr.seconds,
+            "step_evals_predicted": pred.step_evals,
             "predicted_peak_bytes": pred.peak_bytes,
             "predicted_host_bytes": pred.host_bytes,
+            "predicted_seconds": pred.seconds,
         }
         if schedule is None:
             out = st.run(problem, state0, consts)
@@ -122,4 +122,5 @@ class Auto(Strategy):
         assert isinstance(st, Scheduled)
         state, losses = run_schedule(problem, state0, consts, schedule)
         info.update(st.resolved(schedule))
+        info["schedule"] = schedule
         return Outcome(state, list(losses.unbind(0)), info)

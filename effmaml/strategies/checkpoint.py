@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from ..engine import Schedule, Store
-from ..memory import Prediction, Probe
+from ..memory import Prediction, Probe, predict_seconds
 from ..schedules import UniformSchedule
 from ..step import InnerProblem
 from .base import check_count, register_strategy
@@ -82,13 +82,14 @@ class Checkpoint(Scheduled):
     A batch sequence is indexed again during the recomputation, so a lazy sequence must
     return the same batch for the same index.
 
-    Every ``adapt`` runs one probe step first (see Note [Why checkpoint probes one step]):
-    step evaluations are 2N + 1 (``"segment"``) or 3N - ceil(N/k) + 1 (``"step"``).
+    The first ``adapt`` for a batch signature probes first (3 step evaluations, see Note
+    [Why checkpoint probes one step]): step evaluations are then 2N + 3 (``"segment"``) or
+    3N - ceil(N/k) + 3 (``"step"``), and 2N or 3N - ceil(N/k) on later calls.
 
     Args:
         segment: steps per segment ``k`` (≥ 1; values above N mean one segment), or
-            ``None`` to choose it: under a ``memory_budget``, the k with the fewest step
-            evaluations (then the least memory) whose predicted peak fits; otherwise
+            ``None`` to choose it: under a ``memory_budget``, the k with the least
+            predicted time (then the least memory) whose predicted peak fits; otherwise
             ``ceil(sqrt(N))`` for ``pullback="step"`` and for ``"segment"`` the k
             minimising ceil(N/k)·P + k·A, with P counted from the state's tensors and A
             measured by the probe step. The resolved k is in ``Adapted.info["segment"]``.
@@ -119,11 +120,13 @@ class Checkpoint(Scheduled):
         ks = [k0] + ([k for k in range(1, n + 1) if k != k0] if problem.memory_budget else [])
         return [UniformSchedule(k, self.pullback, store) for k in ks]
 
-    def predict(self, schedule: Schedule, steps: int, probe: Probe) -> Prediction:
+    def predict(self, schedule: Schedule, problem: InnerProblem, probe: Probe) -> Prediction:
         assert isinstance(schedule, UniformSchedule)
+        n = problem.steps
         return Prediction(
-            uniform_peak(schedule, steps, probe, on_device=True),
-            schedule.step_evals(steps) + 1,
+            uniform_peak(schedule, n, probe, on_device=True),
+            schedule.step_evals(n) + probe.evals,
+            seconds=predict_seconds(probe, schedule.advances(n), n),
         )
 
     def resolved(self, schedule: Schedule) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..clip import clip_backward
 from ..engine import advance
-from ..memory import Prediction, Probe
+from ..memory import Prediction, Probe, predict_seconds
 from ..step import Consts, InnerProblem, InnerState
 from .base import Outcome, Strategy, register_strategy, warn_learned_hyper
 
@@ -52,5 +52,7 @@ class FirstOrder(Strategy):
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
         # the working state, its successor and the output; one first-order step's graph
+        n = problem.steps
         peak = 3 * probe.state_bytes + probe.first_order_bytes()
-        return "first_order", Prediction(peak, problem.steps)
+        seconds = predict_seconds(probe, n, 0)
+        return "first_order", Prediction(peak, n + probe.evals, seconds=seconds)

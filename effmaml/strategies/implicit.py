@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import advance
-from ..memory import Prediction, Probe
+from ..memory import Prediction, Probe, predict_seconds
 from ..step import Consts, FunctionalModel, InnerProblem, InnerState, RepeatedBatch
 from .base import Outcome, Strategy, check_count, register_strategy, warn_learned_hyper
 
@@ -136,7 +136,13 @@ class Implicit(Strategy):
         peak += probe.step_graph_bytes // 2
         peak = max(peak, 3 * probe.state_bytes + probe.first_order_bytes())
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
-        return f"implicit({opts})", Prediction(peak, problem.steps)
+        passes = len(_distinct_indices(problem.batches))
+        if self.hvp_batches is not None:
+            passes = min(passes, self.hvp_batches)
+        # N first-order steps, then about cg_steps + 1 Hessian-vector products, each a
+        # step with graph and its pullback per distinct batch
+        seconds = predict_seconds(probe, problem.steps, (self.cg_steps + 1) * passes)
+        return f"implicit({opts})", Prediction(peak, problem.steps + probe.evals, seconds=seconds)
 
 
 def conjugate_gradient(

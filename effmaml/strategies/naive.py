@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..memory import Prediction, Probe
+from ..checks import check_double_backward
+from ..memory import Prediction, Probe, predict_seconds
 from ..step import Consts, InnerProblem, InnerState, inner_step
 from .base import Outcome, Strategy, register_strategy
-from .checks import check_double_backward
 
 __all__ = ["Naive"]
 
@@ -40,5 +40,6 @@ class Naive(Strategy):
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
         from .checkpoint import working_bytes
 
-        peak = problem.steps * probe.step_graph_bytes + working_bytes(probe)
-        return "naive", Prediction(peak, problem.steps)
+        n = problem.steps
+        peak = n * probe.step_graph_bytes + working_bytes(probe)
+        return "naive", Prediction(peak, n + probe.evals, seconds=predict_seconds(probe, 0, n))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..engine import Schedule, Store
-from ..memory import Prediction, Probe
-from ..offload import make_store
+from ..memory import Prediction, Probe, predict_seconds
+from ..offload import make_store, pinned_high_water
 from ..schedules import UniformSchedule
 from ..step import InnerProblem
 from .base import register_strategy
@@ -21,8 +21,11 @@ class Offload(Checkpoint):
     re-advanced inside a segment) is copied to pinned host memory on a side stream as soon
     as it is made, and copied back one state ahead of its pullback, overlapping compute.
     Device memory ≈ 2P + A (+ the working set), flat in N; host memory
-    (ceil(N/k) + k)·P, reported in ``Adapted.info["predicted_host_bytes"]``. Same step
-    evaluations and the same meta-gradient as ``checkpoint``. On a CPU it is ``checkpoint``.
+    (ceil(N/k) + k)·P, reported in ``Adapted.info["predicted_host_bytes"]`` and checked
+    against ``MAML(host_memory_budget=...)`` (default: half the host's available memory)
+    before unrolling. Same step evaluations and the same meta-gradient as ``checkpoint``;
+    slower by the host traffic (every stored state down and up at the pinned bandwidth)
+    and the page-locking of new pinned memory. On a CPU it is ``checkpoint``.
 
     Args:
         segment: as for ``checkpoint`` (default: ceil(sqrt(N)) for ``"step"``).
@@ -37,10 +40,18 @@ class Offload(Checkpoint):
     def store(self, problem: InnerProblem) -> Store:
         return make_store(problem.device)
 
-    def predict(self, schedule: Schedule, steps: int, probe: Probe) -> Prediction:
+    def predict(self, schedule: Schedule, problem: InnerProblem, probe: Probe) -> Prediction:
         assert isinstance(schedule, UniformSchedule)
         if type(schedule.store) is Store:  # CPU: exactly checkpoint
-            return super().predict(schedule, steps, probe)
-        host = schedule.stored_states(steps) * probe.state_bytes
-        peak = uniform_peak(schedule, steps, probe, on_device=False)
-        return Prediction(peak, schedule.step_evals(steps) + 1, host)
+            return super().predict(schedule, problem, probe)
+        n, p = problem.steps, probe.state_bytes
+        host = schedule.stored_states(n) * p
+        seconds = predict_seconds(
+            probe,
+            schedule.advances(n),
+            n,
+            moved_bytes=2 * schedule.moved_states(n) * p,
+            pinned_bytes=max(0, host - pinned_high_water()),
+        )
+        peak = uniform_peak(schedule, n, probe, on_device=False)
+        return Prediction(peak, schedule.step_evals(n) + probe.evals, host, seconds)

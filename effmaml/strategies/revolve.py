@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine import Schedule
-from ..memory import Prediction, Probe
+from ..memory import Prediction, Probe, predict_seconds
 from ..schedules import RevolveSchedule
 from ..step import InnerProblem
 from .base import check_count, register_strategy
@@ -24,12 +24,12 @@ class Revolve(Scheduled):
     With ``slots = s`` stored states the reversal needs the provably least number of step
     recomputations: a chain of N ≤ C(s + r, s) steps recomputes each step at most r times.
     Every pullback is a single step. Memory ≈ (s + 2)·P + A (+ the working set) for any N;
-    step evaluations N + t(N, s) + 2 (t from :func:`effmaml.schedules.revolve_recomputations`,
-    the probe step included), in ``Adapted.info["step_evals_predicted"]``.
+    step evaluations N + t(N, s) + 1 (t from :func:`effmaml.schedules.revolve_recomputations`),
+    plus the probe's 3 on the first call, in ``Adapted.info["step_evals_predicted"]``.
 
     Args:
         slots: stored states, the initial one included (≥ 1). ``None``: under a
-            ``memory_budget``, the most slots (fewest recomputations) that fit; otherwise 8.
+            ``memory_budget``, the fastest (most slots) that fit; otherwise 8.
     """
 
     name = "revolve"
@@ -49,15 +49,17 @@ class Revolve(Scheduled):
             return [RevolveSchedule(min(DEFAULT_SLOTS, n))]
         return [RevolveSchedule(s) for s in range(1, n + 1)]
 
-    def predict(self, schedule: Schedule, steps: int, probe: Probe) -> Prediction:
+    def predict(self, schedule: Schedule, problem: InnerProblem, probe: Probe) -> Prediction:
         assert isinstance(schedule, RevolveSchedule)
+        n = problem.steps
         # + 1 state: the output φ_N, alive while backward walks the plan
         peak = (
-            (schedule.stored_states(steps) + 1) * probe.state_bytes
+            (schedule.stored_states(n) + 1) * probe.state_bytes
             + probe.step_graph_bytes
             + working_bytes(probe)
         )
-        return Prediction(peak, schedule.step_evals(steps) + 1)
+        seconds = predict_seconds(probe, schedule.advances(n), n)
+        return Prediction(peak, schedule.step_evals(n) + probe.evals, seconds=seconds)
 
     def resolved(self, schedule: Schedule) -> dict[str, Any]:
         assert isinstance(schedule, RevolveSchedule)

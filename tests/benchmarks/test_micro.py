@@ -7,7 +7,8 @@
 import torch
 
 import effmaml
-from effmaml.engine import Cotangent, capture_rng, pullback
+from effmaml.engine import Cotangent, pullback
+from effmaml.replay import capture_rng
 from effmaml.step import Consts, InnerProblem, InnerState, inner_step
 
 from ..helpers import ce_loss, make_batch, make_model

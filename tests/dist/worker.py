@@ -1,6 +1,6 @@
 """Run by tests/test_train.py under torchrun: meta-train a few steps, save rank 0's params.
 
-usage: python -m torch.distributed.run --nproc-per-node P tests/dist/worker.py OUT META_BATCH
+usage: python -m torch.distributed.run --nproc-per-node P tests/dist/worker.py OUT META_BATCH DROPOUT
 """
 
 import os
@@ -14,9 +14,10 @@ from tests.dist.setup import make_trainer
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    out, meta_batch = sys.argv[1], int(sys.argv[2])
+    out, meta_batch, dropout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     rank, world_size = init_from_env("cpu")
-    trainer = make_trainer(meta_batch)
+    torch.manual_seed(1000 + rank)  # each process's own RNG differs, as in a real launch
+    trainer = make_trainer(meta_batch, dropout=dropout)
     losses = trainer.train(3)
     params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     gathered = [None] * world_size

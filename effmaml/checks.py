@@ -1,4 +1,4 @@
-"""Early checks shared by strategies."""
+"""Early checks: operations without the double backward that exact MAML needs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
-__all__ = ["check_double_backward"]
+__all__ = ["check_double_backward", "raise_if_no_double_backward"]
 
 _MAX_NODES = 200_000
 
@@ -38,3 +38,22 @@ def check_double_backward(tensors: Iterable[Tensor]) -> None:
                 "strategy='first_order', which needs no second derivatives"
             )
         stack.extend(f for f, _ in fn.next_functions if f is not None)
+
+
+_NO_DOUBLE_BACKWARD = (
+    "double backward",
+    "not implemented",
+    "once_differentiable",
+    "twice differentiable",
+)
+
+
+def raise_if_no_double_backward(err: BaseException) -> None:
+    """Re-raise an autograd error about missing second derivatives with a fix."""
+    msg = str(err)
+    if any(s in msg.lower() for s in _NO_DOUBLE_BACKWARD):
+        raise RuntimeError(
+            "an operation in the model or loss has no double backward, which exact "
+            "(second-order) MAML needs; replace that operation, or use "
+            f"strategy='first_order', which needs none. Autograd said: {msg}"
+        ) from err

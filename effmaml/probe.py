@@ -1,0 +1,164 @@
+"""The probe: a few steps before an engine-based unroll that measure and check it.
+
+Before a recomputing strategy unrolls N steps it runs, on batch 0 and with the RNG left as
+it was:
+
+1. a first-order step (warm-up; t₁, the cost of an ``advance``),
+2. a step with its second-order graph: A, the bytes autograd saves for it (saved-tensor
+   hooks), and a walk of its graph for operations without double backward,
+3. that step's pullback: t₂ (graph step + pullback), and a real double backward, which
+   fails here, before any work, if the model cannot be differentiated twice,
+4. a first-order step again (t₁ = the faster of the two, both measured warm).
+
+On CUDA it also uses the pinned host↔device bandwidth, measured once per process
+(:func:`effmaml.offload.host_link`). Cost: 3 step evaluations and one pullback, once per
+``MAML`` instance and batch signature (shapes, dtypes, train/eval mode, autocast): the
+result is cached, so a meta-training loop pays it once. Batch 0 is indexed once per call
+to read its signature (and reused by the probe's steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checks import check_double_backward, raise_if_no_double_backward
+from .memory import Probe, saved_bytes
+from .step import Consts, InnerProblem, InnerState, inner_step
+
+__all__ = ["PROBE_EVALS", "probe", "signature"]
+
+PROBE_EVALS = 3  # step evaluations of a probe that runs (0 when cached)
+
+
+def signature(problem: InnerProblem, batch0: Any) -> Hashable:
+    """What the probe's results depend on besides the MAML instance: batch 0's structure
+    (types, shapes, dtypes, devices), the model's train/eval mode and the autocast state."""
+    return (_structure(batch0), problem.model.training, problem.autocast)
+
+
+class _First:
+    """The batch source with batch 0 already fetched (the probe indexes the source once)."""
+
+    def __init__(self, source: Any, batch0: Any) -> None:
+        self.source, self.batch0 = source, batch0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, t: int) -> Any:
+        return self.batch0 if t == 0 else self.source[t]
+
+
+def _structure(batch: Any) -> Hashable:
+    if isinstance(batch, Tensor):
+        return ("T", tuple(batch.shape), batch.dtype, str(batch.device))
+    if isinstance(batch, (list, tuple)):
+        return (type(batch).__name__, tuple(_structure(b) for b in batch))
+    if isinstance(batch, dict):
+        return ("dict", tuple((k, _structure(v)) for k, v in sorted(batch.items(), key=str)))
+    return type(batch).__name__
+
+
+def probe(
+    problem: InnerProblem,
+    state0: InnerState,
+    consts: Consts,
+    cache: dict[Hashable, Probe] | None = None,
+) -> Probe:
+    """Measure P, A, t₁ and t₂ on batch 0 and check that double backward exists.
+
+    # Note [Why checkpoint probes one step]
+    # Inside a custom Function's backward, a @once_differentiable operation does not leave
+    # the DelayedError node that makes naive fail loudly: its second-order term would just be
+    # missing. Probing step 0 in the forward pass, outside any backward, finds such an
+    # operation before any work (check_double_backward and a real pullback), and measures
+    # A, the bytes autograd saves for one second-order step, and the step times that the
+    # schedule's choice needs (Note [The time model]). RNG and buffers are left as they
+    # were; the step evaluations are counted in step_evals.
+
+    Args:
+        problem: the problem.
+        state0: the initial state.
+        consts: the constants.
+        cache: results by :func:`signature`; a hit returns them with ``evals=0`` and
+            ``seconds=0`` and runs nothing.
+
+    Returns:
+        The :class:`~effmaml.memory.Probe`.
+    """
+    device = problem.device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # indexing a batch may draw from the RNG
+        batch0 = problem.batches[0]
+    key = signature(problem, batch0)
+    if cache is not None and key in cache:
+        return dataclasses.replace(cache[key], evals=0, seconds=0.0)
+    problem = dataclasses.replace(problem, batches=_First(problem.batches, batch0))
+    start = _clock(device)
+    with torch.random.fork_rng(devices=devices):
+        t_fo1, fo_bytes = _first_order(problem, state0, consts)
+        s = state0.detached(requires_grad=True)
+        leaves = [c.detach().requires_grad_(c.requires_grad) for c in consts.flat()]
+        c = consts.like(leaves)
+        t0 = _clock(device)
+        with saved_bytes() as count:
+            out, loss = inner_step(problem, s, 0, c, create_graph=True)
+        check_double_backward(out.params.values())
+        outputs = [*out.params.values(), loss]
+        outputs += [v for v in out.opt.values() if v.requires_grad]
+        inputs = [*s.params.values(), *(v for v in s.opt.values() if v.requires_grad)]
+        inputs += [x for x in leaves if x.requires_grad]
+        try:
+            torch.autograd.grad(
+                outputs, inputs, [torch.ones_like(o) for o in outputs], allow_unused=True
+            )
+        except (RuntimeError, NotImplementedError) as err:
+            raise_if_no_double_backward(err)
+            raise
+        t_pull = _clock(device) - t0
+        del out, loss, outputs
+        t_fo2, _ = _first_order(problem, state0, consts)
+    link = (0.0, 0.0)
+    if device.type == "cuda":
+        from .offload import host_link
+
+        link = host_link(device)
+    result = Probe(
+        state_bytes=state0.nbytes(),
+        param_bytes=sum(t.numel() * t.element_size() for t in state0.params.values()),
+        step_graph_bytes=count.bytes,
+        first_order_graph_bytes=fo_bytes,
+        advance_seconds=min(t_fo1, t_fo2),
+        pullback_seconds=t_pull,
+        host_bandwidth=link[0],
+        pin_bandwidth=link[1],
+        seconds=_clock(device) - start,
+        evals=PROBE_EVALS,
+    )
+    if cache is not None:
+        cache[key] = result
+    return result
+
+
+def _first_order(problem: InnerProblem, state0: InnerState, consts: Consts) -> tuple[float, int]:
+    """Time one first-order step (and count what its graph saves at its peak)."""
+    t0 = _clock(problem.device)
+    s = state0.detached(requires_grad=True)
+    with saved_bytes() as count:
+        out, loss = inner_step(problem, s, 0, consts, create_graph=False)
+        # a first-order step frees its graph inside autograd.grad; what it keeps alive at
+        # its peak is the forward's saved tensors
+    del out, loss
+    return _clock(problem.device) - t0, count.bytes
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
