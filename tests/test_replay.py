@@ -94,8 +94,10 @@ def test_bfloat16_autocast_with_the_cast_cache():
     torch.testing.assert_close(ours["losses"], ref["losses"], rtol=0, atol=0)
 
 
-def test_autocast_state_is_recorded_when_adapt_starts():
-    """adapt under autocast, backward outside: a recomputed step runs in bfloat16 again."""
+@pytest.mark.parametrize("strategy,kw", [("checkpoint", {"segment": 2}), ("implicit", {})])
+def test_autocast_state_is_recorded_when_adapt_starts(strategy, kw):
+    """adapt under autocast, backward outside: a recomputed step (checkpoint) or a
+    Hessian-vector product (implicit) runs in bfloat16 again."""
     seen = []
 
     def loss_fn(m, batch):
@@ -104,7 +106,7 @@ def test_autocast_state_is_recorded_when_adapt_starts():
         return ce_loss(lambda x, o=out: o, batch)
 
     model = make_model(dtype=F32, bn=False)
-    maml = effmaml.MAML(model, loss_fn, effmaml.SGD(0.1), "checkpoint", segment=2)
+    maml = effmaml.MAML(model, loss_fn, effmaml.SGD(0.1), strategy, **kw)
     batches = [make_batch(t, dtype=F32) for t in range(4)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         adapted = maml.adapt(batches)

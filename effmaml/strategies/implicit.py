@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..engine import advance
 from ..memory import Prediction, Probe, predict_seconds
+from ..replay import replay_autocast
 from ..step import Consts, FunctionalModel, InnerProblem, InnerState, RepeatedBatch
 from .base import Outcome, Strategy, check_count, register_strategy, warn_learned_hyper
 
@@ -247,7 +248,9 @@ class _Solver:
         for t in self.indices:
             module = FunctionalModel(self.problem.model, {**fixed, **phi}, self.buffers)
             self.info["hvp_batch_passes"] += 1
-            yield self.problem.loss_fn(module, self.problem.batch(t)) / n
+            with replay_autocast(self.problem.autocast):
+                loss = self.problem.loss_fn(module, self.problem.batch(t)) / n
+            yield loss
 
     def hvp(self, vec: list[Tensor], fixed: dict[str, Tensor]) -> list[Tensor]:
         """H·vec, H the Hessian of L_train at φ_N w.r.t. the adapted parameters."""
@@ -255,15 +258,29 @@ class _Solver:
         leaves = self._leaves()
         phi = list(leaves.values())
         fixed = {k: v.detach() for k, v in fixed.items()}
-        for loss in self._grad_terms(leaves, fixed):
-            g = torch.autograd.grad(loss, phi, create_graph=True, allow_unused=True)
-            dot = sum((gi * vi).sum() for gi, vi in zip(g, vec) if gi is not None)
-            if isinstance(dot, Tensor) and dot.requires_grad:
-                hv = torch.autograd.grad(dot, phi, allow_unused=True)
-                for o, h in zip(out, hv):
-                    if h is not None:
-                        o.add_(h)
+        for dot in self._grad_dots(leaves, fixed, vec):
+            hv = torch.autograd.grad(dot, phi, allow_unused=True)
+            for o, h in zip(out, hv):
+                if h is not None:
+                    o.add_(h)
         return out
+
+    def _grad_dots(
+        self, phi: dict[str, Tensor], fixed: dict[str, Tensor], vec: list[Tensor]
+    ) -> Iterator[Tensor]:
+        """For each distinct batch, ⟨∇_φ L_train, vec⟩ with its graph (for a second grad).
+
+        The loss and its first gradient run under the autocast state ``adapt`` ran in, as
+        the inner steps did (Note [Autocast under recomputation]); the caller's second
+        gradient runs outside, as a user's backward does.
+        """
+        leaves = list(phi.values())
+        for loss in self._grad_terms(phi, fixed):
+            with replay_autocast(self.problem.autocast):
+                g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+                dot = sum((gi * vi).sum() for gi, vi in zip(g, vec) if gi is not None)
+            if isinstance(dot, Tensor) and dot.requires_grad:
+                yield dot
 
     def _leaves(self) -> dict[str, Tensor]:
         return {k: v.detach().requires_grad_(True) for k, v in self.phi.items()}
@@ -291,13 +308,7 @@ class _Solver:
         }
         wanted = [leaves[k] for k, n in zip(fixed, need) if n]
         acc: list[Tensor | None] = [None] * len(wanted)
-        phi_leaves = self._leaves()
-        phi = list(phi_leaves.values())
-        for loss in self._grad_terms(phi_leaves, leaves):
-            g = torch.autograd.grad(loss, phi, create_graph=True, allow_unused=True)
-            dot = sum((gi * xi).sum() for gi, xi in zip(g, x) if gi is not None)
-            if not (isinstance(dot, Tensor) and dot.requires_grad):
-                continue
+        for dot in self._grad_dots(self._leaves(), leaves, x):
             gw = torch.autograd.grad(dot, wanted, allow_unused=True)
             for i, h in enumerate(gw):
                 if h is not None:
