@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
 import os
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import effmaml
+
 from . import report
 from .presets import PRESETS, RUNS
 from .workload import agreement
@@ -29,6 +32,7 @@ COLUMNS = [
     "preset",
     "strategy",
     "peer",
+    "exact",
     "steps",
     "segment",
     "segment_resolved",
@@ -38,6 +42,7 @@ COLUMNS = [
     "batch",
     "image",
     "dtype",
+    "amp",
     "clip",
     "status",
     "error",
@@ -51,10 +56,13 @@ COLUMNS = [
     "time_s",
     "time_min_s",
     "repeats",
+    "predicted_s",
+    "time_prediction_error",
     "overhead_vs_first_order",
     "grad_max_abs",
     "grad_rel_l2",
     "grad_cosine",
+    "grad_cosine_fp32",
     "step_evals",
     "device",
     "torch",
@@ -105,6 +113,12 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="results", help="results root (default: results)")
     ap.add_argument("--list", action="store_true", help="list presets and strategies")
     ap.add_argument("--no-report", action="store_true", help="write runs.csv only")
+    ap.add_argument(
+        "--amp",
+        choices=["bfloat16", "float16"],
+        help="run adapt + query loss under autocast (results/<preset>-amp-<dtype>/; adds a "
+        "float32 naive run as the reference for grad_cosine_fp32)",
+    )
     a = ap.parse_args(argv)
     if a.list:
         for p in PRESETS.values():
@@ -115,15 +129,19 @@ def main(argv=None) -> None:
     if a.preset not in PRESETS:
         ap.error(f"unknown preset {a.preset!r}; known: {', '.join(PRESETS)}")
     preset = PRESETS[a.preset]
+    if a.amp:
+        preset = dataclasses.replace(preset, name=f"{preset.name}-amp-{a.amp}", amp=a.amp)
     steps = [int(s) for s in a.steps.split(",")] if a.steps else list(preset.steps)
     labels = a.strategies.split(",") if a.strategies else list(preset.runs)
+    if a.amp and "naive_fp32" not in labels:
+        labels.append("naive_fp32")
     if cuda and not a.strategies and "naive" in labels:
         labels.append("naive_rerun")  # agreement noise floor of the GPU's kernels
     unknown = [x for x in labels if x not in RUNS]
     if unknown:
         ap.error(f"unknown strategies {unknown}; known: {', '.join(RUNS)}")
-    # the naive reference runs first at each N (agreement needs it), then first_order
-    labels = sorted(labels, key=lambda x: (x != "naive", x != "first_order"))
+    # the references run first at each N (agreement needs them), then first_order
+    labels = sorted(labels, key=lambda x: (x != "naive_fp32", x != "naive", x != "first_order"))
     out_dir = Path(a.out) / preset.name
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "runs.csv"
@@ -147,6 +165,7 @@ def main(argv=None) -> None:
         bar = tqdm(total=len(steps) * len(labels), desc=preset.name, unit="run")
         for n in steps:
             ref_grad = None
+            fp32_grad = None
             fo_time = None
             for label in labels:
                 spec = RUNS[label]
@@ -155,6 +174,7 @@ def main(argv=None) -> None:
                     "preset": preset.name,
                     "strategy": label,
                     "peer": spec.peer,
+                    "exact": effmaml.STRATEGIES[spec.strategy].exact,
                     "steps": n,
                     "segment": opts.get("segment", ""),
                     "pullback": opts.get("pullback", ""),
@@ -162,6 +182,7 @@ def main(argv=None) -> None:
                     "batch": preset.batch,
                     "image": preset.image,
                     "dtype": preset.dtype,
+                    "amp": "" if spec.no_amp else preset.amp,
                     "clip": preset.clip,
                     **env_cols,
                 }
@@ -175,7 +196,7 @@ def main(argv=None) -> None:
                     row.update(status="skipped", error=f"{label} has no grad-of-grad clipping")
                 else:
                     grad_file = os.path.join(tmp, f"{label}-{n}.pt")
-                    args = [preset.name, label, str(n)]
+                    args = [a.preset, label, str(n), *(["--amp", a.amp] if a.amp else [])]
                     timed = preset.time_max_steps is None or n <= preset.time_max_steps
                     if cuda:  # one process: the memory run is the warm-up of the timed ones
                         mode = "both" if timed else "memory"
@@ -191,6 +212,10 @@ def main(argv=None) -> None:
                         oom_at[label] = n
                     if row["status"] == "ok":
                         grad = torch.load(grad_file)
+                        if label == "naive_fp32":
+                            fp32_grad = grad
+                        if fp32_grad is not None:
+                            row["grad_cosine_fp32"] = agreement(grad, fp32_grad)["grad_cosine"]
                         if label == "naive":
                             ref_grad = grad
                             row.update(agreement(grad, grad))

@@ -1,5 +1,9 @@
 """One isolated run: ``python -m bench.child PRESET LABEL STEPS MODE OUT_GRAD``.
 
+Each child first asks effmaml for its prediction (``effmaml.memory.estimate``, whose probe
+the run then reuses: measured time and memory are the steady state of a meta-training
+loop, without the probe).
+
 MODE ``memory``: one meta-gradient inside a peak-memory window (start this process with
 ``MALLOC_MMAP_THRESHOLD_=65536`` on CPU); saves the flat meta-gradient to OUT_GRAD.
 MODE ``time``: a warm-up meta-gradient at 2 steps, then ``preset.repeats`` timed ones.
@@ -10,6 +14,7 @@ Prints one JSON line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -20,7 +25,7 @@ import torch
 from effmaml.memory import PeakMemory
 
 from .presets import PRESETS, RUNS
-from .workload import build, meta_gradient, predict
+from .workload import build, make_maml, meta_gradient, predict
 
 
 def _sync(device):
@@ -30,14 +35,30 @@ def _sync(device):
 
 def main(argv: list[str]) -> dict:
     preset, spec = PRESETS[argv[0]], RUNS[argv[1]]
+    if "--amp" in argv:  # PRESET LABEL STEPS --amp DTYPE MODE OUT_GRAD
+        i = argv.index("--amp")
+        amp = argv[i + 1]
+        preset = dataclasses.replace(preset, name=f"{preset.name}-amp-{amp}", amp=amp)
+        argv = argv[:i] + argv[i + 2 :]
     steps, mode, out_grad = int(argv[2]), argv[3], argv[4]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, dtype, query = build(preset, device)
+    maml = make_maml(model, preset, spec)
+    predicted = predict(maml, preset, spec, steps, device, dtype)
     row: dict = {}
+    if predicted is not None:
+        row.update(
+            predicted_peak_mib=predicted.peak_bytes / 2**20,
+            predicted_host_mib=predicted.host_bytes / 2**20,
+            predicted_s=predicted.seconds,
+        )
+
+    def run(n):
+        return meta_gradient(model, maml, preset, spec, n, device, dtype, query)
+
     if mode in ("memory", "both"):
-        predicted = predict(model, preset, spec, steps, device, dtype)
         with PeakMemory(device) as pm:
-            grad, evals, info = meta_gradient(model, preset, spec, steps, device, dtype, query)
+            grad, evals, info = run(steps)
         torch.save(grad.cpu(), out_grad)
         row.update(
             peak_mib=pm.peak / 2**20,
@@ -47,26 +68,24 @@ def main(argv: list[str]) -> dict:
             segment_resolved=info.get("segment"),
             chosen=info.get("chosen", ""),
         )
-        if predicted is not None:
-            row.update(
-                predicted_peak_mib=predicted.peak_bytes / 2**20,
-                predicted_host_mib=predicted.host_bytes / 2**20,
-                prediction_error=predicted.peak_bytes / pm.peak - 1 if pm.peak > 0 else "",
-            )
+        if predicted is not None and pm.peak > 0:
+            row["prediction_error"] = predicted.peak_bytes / pm.peak - 1
         schedule = info.get("schedule")
         if schedule is not None and device.type == "cuda":
             row["host_peak_mib"] = schedule.store.host_bytes() / 2**20
     if mode in ("time", "both"):
         if mode == "time":
-            meta_gradient(model, preset, spec, min(2, steps), device, dtype, query)  # warm-up
+            run(min(2, steps))  # warm-up
         times = []
         for _ in range(preset.repeats):
             _sync(device)
             t0 = time.perf_counter()
-            meta_gradient(model, preset, spec, steps, device, dtype, query)
+            run(steps)
             _sync(device)
             times.append(time.perf_counter() - t0)
         row.update(time_s=statistics.median(times), time_min_s=min(times), repeats=len(times))
+        if predicted is not None:
+            row["time_prediction_error"] = predicted.seconds / row["time_s"] - 1
     return row
 
 

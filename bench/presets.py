@@ -16,6 +16,7 @@ class RunSpec:
     options: tuple[tuple[str, object], ...] = ()
     peer: str = ""  # "", "torch_maml", "higher"
     needs_no_clip: bool = False  # higher has no grad-of-grad clipping
+    no_amp: bool = False  # run in float32 even when the preset runs under autocast
 
     def opts(self) -> dict:
         return dict(self.options)
@@ -40,14 +41,25 @@ RUNS: dict[str, RunSpec] = {
         RunSpec("torch_maml_naive", "naive", peer="torch_maml"),
         RunSpec("torch_maml_checkpoint", "checkpoint", (("segment", 5),), peer="torch_maml"),
         RunSpec("higher", "naive", peer="higher", needs_no_clip=True),
-        # the fastest exact schedule predicted to fit 400 MiB (cpu-small: ~half of
-        # torch_maml_checkpoint's peak at N=40)
+        # the fastest exact schedule predicted to fit a budget (cpu-small at N=40: 400 MiB
+        # is ~half of torch_maml_checkpoint's peak, 800 MiB about all of it, 3 GiB fits naive)
         RunSpec("auto_400MiB", "auto", (("memory_budget", "400MiB"),)),
+        RunSpec("auto_800MiB", "auto", (("memory_budget", "800MiB"),)),
+        RunSpec("auto_3GiB", "auto", (("memory_budget", "3GiB"),)),
+        RunSpec("auto_2GiB", "auto", (("memory_budget", "2GiB"),)),
+        RunSpec("auto_6GiB", "auto", (("memory_budget", "6GiB"),)),
+        RunSpec("auto_20GiB", "auto", (("memory_budget", "20GiB"),)),
+        # under a preset's autocast: naive in float32, what AMP's meta-gradient is compared to
+        RunSpec("naive_fp32", "naive", no_amp=True),
         # naive run twice: the noise floor of agreement on nondeterministic GPU kernels
         RunSpec("naive_rerun", "naive"),
     ]
 }
-DEFAULT_RUNS = tuple(label for label in RUNS if label not in ("naive_rerun", "auto_400MiB"))
+DEFAULT_RUNS = tuple(
+    label
+    for label in RUNS
+    if label not in ("naive_rerun", "naive_fp32") and not label.startswith("auto_")
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,10 @@ class Preset:
     caps: tuple[tuple[str, int], ...] = ()
     # above this N, only the memory child runs (one meta-gradient), no timing child
     time_max_steps: int | None = None
+    # autocast dtype for adapt + query loss ("bfloat16", "float16"), "" for none
+    amp: str = ""
+    # which targets the report checks on this preset's CSV (bench.report.TARGETS)
+    targets: tuple[str, ...] = ("memory_model", "time_model")
 
     def cap(self, label: str) -> int | None:
         return dict(self.caps).get(label)
@@ -102,6 +118,7 @@ PRESETS: dict[str, Preset] = {
                 ("first_order", 100),
             ),
             time_max_steps=100,
+            targets=("memory_floor", "memory_model", "time_model"),
         ),
         # Same model and code path, scaled to 2 CPU cores (75 minutes measured here): peers and the
         # slowest schedule stop early, and N = 160 is measured for memory only.
@@ -120,9 +137,11 @@ PRESETS: dict[str, Preset] = {
                 ("revolve_s2", 80),
             ),
             time_max_steps=80,
+            targets=("half_memory_n40", "revolve_flat", "memory_model", "time_model"),
         ),
-        # The memory-budget target at N=40 in one run: auto under 400 MiB against naive
-        # and torch_maml_checkpoint (cpu-small's model and data).
+        # auto against every named exact strategy at N=40 under three budgets, side by
+        # side in one run (cpu-small's model and data): is auto as fast as the fastest
+        # named schedule that fits, and how close is the time model?
         Preset(
             "cpu-small-budget",
             image=64,
@@ -130,7 +149,21 @@ PRESETS: dict[str, Preset] = {
             steps=(40,),
             clip=None,
             repeats=1,
-            runs=("naive", "first_order", "torch_maml_checkpoint", "auto_400MiB"),
+            runs=(
+                "naive",
+                "first_order",
+                "checkpoint_auto_segment",
+                "checkpoint_auto_step",
+                "checkpoint_k5",
+                "revolve_s2",
+                "revolve_s4",
+                "revolve_s8",
+                "torch_maml_checkpoint",
+                "auto_400MiB",
+                "auto_800MiB",
+                "auto_3GiB",
+            ),
+            targets=("auto_vs_named", "memory_model", "time_model"),
         ),
         # For tests: seconds.
         Preset("tiny", image=32, batch=8, steps=(2, 3), clip=None, repeats=1, timeout_s=300),

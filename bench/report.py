@@ -16,8 +16,6 @@ import pandas as pd
 
 __all__ = ["pivot", "summary_table", "targets", "tradeoff_plot", "update_readme", "write_report"]
 
-EXACT = ("naive", "checkpoint", "revolve", "offload", "auto")
-
 
 def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -45,9 +43,9 @@ def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) ->
 def summary_table(df: pd.DataFrame) -> str:
     """Per strategy, at the largest N where it ran: memory, time, overhead, agreement."""
     lines = [
-        "| strategy | N | status | peak MiB | predicted MiB (err) | time s | × first_order "
-        "| step evals | rel. L2 vs naive | cosine vs naive |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | N | status | peak MiB | predicted MiB (err) | time s | predicted s (err) "
+        "| × first_order | step evals | rel. L2 vs naive | cosine vs naive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, g in df.groupby("strategy", sort=False):
         ok = g[g.status == "ok"]
@@ -59,9 +57,12 @@ def summary_table(df: pd.DataFrame) -> str:
         pred = ""
         if "predicted_peak_mib" in r and not pd.isna(r.predicted_peak_mib):
             pred = f"{r.predicted_peak_mib:.0f} ({r.prediction_error:+.0%})"
+        pred_s = ""
+        if "time_prediction_error" in r and not pd.isna(r.time_prediction_error):
+            pred_s = f"{r.predicted_s:.2f} ({r.time_prediction_error:+.0%})"
         lines.append(
             f"| {label} | {int(r.steps)} | {r.status} | {fmt(r.peak_mib, '.0f')} | {pred} | "
-            f"{fmt(r.time_s, '.2f')} | {fmt(r.overhead_vs_first_order, '.2f')} | "
+            f"{fmt(r.time_s, '.2f')} | {pred_s} | {fmt(r.overhead_vs_first_order, '.2f')} | "
             f"{fmt(r.step_evals, '.0f')} | {fmt(r.grad_rel_l2, '.1e')} | "
             f"{fmt(r.grad_cosine, '.6f')} |"
         )
@@ -101,7 +102,7 @@ def tradeoff_plot(df: pd.DataFrame, path: Path, title: str) -> int | None:
     ok = df[(df.status == "ok") & (df.steps == n) & df.time_s.notna()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for _, r in ok.iterrows():
-        exact = any(str(r.strategy).startswith(e) for e in EXACT) or str(r.peer) != "nan"
+        exact = str(r.get("exact", "")) == "True" or str(r.peer) not in ("nan", "")
         marker = "o" if exact and r.strategy not in ("first_order", "implicit") else "^"
         ax.scatter(r.peak_mib, r.time_s, marker=marker, s=40)
         ax.annotate(
@@ -127,66 +128,136 @@ def _row(df, label, n):
     return None if r.empty else r.iloc[0]
 
 
-def targets(df: pd.DataFrame) -> list[str]:
-    """The issue's targets, as measured in this CSV."""
-    out = []
-    preset = df.iloc[0].preset
-    exact = [
-        s
-        for s in df.strategy.unique()
-        if s.startswith(("checkpoint", "revolve", "offload", "auto"))
+def _exact_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """effmaml's exact strategies (not peers), by the CSV's ``exact`` column."""
+    peer = df.peer.fillna("").astype(str) if "peer" in df else ""
+    return df[(df.exact.astype(str) == "True") & (peer == "")]
+
+
+def _half_memory_n40(df: pd.DataFrame) -> list[str]:
+    """N=40: some exact schedule at ≤ 50% of torch_maml_checkpoint's peak, ≤ 2x naive's time."""
+    ref, naive = _row(df, "torch_maml_checkpoint", 40), _row(df, "naive", 40)
+    if ref is None or naive is None:
+        return []
+    hits = []
+    for s in _exact_rows(df).strategy.unique():
+        r = _row(df, s, 40)
+        if s == "naive" or r is None or pd.isna(r.time_s):
+            continue
+        mem, t = r.peak_mib / ref.peak_mib, r.time_s / naive.time_s
+        name = s if pd.isna(r.get("chosen")) or not r.get("chosen") else f"{s} ({r.chosen})"
+        ok = " ✓" if mem <= 0.5 and t <= 2.0 else ""
+        hits.append(f"{name} {mem:.0%} of the memory, {t:.2f}x the time{ok}")
+    return [
+        f"- N=40, peak ≤ 50% of torch_maml_checkpoint's ({ref.peak_mib:.0f} MiB) and "
+        f"time ≤ 2x naive's ({naive.time_s:.2f} s): " + "; ".join(hits)
     ]
-    if str(preset).startswith("cpu-small"):
-        ref, naive = _row(df, "torch_maml_checkpoint", 40), _row(df, "naive", 40)
-        if ref is not None and naive is not None:
-            hits = []
-            for s in exact:
-                r = _row(df, s, 40)
-                if r is None or pd.isna(r.time_s):
-                    continue
-                mem, t = r.peak_mib / ref.peak_mib, r.time_s / naive.time_s
-                ok = mem <= 0.5 and t <= 2.0
-                name = s if pd.isna(r.get("chosen")) or not r.get("chosen") else f"{s} ({r.chosen})"
-                hits.append(
-                    f"{name} {mem:.0%} of the memory, {t:.2f}x the time{' ✓' if ok else ''}"
-                )
+
+
+def _revolve_flat(df: pd.DataFrame) -> list[str]:
+    """revolve with fixed slots: peak from N=20 to N=160 grows ≤ 20%."""
+    out = []
+    for s in sorted(x for x in df.strategy.unique() if str(x).startswith("revolve")):
+        a, b = _row(df, s, 20), _row(df, s, 160)
+        if a is not None and b is not None:
+            g = b.peak_mib / a.peak_mib - 1
             out.append(
-                f"- N=40, peak ≤ 50% of torch_maml_checkpoint's ({ref.peak_mib:.0f} MiB) and "
-                f"time ≤ 2x naive's ({naive.time_s:.2f} s): " + "; ".join(hits)
+                f"- {s}: peak {a.peak_mib:.0f} MiB at N=20, {b.peak_mib:.0f} MiB at N=160: "
+                f"{g:+.1%} (target ≤ +20%){' ✓' if g <= 0.2 else ' ✗'}"
             )
-        for s in sorted(x for x in exact if x.startswith("revolve")):
-            a, b = _row(df, s, 20), _row(df, s, 160)
-            if a is not None and b is not None:
-                g = b.peak_mib / a.peak_mib - 1
+    return out
+
+
+def _memory_floor(df: pd.DataFrame) -> list[str]:
+    """The memory-floor schedules at N=500 and 1000: ≤ 3 GiB."""
+    out = []
+    for n in (500, 1000):
+        for s in _exact_rows(df).strategy.unique():
+            r = _row(df, s, n)
+            if r is not None:
+                gib = r.peak_mib / 1024
                 out.append(
-                    f"- {s}: peak {a.peak_mib:.0f} MiB at N=20, {b.peak_mib:.0f} MiB at N=160: "
-                    f"{g:+.1%} (target ≤ +20%){' ✓' if g <= 0.2 else ' ✗'}"
+                    f"- N={n} {s}: peak {gib:.2f} GiB (target ≤ 3 GiB){' ✓' if gib <= 3 else ' ✗'}"
                 )
-    if preset == "resnet18-224":
-        for n in (500, 1000):
-            for s in exact:
-                r = _row(df, s, n)
-                if r is not None:
-                    gib = r.peak_mib / 1024
-                    out.append(
-                        f"- N={n} {s}: peak {gib:.2f} GiB (target ≤ 3 GiB)"
-                        f"{' ✓' if gib <= 3 else ' ✗'}"
-                    )
-    pred = df[df.prediction_error.notna()] if "prediction_error" in df else df.iloc[0:0]
-    if len(pred):
-        worst = pred.loc[pred.prediction_error.abs().idxmax()]
-        within = (pred.prediction_error.abs() <= 0.15).mean()
+    return out
+
+
+def _model_fit(df: pd.DataFrame, column: str, what: str, bound: float) -> list[str]:
+    rows = _exact_rows(df) if what == "time" else df
+    rows = rows[(rows.status == "ok") & rows[column].notna()] if column in rows else rows[0:0]
+    if rows.empty:
+        return []
+    worst = rows.loc[rows[column].abs().idxmax()]
+    within = (rows[column].abs() <= bound).mean()
+    kind = "exact rows" if what == "time" else "rows"
+    return [
+        f"- {what} model: {within:.0%} of {len(rows)} {kind} within ±{bound:.0%} of the "
+        f"measured {'time' if what == 'time' else 'peak'}; worst {worst.strategy} "
+        f"N={worst.steps}: {worst[column]:+.0%}"
+    ]
+
+
+def _auto_vs_named(df: pd.DataFrame) -> list[str]:
+    """auto under a budget ≤ 1.15x the time of the fastest named exact strategy whose
+    measured peak fits the same budget."""
+    from effmaml.memory import parse_bytes
+
+    out = []
+    exact = _exact_rows(df[df.status == "ok"])
+    named = exact[~exact.strategy.str.startswith("auto")]
+    for _, r in exact[exact.strategy.str.startswith("auto_")].iterrows():
+        budget_mib = parse_bytes(r.strategy.split("_", 1)[1]) / 2**20
+        same_n = named[(named.steps == r.steps) & (named.peak_mib <= budget_mib)]
+        same_n = same_n[same_n.time_s.notna()]
+        if same_n.empty or pd.isna(r.time_s):
+            continue
+        best = same_n.loc[same_n.time_s.idxmin()]
+        ratio = r.time_s / best.time_s
         out.append(
-            f"- memory model: {within:.0%} of {len(pred)} rows within ±15% of the measured "
-            f"peak; worst {worst.strategy} N={worst.steps}: {worst.prediction_error:+.0%}"
+            f"- N={r.steps}, budget {budget_mib:.0f} MiB: auto chose {r.chosen} "
+            f"({r.peak_mib:.0f} MiB, {r.time_s:.2f} s); fastest named exact strategy that fits: "
+            f"{best.strategy} ({best.peak_mib:.0f} MiB, {best.time_s:.2f} s): {ratio:.2f}x "
+            f"(target ≤ 1.15x){' ✓' if ratio <= 1.15 else ' ✗'}"
         )
     return out
+
+
+TARGETS = {
+    "half_memory_n40": _half_memory_n40,
+    "revolve_flat": _revolve_flat,
+    "memory_floor": _memory_floor,
+    "auto_vs_named": _auto_vs_named,
+    "memory_model": lambda df: _model_fit(df, "prediction_error", "memory", 0.15),
+    "time_model": lambda df: _model_fit(df, "time_prediction_error", "time", 0.25),
+}
+
+
+def targets(df: pd.DataFrame, names=None) -> list[str]:
+    """The preset's targets (:data:`TARGETS` by name), as measured in this CSV."""
+    if names is None:
+        names = _preset_targets(str(df.iloc[0].preset))
+    return [line for name in names for line in TARGETS[name](df)]
+
+
+def _preset_targets(name: str) -> tuple[str, ...]:
+    from .presets import PRESETS
+
+    base = name.split("-amp-")[0]
+    return PRESETS[base].targets if base in PRESETS else ("memory_model", "time_model")
 
 
 def write_report(out_dir: Path | str) -> None:
     """Write memory_vs_steps.png, time_vs_steps.png and summary.md next to runs.csv."""
     out_dir = Path(out_dir)
     df = pd.read_csv(out_dir / "runs.csv")
+    if "exact" not in df:  # CSVs written before the column existed
+        import effmaml
+
+        from .presets import RUNS
+
+        df["exact"] = df.strategy.map(
+            lambda s: s in RUNS and effmaml.STRATEGIES[RUNS[s].strategy].exact
+        )
     first = df.iloc[0]
     title = (
         f"{first.preset}: ResNet18, {first.batch}x3x{first.image}x{first.image}, "

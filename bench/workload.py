@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -13,7 +14,15 @@ import effmaml
 
 from .presets import Preset, RunSpec
 
-__all__ = ["LazyBatches", "agreement", "build", "meta_gradient", "predict"]
+__all__ = [
+    "LazyBatches",
+    "agreement",
+    "amp_context",
+    "build",
+    "make_maml",
+    "meta_gradient",
+    "predict",
+]
 
 
 def loss_fn(model, batch):
@@ -56,7 +65,11 @@ def build(preset: Preset, device: torch.device):
     return model, dtype, query
 
 
-def _maml(model, preset: Preset, spec: RunSpec) -> effmaml.MAML:
+def make_maml(model, preset: Preset, spec: RunSpec) -> effmaml.MAML | None:
+    """The front a run uses (None for peers). One per process: its probe is cached, so
+    the prediction, the warm-up and the timed meta-gradients share it."""
+    if spec.peer:
+        return None
     return effmaml.MAML(
         model,
         loss_fn,
@@ -67,18 +80,25 @@ def _maml(model, preset: Preset, spec: RunSpec) -> effmaml.MAML:
     )
 
 
-def predict(model, preset: Preset, spec: RunSpec, steps: int, device, dtype):
-    """effmaml's predicted peak for this run (None for peers), from one probe step."""
-    if spec.peer:
+def amp_context(preset: Preset, spec: RunSpec, device: torch.device):
+    """The preset's autocast (``preset.amp``), unless the run asks for float32."""
+    if not preset.amp or spec.no_amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, preset.amp))
+
+
+def predict(maml, preset: Preset, spec: RunSpec, steps: int, device, dtype):
+    """effmaml's predicted peak, evaluations and seconds for this run (None for peers)."""
+    if maml is None:
         return None
     batches = LazyBatches(preset, steps, device, dtype)
-    maml = _maml(model, preset, spec)
-    (pred,) = effmaml.memory.estimate(maml, batches[0], steps, maml.strategy).values()
-    model.zero_grad(set_to_none=True)
+    with amp_context(preset, spec, device):
+        (pred,) = effmaml.memory.estimate(maml, batches[0], steps, maml.strategy).values()
+    maml.model.zero_grad(set_to_none=True)
     return pred
 
 
-def meta_gradient(model, preset: Preset, spec: RunSpec, steps: int, device, dtype, query):
+def meta_gradient(model, maml, preset: Preset, spec: RunSpec, steps: int, device, dtype, query):
     """Adapt for ``steps`` steps, compute the query loss and its meta-gradient.
 
     Returns:
@@ -90,9 +110,10 @@ def meta_gradient(model, preset: Preset, spec: RunSpec, steps: int, device, dtyp
         return _torch_maml(model, preset, spec, batches, query)
     if spec.peer == "higher":
         return _higher(model, preset, batches, query)
-    maml = _maml(model, preset, spec)
-    adapted = maml.adapt(batches)
-    loss_fn(adapted, query).backward()
+    with amp_context(preset, spec, device):
+        adapted = maml.adapt(batches)
+        loss = loss_fn(adapted, query)
+    loss.backward()
     return _flat(model), adapted.step_evals, dict(adapted.info)
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 from collections.abc import Iterator
@@ -323,7 +324,8 @@ def estimate(
     (the bytes autograd saves for a second-order step), t₁ and t₂ (a first-order step, a
     step with graph and its pullback); each strategy's formulas turn them into a
     prediction. Nothing else runs; the model is not changed. The probe's result is cached
-    on ``maml``, so a following ``adapt`` with batches like ``batch`` does not probe again.
+    on ``maml``, so a following ``adapt`` with batches like ``batch`` does not probe again:
+    the predictions are for that ``adapt`` (without the probe's evaluations and time).
 
     Args:
         maml: an :class:`effmaml.MAML` (its model, loss, inner optimizer, options).
@@ -341,6 +343,7 @@ def estimate(
 
     problem, state0, consts = maml.problem(batch, steps)
     pr = probe(problem, state0, consts, problem.probe_cache)
+    pr = dataclasses.replace(pr, evals=0, seconds=0.0)  # the next adapt will not probe
     if strategy is not None:
         chosen = [make_strategy(strategy, **options)]
     else:

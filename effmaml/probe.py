@@ -6,12 +6,13 @@ it was:
 1. a first-order step (warm-up; t₁, the cost of an ``advance``),
 2. a step with its second-order graph: A, the bytes autograd saves for it (saved-tensor
    hooks), and a walk of its graph for operations without double backward,
-3. that step's pullback: t₂ (graph step + pullback), and a real double backward, which
-   fails here, before any work, if the model cannot be differentiated twice,
-4. a first-order step again (t₁ = the faster of the two, both measured warm).
+3. that step's pullback, twice (the first warms up): t₂ ≈ t₁ + the pullback, and a real
+   double backward, which fails here, before any work, if the model cannot be
+   differentiated twice,
+4. a first-order step again (t₁ = the faster of the two).
 
 On CUDA it also uses the pinned host↔device bandwidth, measured once per process
-(:func:`effmaml.offload.host_link`). Cost: 3 step evaluations and one pullback, once per
+(:func:`effmaml.offload.host_link`). Cost: 3 step evaluations and two pullbacks, once per
 ``MAML`` instance and batch signature (shapes, dtypes, train/eval mode, autocast): the
 result is cached, so a meta-training loop pays it once. Batch 0 is indexed once per call
 to read its signature (and reused by the probe's steps).
@@ -106,7 +107,6 @@ def probe(
         s = state0.detached(requires_grad=True)
         leaves = [c.detach().requires_grad_(c.requires_grad) for c in consts.flat()]
         c = consts.like(leaves)
-        t0 = _clock(device)
         with saved_bytes() as count:
             out, loss = inner_step(problem, s, 0, c, create_graph=True)
         check_double_backward(out.params.values())
@@ -114,15 +114,19 @@ def probe(
         outputs += [v for v in out.opt.values() if v.requires_grad]
         inputs = [*s.params.values(), *(v for v in s.opt.values() if v.requires_grad)]
         inputs += [x for x in leaves if x.requires_grad]
-        try:
-            torch.autograd.grad(
-                outputs, inputs, [torch.ones_like(o) for o in outputs], allow_unused=True
-            )
-        except (RuntimeError, NotImplementedError) as err:
-            raise_if_no_double_backward(err)
-            raise
-        t_pull = _clock(device) - t0
-        del out, loss, outputs
+        cotangents = [torch.ones_like(o) for o in outputs]
+        pulls = []
+        for again in (True, False):  # the first pullback warms up its kernels and memory
+            t0 = _clock(device)
+            try:
+                torch.autograd.grad(
+                    outputs, inputs, cotangents, allow_unused=True, retain_graph=again
+                )
+            except (RuntimeError, NotImplementedError) as err:
+                raise_if_no_double_backward(err)
+                raise
+            pulls.append(_clock(device) - t0)
+        del out, loss, outputs, cotangents
         t_fo2, _ = _first_order(problem, state0, consts)
     link = (0.0, 0.0)
     if device.type == "cuda":
@@ -134,8 +138,12 @@ def probe(
         param_bytes=sum(t.numel() * t.element_size() for t in state0.params.values()),
         step_graph_bytes=count.bytes,
         first_order_graph_bytes=fo_bytes,
+        # Note [Timing the probe]: the first of each kind of work in a process runs cold
+        # (allocations, kernel selection), 30-50% slower than in a loop; the faster of two
+        # runs is close to what the unroll pays per step. A step with graph costs about a
+        # first-order step (the same forward and backward, recorded) plus its pullback.
         advance_seconds=min(t_fo1, t_fo2),
-        pullback_seconds=t_pull,
+        pullback_seconds=min(t_fo1, t_fo2) + min(pulls),
         host_bandwidth=link[0],
         pin_bandwidth=link[1],
         seconds=_clock(device) - start,
