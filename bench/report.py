@@ -130,7 +130,7 @@ def _row(df, label, n):
 
 def _exact_rows(df: pd.DataFrame) -> pd.DataFrame:
     """effmaml's exact strategies (not peers), by the CSV's ``exact`` column."""
-    peer = df.peer.fillna("").astype(str) if "peer" in df else ""
+    peer = df.peer.astype(str).replace("nan", "") if "peer" in df else ""
     return df[(df.exact.astype(str) == "True") & (peer == "")]
 
 
@@ -333,8 +333,17 @@ def update_readme(readme: Path | str = "README.md", root: Path | str = "results"
     return True
 
 
+def sweep_dirs(root: Path | str = "results") -> list[Path]:
+    """The folders under ``root`` holding a sweep's runs.csv (not fewshot's or scaling's)."""
+    return [
+        p.parent
+        for p in sorted(Path(root).glob("*/runs.csv"))
+        if "strategy" in p.read_text().partition("\n")[0].split(",")
+    ]
+
+
 if __name__ == "__main__":
-    dirs = sys.argv[1:] or [str(p.parent) for p in Path("results").glob("*/runs.csv")]
+    dirs = sys.argv[1:] or sweep_dirs()
     for d in dirs:
         write_report(d)
         print(f"wrote {d}/summary.md and plots")
