@@ -1,8 +1,16 @@
 """``python -m bench``: sweep inner steps x strategies, one subprocess per run, CSV rows.
 
-Each (strategy, N) gets a memory child (on CPU started with MALLOC_MMAP_THRESHOLD_=65536 so
-glibc returns freed blocks) and a timing child (without it: that setting slows runs ~2x).
-Rows are appended to ``results/<preset>/runs.csv`` as runs end; the report follows.
+plan -> run -> derive -> write:
+
+* **plan**: the preset's (N, run) pairs, with those the preset skips (caps, no clipping);
+* **run**: each (strategy, N) in a memory child (on CPU started with
+  ``effmaml.measure.MALLOC_FOR_MEASURING`` so glibc returns freed blocks) and a timing
+  child (without it: that setting slows runs ~2x); raw rows are appended to
+  ``results/<preset>/runs.csv`` as runs end, so an interrupted sweep keeps what it measured;
+* **derive**: agreement of every meta-gradient with naive's at the same N (and, under
+  ``--amp``, cosine with float32 naive's), whatever order the runs came in;
+* **write**: the CSV again with the agreement columns; then the report
+  (``bench.report``: plots, summary.md and the derived columns, ratios and errors).
 """
 
 from __future__ import annotations
@@ -10,26 +18,28 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import effmaml
+from effmaml.measure import MALLOC_FOR_MEASURING
 
 from . import report
-from .presets import PRESETS, RUNS
+from .env import environment, timestamp
+from .presets import PRESETS, RUNS, Preset, RunSpec
 from .workload import agreement
 
 COLUMNS = [
     "preset",
+    "model",
     "strategy",
     "peer",
     "exact",
@@ -50,18 +60,16 @@ COLUMNS = [
     "reserved_mib",
     "memory_kind",
     "predicted_peak_mib",
-    "prediction_error",
     "host_peak_mib",
     "predicted_host_mib",
     "time_s",
     "time_min_s",
     "repeats",
     "predicted_s",
-    "time_prediction_error",
-    "overhead_vs_first_order",
     "grad_max_abs",
     "grad_rel_l2",
     "grad_cosine",
+    "grad_finite",
     "grad_cosine_fp32",
     "step_evals",
     "device",
@@ -72,15 +80,31 @@ COLUMNS = [
     "git",
     "timestamp",
 ]
+REFERENCE, FP32_REFERENCE = "naive", "naive_fp32"
 
 
-def _git() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
+@dataclass(frozen=True)
+class Run:
+    """One (strategy, N) of the sweep; ``skip`` says why the plan leaves it out."""
+
+    spec: RunSpec
+    steps: int
+    skip: str = ""
+
+
+def plan(preset: Preset, steps: list[int], labels: list[str]) -> list[Run]:
+    """Every (N, label) in sweep order, with the runs the preset leaves out marked."""
+    runs = []
+    for n in steps:
+        for label in labels:
+            spec, cap = RUNS[label], preset.cap(label)
+            skip = ""
+            if cap is not None and n > cap:
+                skip = f"preset runs {label} up to N={cap}"
+            elif spec.needs_no_clip and preset.clip is not None:
+                skip = f"{label} has no grad-of-grad clipping"
+            runs.append(Run(spec, n, skip))
+    return runs
 
 
 def _child(args: list[str], env: dict, timeout: int) -> dict:
@@ -104,6 +128,44 @@ def _child(args: list[str], env: dict, timeout: int) -> dict:
     return {"status": status, "error": err}
 
 
+def run_one(run: Run, preset: Preset, child_args: list[str], grad_file: str) -> dict:
+    """Measure one run in child processes; the raw row (status, memory, time, prediction)."""
+    timed = preset.time_max_steps is None or run.steps <= preset.time_max_steps
+    args = [*child_args, run.spec.label, str(run.steps)]
+    if torch.cuda.is_available():  # one process: the memory run is the timed runs' warm-up
+        mode = "both" if timed else "memory"
+        return _child([*args, mode, grad_file], dict(os.environ), preset.timeout_s)
+    row = _child(
+        [*args, "memory", grad_file], dict(os.environ, **MALLOC_FOR_MEASURING), preset.timeout_s
+    )
+    if row.get("status", "ok") == "ok" and timed:
+        row.update(_child([*args, "time", grad_file], dict(os.environ), preset.timeout_s))
+    return row
+
+
+def derive(rows: list[dict], grads: dict[tuple[str, int], str]) -> None:
+    """Agreement with naive's meta-gradient at the same N (and float32 naive's, under AMP)."""
+    for row in rows:
+        key = (row["strategy"], row["steps"])
+        if key not in grads:
+            continue
+        grad = torch.load(grads[key])
+        ref = grads.get((REFERENCE, row["steps"]))
+        if ref is not None:
+            row.update(agreement(grad, torch.load(ref)))
+        fp32 = grads.get((FP32_REFERENCE, row["steps"]))
+        if fp32 is not None:
+            row["grad_cosine_fp32"] = agreement(grad, torch.load(fp32))["grad_cosine"]
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    """The CSV, one row per run, :data:`COLUMNS` in order."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
+
+
 def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -122,127 +184,77 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.list:
         for p in PRESETS.values():
-            print(f"preset {p.name}: {p}")
+            print(f"preset {p.name}: {p.describe()}, N={list(p.steps)}")
         for r in RUNS.values():
             print(f"strategy {r.label}: {r.strategy} {r.opts()} {r.peer}")
         return
     if a.preset not in PRESETS:
         ap.error(f"unknown preset {a.preset!r}; known: {', '.join(PRESETS)}")
     preset = PRESETS[a.preset]
+    child_args = [a.preset]
     if a.amp:
         preset = dataclasses.replace(preset, name=f"{preset.name}-amp-{a.amp}", amp=a.amp)
+        child_args += ["--amp", a.amp]
     steps = [int(s) for s in a.steps.split(",")] if a.steps else list(preset.steps)
     labels = a.strategies.split(",") if a.strategies else list(preset.runs)
-    if a.amp and "naive_fp32" not in labels:
-        labels.append("naive_fp32")
-    if cuda and not a.strategies and "naive" in labels:
+    if a.amp and FP32_REFERENCE not in labels:
+        labels.append(FP32_REFERENCE)
+    if cuda and not a.strategies and REFERENCE in labels:
         labels.append("naive_rerun")  # agreement noise floor of the GPU's kernels
     unknown = [x for x in labels if x not in RUNS]
     if unknown:
         ap.error(f"unknown strategies {unknown}; known: {', '.join(RUNS)}")
-    # the references run first at each N (agreement needs them), then first_order
-    labels = sorted(labels, key=lambda x: (x != "naive_fp32", x != "naive", x != "first_order"))
     out_dir = Path(a.out) / preset.name
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "runs.csv"
-    env_cols = {
-        "device": torch.cuda.get_device_name()
-        if cuda
-        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else "",
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "git": _git(),
-    }
-    env_time = dict(os.environ)
-    env_mem = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    rows = []
+    env = environment("cuda" if cuda else "cpu")
+    runs = plan(preset, steps, labels)
+    rows: list[dict] = []
+    grads: dict[tuple[str, int], str] = {}
     oom_at: dict[str, int] = {}
-    with tempfile.TemporaryDirectory() as tmp, open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        bar = tqdm(total=len(steps) * len(labels), desc=preset.name, unit="run")
-        for n in steps:
-            ref_grad = None
-            fp32_grad = None
-            fo_time = None
-            for label in labels:
-                spec = RUNS[label]
-                opts = spec.opts()
-                row = {
-                    "preset": preset.name,
-                    "strategy": label,
-                    "peer": spec.peer,
-                    "exact": effmaml.STRATEGIES[spec.strategy].exact,
-                    "steps": n,
-                    "segment": opts.get("segment", ""),
-                    "pullback": opts.get("pullback", ""),
-                    "slots": opts.get("slots", ""),
-                    "batch": preset.batch,
-                    "image": preset.image,
-                    "dtype": preset.dtype,
-                    "amp": "" if spec.no_amp else preset.amp,
-                    "clip": preset.clip,
-                    **env_cols,
-                }
-                bar.set_postfix_str(f"N={n} {label}")
-                cap = preset.cap(label)
-                if label in oom_at:
-                    row.update(status="skipped", error=f"out of memory at N={oom_at[label]}")
-                elif cap is not None and n > cap:
-                    row.update(status="skipped", error=f"preset runs {label} up to N={cap}")
-                elif spec.needs_no_clip and preset.clip is not None:
-                    row.update(status="skipped", error=f"{label} has no grad-of-grad clipping")
-                else:
-                    grad_file = os.path.join(tmp, f"{label}-{n}.pt")
-                    args = [a.preset, label, str(n), *(["--amp", a.amp] if a.amp else [])]
-                    timed = preset.time_max_steps is None or n <= preset.time_max_steps
-                    if cuda:  # one process: the memory run is the warm-up of the timed ones
-                        mode = "both" if timed else "memory"
-                        row.update(_child([*args, mode, grad_file], env_time, preset.timeout_s))
-                    else:
-                        mem = _child([*args, "memory", grad_file], env_mem, preset.timeout_s)
-                        row.update(mem)
-                        if mem.get("status", "ok") == "ok" and timed:
-                            env = env_time
-                            row.update(_child([*args, "time", grad_file], env, preset.timeout_s))
-                    row.setdefault("status", "ok")
-                    if row["status"] == "oom":
-                        oom_at[label] = n
-                    if row["status"] == "ok":
-                        grad = torch.load(grad_file)
-                        if label == "naive_fp32":
-                            fp32_grad = grad
-                        if fp32_grad is not None:
-                            row["grad_cosine_fp32"] = agreement(grad, fp32_grad)["grad_cosine"]
-                        if label == "naive":
-                            ref_grad = grad
-                            row.update(agreement(grad, grad))
-                        elif ref_grad is not None:
-                            row.update(agreement(grad, ref_grad))
-                        if label == "first_order":
-                            fo_time = row.get("time_s")
-                        if fo_time and row.get("time_s"):
-                            row["overhead_vs_first_order"] = row["time_s"] / fo_time
-                row.pop("grad_finite", None)
-                row["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
-                    timespec="seconds"
-                )
-                writer.writerow({k: row.get(k, "") for k in COLUMNS})
-                f.flush()
-                rows.append(row)
-                bar.update(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        bar = tqdm(total=len(runs), desc=preset.name, unit="run")
+        for run in runs:
+            spec, n = run.spec, run.steps
+            opts = spec.opts()
+            row = {
+                "preset": preset.name,
+                "model": preset.model,
+                "strategy": spec.label,
+                "peer": spec.peer,
+                "exact": effmaml.STRATEGIES[spec.strategy].exact,
+                "steps": n,
+                "segment": opts.get("segment", ""),
+                "pullback": opts.get("pullback", ""),
+                "slots": opts.get("slots", ""),
+                "batch": preset.batch,
+                "image": preset.image,
+                "dtype": preset.dtype,
+                "amp": "" if spec.no_amp else preset.amp,
+                "clip": preset.clip,
+                **env,
+            }
+            bar.set_postfix_str(f"N={n} {spec.label}")
+            if run.skip:
+                row.update(status="skipped", error=run.skip)
+            elif spec.label in oom_at:
+                row.update(status="skipped", error=f"out of memory at N={oom_at[spec.label]}")
+            else:
+                grad_file = os.path.join(tmp, f"{spec.label}-{n}.pt")
+                row.update(run_one(run, preset, child_args, grad_file))
+                row.setdefault("status", "ok")
+                if row["status"] == "oom":
+                    oom_at[spec.label] = n
+                if row["status"] == "ok":
+                    grads[(spec.label, n)] = grad_file
+            row["timestamp"] = timestamp()
+            rows.append(row)
+            write(csv_path, rows)  # as runs end: an interrupted sweep keeps its rows
+            bar.update(1)
         bar.close()
-    # naive ran before first_order at each N: complete the derived column, rewrite the CSV
-    fo = {r["steps"]: r.get("time_s") for r in rows if r["strategy"] == "first_order"}
-    for r in rows:
-        if r.get("time_s") and fo.get(r["steps"]):
-            r["overhead_vs_first_order"] = r["time_s"] / fo[r["steps"]]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
+        derive(rows, grads)
+    write(csv_path, rows)
+    print(f"wrote {csv_path}")
     if a.no_report:
         return
     report.write_report(out_dir)

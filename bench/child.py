@@ -1,6 +1,6 @@
 """One isolated run: ``python -m bench.child PRESET LABEL STEPS MODE OUT_GRAD``.
 
-Each child first asks effmaml for its prediction (``effmaml.memory.estimate``, whose probe
+Each child first asks effmaml for its prediction (``MAML.estimate``, whose probe
 the run then reuses: measured time and memory are the steady state of a meta-training
 loop, without the probe).
 
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from effmaml.memory import PeakMemory
+from effmaml.measure import PeakMemory
 
 from .presets import PRESETS, RUNS
 from .workload import build, make_maml, meta_gradient, predict
@@ -68,11 +68,8 @@ def main(argv: list[str]) -> dict:
             segment_resolved=info.get("segment"),
             chosen=info.get("chosen", ""),
         )
-        if predicted is not None and pm.peak > 0:
-            row["prediction_error"] = predicted.peak_bytes / pm.peak - 1
-        schedule = info.get("schedule")
-        if schedule is not None and device.type == "cuda":
-            row["host_peak_mib"] = schedule.store.host_bytes() / 2**20
+        if device.type == "cuda":
+            row["host_peak_mib"] = info.get("host_peak_bytes", 0) / 2**20
     if mode in ("time", "both"):
         if mode == "time":
             run(min(2, steps))  # warm-up
@@ -84,8 +81,6 @@ def main(argv: list[str]) -> dict:
             _sync(device)
             times.append(time.perf_counter() - t0)
         row.update(time_s=statistics.median(times), time_min_s=min(times), repeats=len(times))
-        if predicted is not None:
-            row["time_prediction_error"] = predicted.seconds / row["time_s"] - 1
     return row
 
 

@@ -21,14 +21,13 @@ loss_vs_steps.png, summary.md).
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import multiprocessing as mp
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 import effmaml
@@ -146,10 +145,10 @@ def _job(args):
             "seed": seed,
             "adapt_steps": k,
             "tasks": len(v["loss"]),
-            "query_loss": _mean(v["loss"]),
-            "query_loss_ci95": _ci(v["loss"]),
-            "accuracy": _mean(v["acc"]) if v["acc"] else "",
-            "accuracy_ci95": _ci(v["acc"]) if v["acc"] else "",
+            "query_loss": float(pd.Series(v["loss"]).mean()),
+            "query_loss_ci95": _ci95(v["loss"]),
+            "accuracy": float(pd.Series(v["acc"]).mean()) if v["acc"] else "",
+            "accuracy_ci95": _ci95(v["acc"]) if v["acc"] else "",
             "meta_iterations": iterations if method != "random" else 0,
             "train_s": round(train_s, 2),
         }
@@ -157,16 +156,10 @@ def _job(args):
     return rows
 
 
-def _mean(x):
-    return sum(x) / len(x)
-
-
-def _ci(x):
-    if len(x) < 2:
-        return 0.0
-    m = _mean(x)
-    sd = math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
-    return 1.96 * sd / math.sqrt(len(x))
+def _ci95(values) -> float:
+    """Half-width of the 95% confidence interval of the mean: 1.96·sd/√n."""
+    values = pd.Series(values, dtype=float)
+    return float(1.96 * values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else 0.0
 
 
 COLUMNS = [
@@ -214,55 +207,65 @@ def run(
     return rows, pooled
 
 
+def _long(pooled) -> pd.DataFrame:
+    """Per held-out task values, one row each: problem, method, adapt_steps, metric, value."""
+    records = [
+        (p, m, k, metric, v)
+        for (p, m, k), values in pooled.items()
+        for metric, key in (("loss", "loss"), ("accuracy", "acc"))
+        for v in values[key]
+    ]
+    return pd.DataFrame.from_records(
+        records, columns=["problem", "method", "adapt_steps", "metric", "value"]
+    )
+
+
+def _mean_ci(values: pd.Series) -> str:
+    """``mean ± CI95`` over the pooled tasks."""
+    return f"{values.mean():.3f} ± {_ci95(values):.3f}"
+
+
 def write(out: Path, rows, pooled, seeds) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    problems = sorted({r["problem"] for r in rows}, key=lambda p: list(PROBLEMS).index(p))
+    runs = pd.DataFrame(rows, columns=COLUMNS)
+    runs.to_csv(out / "runs.csv", index=False)
+    long = _long(pooled)
+    problems = [p for p in PROBLEMS if p in set(runs.problem)]
+    budget = runs.groupby("problem").meta_iterations.max()
     lines = [
         f"Held-out tasks: {rows[0]['tasks']} per seed, the same for every method; seeds "
         f"{', '.join(map(str, seeds))} (pooled: mean ± 95% CI over seeds × tasks). Budget: "
         + "; ".join(
-            f"{p} {max(r['meta_iterations'] for r in rows if r['problem'] == p)} "
-            f"meta-iterations × {PROBLEMS[p].meta_batch} tasks"
-            for p in problems
+            f"{p} {budget[p]} meta-iterations × {PROBLEMS[p].meta_batch} tasks" for p in problems
         )
         + ".",
         "",
     ]
     for p in problems:
-        metrics = [("query_loss", "loss")] + ([("accuracy", "acc")] if p == "linear" else [])
-        for title, key in metrics:
-            lines += [
-                f"**{p}: query {title.replace('query_', '')} after k adaptation steps**",
-                "",
-                "| method | " + " | ".join(f"k={k}" for k in EVAL_STEPS) + " |",
-                "|---|" + "---|" * len(EVAL_STEPS),
-            ]
-            for m in METHODS:
-                cells = []
-                for k in EVAL_STEPS:
-                    v = pooled[(p, m, k)][key]
-                    cells.append(f"{_mean(v):.3f} ± {_ci(v):.3f}")
-                lines.append(f"| {m} | " + " | ".join(cells) + " |")
-            lines.append("")
-        k = EVAL_STEPS[-1]
-        per_seed = []
-        for m in METHODS:
-            vals = [
-                f"seed {r['seed']}: {r['query_loss']:.3f}"
-                for r in rows
-                if r["problem"] == p and r["method"] == m and r["adapt_steps"] == k
-            ]
-            per_seed.append(f"{m} ({', '.join(vals)})")
-        lines += [f"Per seed, query loss after k={k}: " + "; ".join(per_seed) + ".", ""]
+        for metric in ("loss", "accuracy"):
+            sub = long[(long.problem == p) & (long.metric == metric)]
+            if sub.empty:
+                continue
+            table = sub.pivot_table(
+                index="method", columns="adapt_steps", values="value", aggfunc=_mean_ci
+            )
+            table = table.reindex(METHODS).rename(columns=lambda k: f"k={k}")
+            lines += [f"**{p}: query {metric} after k adaptation steps**", ""]
+            lines += [table.to_markdown(), ""]
+        last = runs[(runs.problem == p) & (runs.adapt_steps == EVAL_STEPS[-1])]
+        per_seed = [
+            f"{m} ({', '.join(f'seed {r.seed}: {r.query_loss:.3f}' for r in g.itertuples())})"
+            for m, g in last.groupby("method", sort=False)
+        ]
+        lines += [
+            f"Per seed, query loss after k={EVAL_STEPS[-1]}: " + "; ".join(per_seed) + ".",
+            "",
+        ]
     (out / "summary.md").write_text("\n".join(lines))
-    _plot(out, problems, pooled)
+    _plot(out, problems, long)
 
 
-def _plot(out: Path, problems, pooled) -> None:
+def _plot(out: Path, problems, long: pd.DataFrame) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,11 +273,12 @@ def _plot(out: Path, problems, pooled) -> None:
 
     fig, axes = plt.subplots(1, len(problems), figsize=(5.5 * len(problems), 4))
     axes = axes if len(problems) > 1 else [axes]
+    loss = long[long.metric == "loss"]
+    stats = loss.groupby(["problem", "method", "adapt_steps"]).value.agg(["mean", _ci95])
     for ax, p in zip(axes, problems):
         for m in METHODS:
-            ys = [_mean(pooled[(p, m, k)]["loss"]) for k in EVAL_STEPS]
-            es = [_ci(pooled[(p, m, k)]["loss"]) for k in EVAL_STEPS]
-            ax.errorbar(EVAL_STEPS, ys, yerr=es, marker="o", capsize=3, label=m)
+            s = stats.loc[(p, m)]
+            ax.errorbar(s.index, s["mean"], yerr=s["_ci95"], marker="o", capsize=3, label=m)
         ax.set_title(f"{p}: query loss vs adaptation steps")
         ax.set_xlabel("SGD adaptation steps on the support set")
         ax.set_ylabel("query loss (mean, 95% CI)")

@@ -85,6 +85,14 @@ class Preset:
     amp: str = ""
     # which targets the report checks on this preset's CSV (bench.report.TARGETS)
     targets: tuple[str, ...] = ("memory_model", "time_model")
+    # the model, by its name in bench.models.MODELS
+    model: str = "resnet18"
+
+    def describe(self) -> str:
+        """``"resnet18, 16x3x224x224, float32, clip 100.0"`` (for titles and tables)."""
+        amp = f", autocast {self.amp}" if self.amp else ""
+        clip = f", clip {self.clip}" if self.clip is not None else ""
+        return f"{self.model}, {self.batch}x3x{self.image}x{self.image}, {self.dtype}{amp}{clip}"
 
     def cap(self, label: str) -> int | None:
         return dict(self.caps).get(label)

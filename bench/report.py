@@ -17,6 +17,43 @@ import pandas as pd
 __all__ = ["pivot", "summary_table", "targets", "tradeoff_plot", "update_readme", "write_report"]
 
 
+def _describe(row: pd.Series) -> str:
+    """The set-up of a CSV row: model, input, dtype, autocast, clipping."""
+    model = row.get("model", "resnet18")
+    model = "resnet18" if pd.isna(model) else model
+    amp = row.get("amp", "")
+    amp = f", autocast {amp}" if isinstance(amp, str) and amp else ""
+    clip = "no clipping" if pd.isna(row["clip"]) else f"clip {row['clip']:g}"
+    return f"{model}, {row.batch}x3x{row.image}x{row.image}, {row['dtype']}{amp}, {clip}"
+
+
+def derive_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """The report's derived columns, from the raw CSV: the time over first_order's at the
+    same N, ms per inner step, and the memory and time models' errors (predicted/measured
+    - 1). Older CSVs without an ``exact`` column get it from the run registry."""
+    df = df.copy()
+    if "exact" not in df:
+        import effmaml
+
+        from .presets import RUNS
+
+        df["exact"] = df.strategy.map(
+            lambda s: s in RUNS and effmaml.STRATEGIES[RUNS[s].strategy].exact
+        )
+    fo = df[(df.strategy == "first_order") & (df.status == "ok")].set_index("steps").time_s
+    df["overhead_vs_first_order"] = df.time_s / df.steps.map(fo)
+    df["ms_per_step"] = 1000 * df.time_s / df.steps
+    df["prediction_error"] = _ratio(df, "predicted_peak_mib", "peak_mib")
+    df["time_prediction_error"] = _ratio(df, "predicted_s", "time_s")
+    return df
+
+
+def _ratio(df: pd.DataFrame, predicted: str, measured: str) -> pd.Series:
+    if predicted not in df or measured not in df:
+        return pd.Series(float("nan"), index=df.index)
+    return pd.to_numeric(df[predicted], errors="coerce") / df[measured] - 1
+
+
 def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, g in df.groupby("strategy", sort=False):
@@ -72,16 +109,11 @@ def summary_table(df: pd.DataFrame) -> str:
 def pivot(df: pd.DataFrame, column: str, spec: str) -> str:
     """strategy x N table of ``column`` (blank where the run did not finish)."""
     ok = df[df.status == "ok"]
-    steps = sorted(df.steps.unique())
-    lines = ["| strategy | " + " | ".join(f"N={n}" for n in steps) + " |"]
-    lines.append("|---|" + "---|" * len(steps))
-    for label in df.strategy.unique():
-        cells = []
-        for n in steps:
-            v = ok[(ok.strategy == label) & (ok.steps == n)][column]
-            cells.append("" if v.empty or pd.isna(v.iloc[0]) else format(float(v.iloc[0]), spec))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    table = ok.pivot_table(index="strategy", columns="steps", values=column, aggfunc="first")
+    table = table.reindex(index=df.strategy.unique(), columns=sorted(df.steps.unique()))
+    table = table.map(lambda v: "" if pd.isna(v) else format(float(v), spec))
+    table.columns = [f"N={n}" for n in table.columns]
+    return table.to_markdown()
 
 
 def _tradeoff_n(df: pd.DataFrame) -> int | None:
@@ -249,20 +281,9 @@ def _preset_targets(name: str) -> tuple[str, ...]:
 def write_report(out_dir: Path | str) -> None:
     """Write memory_vs_steps.png, time_vs_steps.png and summary.md next to runs.csv."""
     out_dir = Path(out_dir)
-    df = pd.read_csv(out_dir / "runs.csv")
-    if "exact" not in df:  # CSVs written before the column existed
-        import effmaml
-
-        from .presets import RUNS
-
-        df["exact"] = df.strategy.map(
-            lambda s: s in RUNS and effmaml.STRATEGIES[RUNS[s].strategy].exact
-        )
+    df = derive_columns(pd.read_csv(out_dir / "runs.csv"))
     first = df.iloc[0]
-    title = (
-        f"{first.preset}: ResNet18, {first.batch}x3x{first.image}x{first.image}, "
-        f"{first['dtype']}, clip={first['clip']} — {first['device']}, torch {first['torch']}"
-    )
+    title = f"{first.preset}: {_describe(first)} — {first['device']}, torch {first['torch']}"
     _plot(
         df,
         "peak_mib",

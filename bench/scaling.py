@@ -23,6 +23,10 @@ from pathlib import Path
 
 import torch
 
+from effmaml.measure import MALLOC_FOR_MEASURING
+
+from .env import environment, timestamp
+
 __all__ = ["main", "worker"]
 
 COLUMNS = [
@@ -37,6 +41,8 @@ COLUMNS = [
     "peak_mib_per_process",
     "threads_per_process",
     "torch",
+    "git",
+    "timestamp",
 ]
 
 
@@ -63,7 +69,7 @@ def worker(out: str, iterations: int, meta_batch: int, device_name: str) -> None
 
     import effmaml
     from effmaml.distributed import init_from_env
-    from effmaml.memory import PeakMemory
+    from effmaml.measure import PeakMemory
 
     torch.set_num_threads(1)
     device = torch.device(device_name)
@@ -116,7 +122,7 @@ def worker(out: str, iterations: int, meta_batch: int, device_name: str) -> None
 def _run(procs: int, iterations: int, meta_batch: int, device: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
-        env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+        env = dict(os.environ, OMP_NUM_THREADS="1", **MALLOC_FOR_MEASURING)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd += ["--nproc-per-node", str(procs), "-m", "bench.scaling", "--worker", out]
         cmd += ["--iterations", str(iterations), "--meta-batch", str(meta_batch)]
@@ -139,9 +145,7 @@ def main(argv=None) -> None:
         return
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev_name = (
-        torch.cuda.get_device_name() if a.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    )
+    env = environment(a.device)
     rows = []
     base = None
     for p in [int(x) for x in a.procs.split(",")]:
@@ -150,7 +154,7 @@ def main(argv=None) -> None:
         base = base or rate
         rows.append(
             {
-                "device": dev_name,
+                "device": env["device"],
                 "processes": p,
                 "meta_batch": a.meta_batch,
                 "iterations": a.iterations,
@@ -160,7 +164,9 @@ def main(argv=None) -> None:
                 "efficiency": round(rate / base / p, 3),
                 "peak_mib_per_process": "/".join(f"{x / 2**20:.0f}" for x in r["peaks"]),
                 "threads_per_process": 1,
-                "torch": torch.__version__,
+                "torch": env["torch"],
+                "git": env["git"],
+                "timestamp": timestamp(),
             }
         )
         print(rows[-1], flush=True)
@@ -174,19 +180,20 @@ def main(argv=None) -> None:
 
 def write_summary(out_dir: Path) -> None:
     """summary.md from every scaling*.csv in ``out_dir``."""
-    lines = [
-        "| device | processes | meta-it/s | speedup | efficiency | peak MiB per process |",
-        "|---|---|---|---|---|---|",
-    ]
-    for path in sorted(out_dir.glob("scaling*.csv")):
-        with open(path) as f:
-            for r in csv.DictReader(f):
-                lines.append(
-                    f"| {r['device']} | {r['processes']} | {float(r['meta_it_per_s']):.3f} | "
-                    f"{float(r['speedup']):.2f}x | {float(r['efficiency']):.0%} | "
-                    f"{r['peak_mib_per_process']} |"
-                )
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    import pandas as pd
+
+    df = pd.concat([pd.read_csv(p) for p in sorted(out_dir.glob("scaling*.csv"))])
+    table = pd.DataFrame(
+        {
+            "device": df.device,
+            "processes": df.processes,
+            "meta-it/s": df.meta_it_per_s.map("{:.3f}".format),
+            "speedup": df.speedup.map("{:.2f}x".format),
+            "efficiency": df.efficiency.map("{:.0%}".format),
+            "peak MiB per process": df.peak_mib_per_process.astype(str),
+        }
+    )
+    (out_dir / "summary.md").write_text(table.to_markdown(index=False) + "\n")
 
 
 if __name__ == "__main__":

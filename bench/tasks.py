@@ -1,25 +1,17 @@
-"""Few-shot task families: sine-wave regression and linear binary classification.
-
-Each family is a callable ``family(generator) -> [(support, query), ...]`` of
-``meta_batch`` tasks, drawing all its randomness from the given ``torch.Generator`` (what
-:class:`effmaml.MetaTrainer` expects), plus ``sample(generator, n)`` for held-out tasks.
-"""
+"""Few-shot task families of the benchmark: linear binary classification (and, from
+:mod:`effmaml.tasks`, sine regression)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effmaml.tasks import SineTasks, TaskFamily, mlp, mse_loss
+
 __all__ = ["LinearClassTasks", "SineTasks", "bce_loss", "mlp", "mse_loss", "sigmoid_net"]
-
-
-def mse_loss(model, batch) -> Tensor:
-    x, y = batch
-    return F.mse_loss(model(x), y)
 
 
 def bce_loss(model, batch) -> Tensor:
@@ -27,53 +19,13 @@ def bce_loss(model, batch) -> Tensor:
     return F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
 
 
-def mlp(width: int = 40, dtype=torch.float32) -> nn.Module:
-    """Finn et al.'s sine regressor: 1-40-40-1 with ReLU."""
-    return nn.Sequential(
-        nn.Linear(1, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1)
-    ).to(dtype)
-
-
 def sigmoid_net(dim: int = 10, dtype=torch.float32) -> nn.Module:
     """A single-layer sigmoid network (the logit; the sigmoid is in the loss)."""
     return nn.Linear(dim, 1).to(dtype)
 
 
-class _Family:
-    """``family(g)``: ``meta_batch`` tasks; ``family.sample(g, n)``: n tasks."""
-
-    meta_batch: int
-
-    def task(self, g: torch.Generator):
-        raise NotImplementedError
-
-    def sample(self, g: torch.Generator, n: int) -> list:
-        return [self.task(g) for _ in range(n)]
-
-    def __call__(self, g: torch.Generator) -> list:
-        return self.sample(g, self.meta_batch)
-
-
 @dataclass
-class SineTasks(_Family):
-    """y = A sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5] (Finn et al. 2017)."""
-
-    meta_batch: int
-    k_support: int = 10
-    k_query: int = 10
-    dtype: torch.dtype = torch.float32
-
-    def task(self, g: torch.Generator) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        amp = 0.1 + 4.9 * torch.rand((), generator=g, dtype=self.dtype)
-        phase = math.pi * torch.rand((), generator=g, dtype=self.dtype)
-        x = -5 + 10 * torch.rand(self.k_support + self.k_query, 1, generator=g, dtype=self.dtype)
-        y = amp * torch.sin(x - phase)
-        k = self.k_support
-        return (x[:k], y[:k]), (x[k:], y[k:])
-
-
-@dataclass
-class LinearClassTasks(_Family):
+class LinearClassTasks(TaskFamily):
     """Binary classification with a shared structure: task boundary w = w₀ + σ·ε.
 
     Inputs x ~ N(0, I) in ``dim`` dimensions, label 1[w·x + b > 0] with the task's

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
 import effmaml
 
+from .models import build_model
 from .presets import Preset, RunSpec
 
 __all__ = [
@@ -59,7 +59,7 @@ def build(preset: Preset, device: torch.device):
     """The model (seeded), dtype and the query batch."""
     dtype = getattr(torch, preset.dtype)
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=preset.classes).to(device, dtype)
+    model = build_model(preset.model, preset.classes).to(device, dtype)
     model.train()
     query = LazyBatches(preset, 1, device, dtype, seed=7)[0]
     return model, dtype, query
@@ -93,7 +93,7 @@ def predict(maml, preset: Preset, spec: RunSpec, steps: int, device, dtype):
         return None
     batches = LazyBatches(preset, steps, device, dtype)
     with amp_context(preset, spec, device):
-        (pred,) = effmaml.memory.estimate(maml, batches[0], steps, maml.strategy).values()
+        (pred,) = maml.estimate(batches[0], steps, maml.strategy).values()
     maml.model.zero_grad(set_to_none=True)
     return pred
 
@@ -114,7 +114,8 @@ def meta_gradient(model, maml, preset: Preset, spec: RunSpec, steps: int, device
         adapted = maml.adapt(batches)
         loss = loss_fn(adapted, query)
     loss.backward()
-    return _flat(model), adapted.step_evals, dict(adapted.info)
+    facts = {**adapted.info, "host_peak_bytes": adapted.host_peak_bytes()}
+    return _flat(model), adapted.step_evals, facts
 
 
 def _flat(model) -> torch.Tensor:

@@ -3,27 +3,46 @@
 >>> maml = effmaml.MAML(model, loss_fn, inner=effmaml.SGD(lr=0.01), strategy="checkpoint")
 >>> adapted = maml.adapt(batches)            # one batch per inner step
 >>> loss_fn(adapted, query_batch).backward() # meta-gradient in model.parameters()
+
+The public names below are loaded on first use (PEP 562), so that importing one module
+(``effmaml.memory``, say) loads only the layers under it.
 """
 
-from . import distributed, memory
-from .inner import SGD, Adam, InnerOptimizer
-from .maml import MAML, Adapted, RepeatedBatch
-from .strategies import (
-    STRATEGIES,
-    Auto,
-    Checkpoint,
-    FirstOrder,
-    Implicit,
-    Naive,
-    Offload,
-    Revolve,
-    Strategy,
-    make_strategy,
-    register_strategy,
-)
-from .train import MetaTrainer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "MAML": "maml",
+    "Adapted": "maml",
+    "RepeatedBatch": "step",
+    "SGD": "inner",
+    "Adam": "inner",
+    "InnerOptimizer": "inner",
+    "MetaTrainer": "train",
+    **{
+        name: "strategies"
+        for name in (
+            "STRATEGIES",
+            "Auto",
+            "Checkpoint",
+            "FirstOrder",
+            "Implicit",
+            "Naive",
+            "Offload",
+            "Revolve",
+            "RunFacts",
+            "Strategy",
+            "make_strategy",
+            "register_strategy",
+        )
+    },
+}
+_MODULES = ("distributed", "measure", "memory", "replay", "tasks")
 
 __all__ = [
     "MAML",
@@ -41,9 +60,50 @@ __all__ = [
     "Offload",
     "RepeatedBatch",
     "Revolve",
+    "RunFacts",
     "Strategy",
     "distributed",
     "make_strategy",
+    "measure",
     "memory",
     "register_strategy",
+    "replay",
+    "tasks",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'effmaml' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from . import distributed, measure, memory, replay, tasks
+    from .inner import SGD, Adam, InnerOptimizer
+    from .maml import MAML, Adapted
+    from .step import RepeatedBatch
+    from .strategies import (
+        STRATEGIES,
+        Auto,
+        Checkpoint,
+        FirstOrder,
+        Implicit,
+        Naive,
+        Offload,
+        Revolve,
+        RunFacts,
+        Strategy,
+        make_strategy,
+        register_strategy,
+    )
+    from .train import MetaTrainer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -9,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .inner import InnerOptimizer
-from .memory import parse_bytes
+from .memory import Prediction, parse_bytes
+from .probe import probe
 from .step import (
     Consts,
     Counter,
@@ -19,7 +21,7 @@ from .step import (
     LossFn,
     RepeatedBatch,
 )
-from .strategies import Strategy, make_strategy
+from .strategies import RunFacts, Strategy, make_strategy
 
 __all__ = ["MAML", "Adapted", "RepeatedBatch"]
 
@@ -41,7 +43,7 @@ class Adapted:
             strategies, detached under ``first_order``).
         inner_state: the inner optimizer's final state.
         fixed: the parameters that were not adapted (the model's own tensors).
-        info: facts about the run (resolved strategy options such as ``segment``).
+        facts: what ran and what the cost model predicted (:class:`RunFacts`).
         strategy: the strategy that produced it.
     """
 
@@ -53,7 +55,7 @@ class Adapted:
         losses: list[Tensor],
         inner_state: dict[str, Tensor],
         fixed: dict[str, Tensor],
-        info: dict[str, Any],
+        facts: RunFacts,
         counter: Counter,
         strategy: Strategy,
     ) -> None:
@@ -63,9 +65,20 @@ class Adapted:
         self.losses = losses
         self.inner_state = inner_state
         self.fixed = fixed
-        self.info = info
+        self.facts = facts
         self.strategy = strategy
         self._counter = counter
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """:attr:`facts` as a flat dict (``segment``, ``predicted_peak_bytes``, ``chosen``
+        ...), as earlier releases returned it."""
+        return self.facts.as_dict()
+
+    def host_peak_bytes(self) -> int:
+        """Pinned host memory the run's store held at most (``offload`` on CUDA), else 0."""
+        schedule = self.facts.schedule
+        return 0 if schedule is None else schedule.store.host_bytes()
 
     @property
     def step_evals(self) -> int:
@@ -116,7 +129,7 @@ class MAML:
             exact schedule that fits; ``checkpoint``/``offload`` (``segment=None``) and
             ``revolve`` (``slots=None``) pick their option; a strategy that cannot fit
             raises ``MemoryError`` before unrolling. Predictions come from
-            :func:`effmaml.memory.estimate`'s model.
+            :meth:`estimate`'s model.
         host_memory_budget: the pinned host memory ``offload`` may hold (bytes or a string);
             ``offload`` over it raises ``MemoryError`` before unrolling, ``auto`` skips it.
             Default: half of what the OS reports available when ``adapt`` starts.
@@ -246,17 +259,62 @@ class MAML:
             out.losses,
             out.state.opt,
             consts.fixed,
-            out.info,
+            out.facts,
             problem.counter,
             self.strategy,
         )
+
+    def estimate(
+        self,
+        batch: Any,
+        steps: int,
+        strategy: str | Strategy | None = None,
+        **options: Any,
+    ) -> dict[str, Prediction]:
+        """Predict peak memory, step evaluations and seconds, from the probe alone.
+
+        The probe (:func:`effmaml.probe.probe`) runs on ``batch``: P (the state's bytes), A
+        (the bytes autograd saves for a second-order step), t₁ and t₂ (a first-order step;
+        a step with graph and its pullback); each strategy's formulas
+        (:mod:`effmaml.memory`) turn them into a prediction. Nothing else runs; the model is
+        not changed. The probe's result is cached here, so a following ``adapt`` with
+        batches like ``batch`` does not probe again: the predictions are for that ``adapt``
+        (without the probe's evaluations and time).
+
+        Args:
+            batch: one batch like those ``adapt`` will get.
+            steps: N.
+            strategy: a name or instance to predict for alone (with ``options``); default
+                all: ``naive``, ``checkpoint`` (both pullbacks, segment chosen), ``revolve``
+                with 2, 4 and 8 slots, ``offload`` on CUDA.
+
+        Returns:
+            label -> :class:`~effmaml.memory.Prediction` (labels like
+            ``"checkpoint(segment=7, pullback='step')"``).
+        """
+        problem, state0, consts = self.problem(batch, steps)
+        pr = probe(problem, state0, consts, problem.probe_cache)
+        pr = dataclasses.replace(pr, evals=0, seconds=0.0)  # the next adapt will not probe
+        if strategy is not None:
+            chosen = [make_strategy(strategy, **options)]
+        else:
+            chosen = [make_strategy("naive"), make_strategy("checkpoint", pullback="segment")]
+            chosen += [make_strategy("checkpoint", pullback="step")]
+            chosen += [make_strategy("revolve", slots=s) for s in (2, 4, 8)]
+            if problem.device.type == "cuda":
+                chosen.append(make_strategy("offload"))
+        out: dict[str, Prediction] = {}
+        for st in chosen:
+            label, pred = st.plan(problem, pr)
+            out[label] = pred
+        return out
 
     def problem(
         self, batches: Sequence[Any] | Any, steps: int | None = None
     ) -> tuple[InnerProblem, InnerState, Consts]:
         """The inner problem ``adapt`` would run, its initial state and constants.
 
-        For tools built on the engine (:func:`effmaml.memory.estimate`); arguments as for
+        For tools built on the engine (:meth:`estimate`); arguments as for
         :meth:`adapt`.
         """
         seq = self._batches(batches, steps)

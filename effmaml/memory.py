@@ -1,28 +1,40 @@
-"""Counting, measuring and predicting memory.
+"""The cost model: counting bytes, and predicting a schedule's memory and time.
 
-* :func:`saved_bytes`: exact and device-independent, the bytes autograd saves for backward
-  inside a block (deduplicated by storage), via
-  :func:`torch.autograd.graph.saved_tensors_hooks`. This is how ``A``, one step's
-  second-order graph, is measured.
-* :class:`PeakMemory`: the peak of a block on a device. CUDA: allocator statistics. CPU:
-  the process's resident-set high-water mark (``VmHWM``) after resetting it through
-  ``/proc/self/clear_refs``, minus the resident set at the start. On CPU the numbers are
-  only meaningful in a fresh process (one run per subprocess) started with
-  ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns freed blocks to the system.
+Everything effmaml predicts comes from here, from a few measured quantities
+(:class:`Probe`: P one inner state, A one step's second-order graph, t₁ and t₂ two step
+times) and each schedule's counts (states stored, graphs alive, steps advanced):
+
+* byte counting: :func:`nbytes` (what a copy of some tensors costs), :func:`storage_bytes`
+  and :func:`saved_bytes` (distinct storages; what autograd keeps for backward);
+* :func:`parse_bytes` / :func:`format_bytes`;
+* peak memory: :func:`working_bytes`, :func:`schedule_peak`, :func:`naive_peak`,
+  :func:`first_order_peak`, :func:`implicit_peak`, with their calibration notes;
+* time: :func:`predict_seconds` (Note [The time model]).
+
+Measuring (peaks, free memory, the host link) is :mod:`effmaml.measure`; a whole prediction
+for a model and a batch is :meth:`effmaml.MAML.estimate`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .measure import (
+    PeakMemory,
+    available_bytes,
+    available_host_bytes,
+    current_rss_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
 
 __all__ = [
     "PeakMemory",
@@ -33,24 +45,40 @@ __all__ = [
     "available_host_bytes",
     "current_rss_bytes",
     "estimate",
+    "first_order_peak",
     "format_bytes",
+    "implicit_peak",
+    "naive_peak",
+    "nbytes",
     "parse_bytes",
     "peak_rss_bytes",
     "predict_seconds",
     "reset_peak_rss",
     "saved_bytes",
+    "schedule_peak",
+    "storage_bytes",
     "tensor_bytes",
+    "working_bytes",
 ]
 
 
-def tensor_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors``."""
+# -- counting bytes ----------------------------------------------------------------------------
+def nbytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes of the tensors' elements (what copying them costs, e.g. one inner state P)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def storage_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and repeats counted once)."""
     seen: dict[tuple[str, int], int] = {}
     for t in tensors:
         if isinstance(t, Tensor):
             st = t.untyped_storage()
             seen[(str(t.device), st.data_ptr())] = st.nbytes()
     return sum(seen.values())
+
+
+tensor_bytes = storage_bytes  # the name earlier releases used
 
 
 @dataclass
@@ -94,87 +122,6 @@ def saved_bytes() -> Iterator[SavedBytes]:
         yield result
 
 
-def _proc_kib(path: str, field: str) -> int:
-    """A ``Field: <n> kB`` line of a /proc file (Linux only)."""
-    with open(path) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in {path} (Linux only)")
-
-
-def _status_kib(field: str) -> int:
-    return _proc_kib("/proc/self/status", field)
-
-
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (Linux)."""
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    """Resident-set high-water mark since start or the last :func:`reset_peak_rss` (Linux)."""
-    return _status_kib("VmHWM") * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the high-water mark to the current RSS (writes 5 to /proc/self/clear_refs).
-
-    Returns:
-        Whether the kernel accepted the reset (False in some sandboxes).
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-class PeakMemory:
-    """Peak memory of a block, above what was in use when it started.
-
-    Args:
-        device: where the work runs. CUDA: ``max_memory_allocated`` and
-            ``max_memory_reserved`` after ``reset_peak_memory_stats``. CPU: VmHWM after
-            resetting it, minus the RSS at the start.
-
-    Attributes (after the block):
-        peak: bytes above the start (allocated on CUDA, resident on CPU).
-        reserved: CUDA bytes reserved by the caching allocator at the peak (CPU: = peak).
-        kind: ``"cuda_allocated"`` or ``"cpu_rss_hwm"``; ``"cpu_rss_hwm_noreset"`` when
-            the kernel refused the reset (the peak then includes earlier history).
-    """
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self.peak = 0
-        self.reserved = 0
-        self.kind = ""
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            self._base_res = torch.cuda.memory_reserved(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.kind = "cuda_allocated"
-        else:
-            ok = reset_peak_rss()
-            self._base = current_rss_bytes()
-            self.kind = "cpu_rss_hwm" if ok else "cpu_rss_hwm_noreset"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-            self.reserved = torch.cuda.max_memory_reserved(self.device) - self._base_res
-        else:
-            self.peak = peak_rss_bytes() - self._base
-            self.reserved = self.peak
-
-
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10})
 _UNITS.update({"M": 2**20, "G": 2**30, "T": 2**40})
@@ -201,21 +148,6 @@ def parse_bytes(value: int | float | str) -> int:
     if not n > 0 or not math.isfinite(n):
         raise ValueError(f"a memory size must be a positive number of bytes (got {value!r})")
     return int(n)
-
-
-def available_bytes(device: torch.device) -> int:
-    """Memory free for new work now: ``cuda.mem_get_info`` on CUDA, else MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return available_host_bytes()
-
-
-def available_host_bytes() -> int:
-    """Host memory available for new work (MemAvailable; 8 GiB where /proc is missing)."""
-    try:
-        return _proc_kib("/proc/meminfo", "MemAvailable") * 1024
-    except (OSError, RuntimeError):
-        return 8 * 2**30
 
 
 def format_bytes(n: float) -> str:
@@ -277,6 +209,62 @@ class Prediction:
     seconds: float = 0.0
 
 
+# -- peak memory -------------------------------------------------------------------------------
+# Every formula predicts the peak above what was in use when adapt started, for one
+# meta-gradient (adapt + the query's backward). Calibrated against measured peaks on the
+# bench presets: ResNet18 at 8x3x64x64 on a 2-core CPU (results/cpu-small) and at
+# 16x3x224x224 on an H200 (results/resnet18-224): within ±8% for the exact schedules, see
+# the "predicted vs measured" columns there.
+
+
+def working_bytes(probe: Probe) -> int:
+    """What every exact backward needs besides stored states and graphs.
+
+    # Note [The working set of a pullback]
+    # While one step's graph is pulled back, autograd holds its gradient buffers and
+    # temporaries (about one more A at the widest op), plus the cotangent and the
+    # accumulated meta-gradient (two copies of the state).
+    """
+    return probe.step_graph_bytes + 2 * probe.state_bytes
+
+
+def schedule_peak(states: int, graphs: int, probe: Probe) -> int:
+    """A schedule's peak: ``states`` inner states and ``graphs`` steps' second-order graphs
+    alive at once on the device, plus the working set of a pullback.
+
+    Uniform checkpointing: states = the stored ones (segment starts, and with
+    ``pullback="step"`` a segment's k states), graphs = k or 1; offload: states = 1 (the
+    one being prefetched; the rest are on the host); revolve: the slots + the output φ_N,
+    graphs = 1.
+    """
+    return states * probe.state_bytes + graphs * probe.step_graph_bytes + working_bytes(probe)
+
+
+def naive_peak(steps: int, probe: Probe) -> int:
+    """Naive: every step's graph (N·A; its states are inside the graphs) + the working set."""
+    return steps * probe.step_graph_bytes + working_bytes(probe)
+
+
+def first_order_peak(probe: Probe) -> int:
+    """First order: the working state, its successor and the output; one first-order graph."""
+    return 3 * probe.state_bytes + probe.first_order_bytes()
+
+
+def implicit_peak(probe: Probe) -> int:
+    """iMAML's conjugate-gradient solve at φ_N.
+
+    φ_N and the output (2P), CG's 4 vectors and the product's operands and results (7 copies
+    of the adapted parameters), one Hessian-vector product's graph and its working set,
+    and the second backward's temporaries: A/2, calibrated between the CPU preset (where it
+    overestimates by 9%) and the H200 (where cuDNN's double-backward workspaces make it
+    underestimate by 6%). Never below the first-order unroll that precedes the solve.
+    """
+    solve = 2 * probe.state_bytes + 7 * probe.param_bytes + working_bytes(probe)
+    solve += probe.step_graph_bytes // 2
+    return max(solve, first_order_peak(probe))
+
+
+# -- time ----------------------------------------------------------------------------------------
 def predict_seconds(
     probe: Probe,
     advances: int,
@@ -318,42 +306,5 @@ def predict_seconds(
 def estimate(
     maml: Any, batch: Any, steps: int, strategy: Any = None, **options: Any
 ) -> dict[str, Prediction]:
-    """Predict peak memory, step evaluations and seconds of every schedule, from the probe.
-
-    The probe (:func:`effmaml.probe.probe`) runs on ``batch``: P (the state's bytes), A
-    (the bytes autograd saves for a second-order step), t₁ and t₂ (a first-order step, a
-    step with graph and its pullback); each strategy's formulas turn them into a
-    prediction. Nothing else runs; the model is not changed. The probe's result is cached
-    on ``maml``, so a following ``adapt`` with batches like ``batch`` does not probe again:
-    the predictions are for that ``adapt`` (without the probe's evaluations and time).
-
-    Args:
-        maml: an :class:`effmaml.MAML` (its model, loss, inner optimizer, options).
-        batch: one batch like those ``adapt`` will get.
-        steps: N.
-        strategy: a name or instance to predict for alone (with ``options``); default all:
-            ``naive``, ``checkpoint`` (both pullbacks, segment chosen), ``revolve`` with
-            2, 4 and 8 slots, ``offload`` on CUDA, and the automatic choice.
-
-    Returns:
-        label -> :class:`Prediction` (labels like ``"checkpoint(segment=7, pullback='step')"``).
-    """
-    from .probe import probe
-    from .strategies import make_strategy
-
-    problem, state0, consts = maml.problem(batch, steps)
-    pr = probe(problem, state0, consts, problem.probe_cache)
-    pr = dataclasses.replace(pr, evals=0, seconds=0.0)  # the next adapt will not probe
-    if strategy is not None:
-        chosen = [make_strategy(strategy, **options)]
-    else:
-        chosen = [make_strategy("naive"), make_strategy("checkpoint", pullback="segment")]
-        chosen += [make_strategy("checkpoint", pullback="step")]
-        chosen += [make_strategy("revolve", slots=s) for s in (2, 4, 8)]
-        if problem.device.type == "cuda":
-            chosen.append(make_strategy("offload"))
-    out: dict[str, Prediction] = {}
-    for st in chosen:
-        label, pred = st.plan(problem, pr)
-        out[label] = pred
-    return out
+    """``maml.estimate(batch, steps, strategy, **options)``: see :meth:`effmaml.MAML.estimate`."""
+    return maml.estimate(batch, steps, strategy, **options)

@@ -10,8 +10,6 @@ whatever N is. On a CPU it is the plain :class:`~effmaml.engine.Store`.
 
 from __future__ import annotations
 
-import functools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +18,7 @@ from torch import Tensor
 from .engine import Handle, Resident, Store
 from .step import InnerState
 
-__all__ = ["HostStore", "host_link", "make_store", "pinned_high_water"]
+__all__ = ["HostStore", "make_store", "pinned_high_water"]
 
 _PINNED = {"held": 0, "high": 0}  # pinned bytes held by HostStores in this process
 
@@ -126,32 +124,3 @@ def pinned_high_water() -> int:
     more than this pays for page-locking new memory (Note [The time model]).
     """
     return _PINNED["high"]
-
-
-_LINK_BYTES = 64 * 2**20
-
-
-@functools.cache
-def host_link(device: torch.device) -> tuple[float, float]:
-    """Pinned host↔device copy bandwidth and pinned-allocation rate, once per process.
-
-    Copies 64 MiB down and up (after one warm-up copy) and times a fresh pinned allocation
-    of the same size. Cost: about 100 ms, once.
-
-    Returns:
-        ``(copy bytes/s, averaged over both directions; pinned allocation bytes/s)``.
-    """
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    host = torch.empty(_LINK_BYTES, dtype=torch.uint8, pin_memory=True)
-    host.fill_(1)
-    t_pin = time.perf_counter() - t0
-    dev = torch.empty(_LINK_BYTES, dtype=torch.uint8, device=device)
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    host.copy_(dev, non_blocking=True)
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize(device)
-    t_copy = time.perf_counter() - t0
-    return 2 * _LINK_BYTES / max(t_copy, 1e-9), _LINK_BYTES / max(t_pin, 1e-9)

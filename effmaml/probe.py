@@ -12,7 +12,7 @@ it was:
 4. a first-order step again (t₁ = the faster of the two).
 
 On CUDA it also uses the pinned host↔device bandwidth, measured once per process
-(:func:`effmaml.offload.host_link`). Cost: 3 step evaluations and two pullbacks, once per
+(:func:`effmaml.measure.host_link`). Cost: 3 step evaluations and two pullbacks, once per
 ``MAML`` instance and batch signature (shapes, dtypes, train/eval mode, autocast): the
 result is cached, so a meta-training loop pays it once. Batch 0 is indexed once per call
 to read its signature (and reused by the probe's steps).
@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from .checks import check_double_backward, raise_if_no_double_backward
-from .memory import Probe, saved_bytes
+from .measure import host_link
+from .memory import Probe, nbytes, saved_bytes
 from .step import Consts, InnerProblem, InnerState, inner_step
 
 __all__ = ["PROBE_EVALS", "probe", "signature"]
@@ -128,14 +129,10 @@ def probe(
             pulls.append(_clock(device) - t0)
         del out, loss, outputs, cotangents
         t_fo2, _ = _first_order(problem, state0, consts)
-    link = (0.0, 0.0)
-    if device.type == "cuda":
-        from .offload import host_link
-
-        link = host_link(device)
+    link = host_link(device) if device.type == "cuda" else (0.0, 0.0)
     result = Probe(
         state_bytes=state0.nbytes(),
-        param_bytes=sum(t.numel() * t.element_size() for t in state0.params.values()),
+        param_bytes=nbytes(state0.params.values()),
         step_graph_bytes=count.bytes,
         first_order_graph_bytes=fo_bytes,
         # Note [Timing the probe]: the first of each kind of work in a process runs cold

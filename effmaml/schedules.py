@@ -17,21 +17,25 @@ step recomputations with s stored states, each step recomputed at most r times.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 from torch import Tensor
 
 from .engine import Handle, Schedule, Store, advance, advance_to
 from .replay import RngState, capture_rng, replay_rng
-from .step import Consts, InnerState, inner_step
+from .step import InnerState
 
 __all__ = [
+    "Action",
     "RevolveSchedule",
     "UniformSchedule",
     "binomial_repetitions",
+    "revolve_plan",
     "revolve_recomputations",
     "revolve_split",
 ]
@@ -159,35 +163,48 @@ def revolve_split(steps: int, slots: int) -> int:
     return best_m
 
 
-def _plan(a: int, b: int, slots: int, have: set[int]) -> Iterator[tuple]:
+class Action(NamedTuple):
+    """One move of the revolve plan.
+
+    ``kind``: ``"store"`` (advance from the stored state at ``src`` to ``dst`` and store
+    it), ``"advance"`` (advance from ``src`` to a working state at ``dst``), ``"pull"``
+    (pull back step ``src``, from the working state or else the stored state at ``src``) or
+    ``"free"`` (drop the stored state at ``src``).
+    """
+
+    kind: str
+    src: int
+    dst: int = -1
+
+
+def revolve_plan(a: int, b: int, slots: int, have: set[int]) -> Iterator[Action]:
     """The binomial reversal of steps ``a..b-1`` with ``slots`` states (one at ``a``).
 
-    Yields actions: ``("store", src, dst)`` advance from stored ``src`` to ``dst`` and store
-    it; ``("advance", src, dst)`` advance to a working state; ``("pull", t)`` pull back step
-    t from the working state or, if none, the stored state at t; ``("free", m)``.
+    ``have`` holds the stored positions (updated as the plan goes). A generator: the plan
+    for N = 1000 is walked as it runs, never built.
     """
     if b - a == 1:
-        yield ("pull", a)
+        yield Action("pull", a)
         return
     if slots == 1:
         for t in reversed(range(a, b)):
             if t != a:
-                yield ("advance", a, t)
-            yield ("pull", t)
+                yield Action("advance", a, t)
+            yield Action("pull", t)
         return
     m = a + revolve_split(b - a, slots)
     if m not in have:
-        yield ("store", a, m)
+        yield Action("store", a, m)
         have.add(m)
-    yield from _plan(m, b, slots - 1, have)
-    yield ("free", m)
+    yield from revolve_plan(m, b, slots - 1, have)
+    yield Action("free", m)
     have.discard(m)
-    yield from _plan(a, m, slots, have)
+    yield from revolve_plan(a, m, slots, have)
 
 
 @dataclass
 class _RevolveMemo:
-    plan: Iterator[tuple]
+    plan: Iterator[Action]
     stored: dict[int, tuple[InnerState, RngState]]
     working: tuple[int, InnerState, RngState] | None
 
@@ -221,35 +238,31 @@ class RevolveSchedule(Schedule):
 
     def forward(self, problem, state0, rng0, consts):
         steps = problem.steps
-        have = {0}
-        plan = _plan(0, steps, min(self.slots, steps), have)
+        plan = revolve_plan(0, steps, min(self.slots, steps), {0})
         stored: dict[int, tuple[InnerState, RngState]] = {0: (state0, rng0)}
         losses: list[Tensor] = []
         state, pos = state0, 0
-        first: tuple | None = None
+        first: Action | None = None
         for action in plan:
-            if action[0] == "pull":
+            if action.kind == "pull":
                 first = action
                 break
-            kind, src, dst = action
-            assert src == pos, "the first descent advances from where it stands"
-            state, seg = advance(problem, state, pos, dst, consts)
+            assert action.src == pos, "the first descent advances from where it stands"
+            state, seg = advance(problem, state, pos, action.dst, consts)
             losses += seg
-            pos = dst
-            if kind == "store":
-                stored[dst] = (state, capture_rng(problem.device))
-        assert first is not None and pos <= first[1] == steps - 1
+            pos = action.dst
+            if action.kind == "store":
+                stored[pos] = (state, capture_rng(problem.device))
+        assert first is not None and pos <= first.src == steps - 1
         state, seg = advance(problem, state, pos, steps - 1, consts)
         losses += seg
         # the global RNG is where step N-1 starts: run it in place, so that it moves on
         # exactly as naive's forward would leave it
         working = (steps - 1, state, capture_rng(problem.device))
-        s = state.detached(requires_grad=True)
-        out, loss = inner_step(problem, s, steps - 1, _detached(consts), create_graph=False)
-        losses.append(loss.detach())
-        final = out.detached(requires_grad=False)
+        final, seg = advance(problem, state, steps - 1, steps, consts)
+        losses += seg
         del stored[0]  # the input; backward gets it again from the Function's saved tensors
-        return final, losses, _RevolveMemo(_chain([first], plan), stored, working)
+        return final, losses, _RevolveMemo(itertools.chain([first], plan), stored, working)
 
     def backward(self, problem, memo: _RevolveMemo, state0, rng0, consts, pull: Pull) -> None:
         stored = memo.stored
@@ -257,9 +270,8 @@ class RevolveSchedule(Schedule):
         working = memo.working
         memo.working = None
         for action in memo.plan:
-            kind = action[0]
-            if kind == "pull":
-                t = action[1]
+            if action.kind == "pull":
+                t = action.src
                 if working is not None and working[0] == t:
                     _, s, r = working
                 else:
@@ -267,37 +279,13 @@ class RevolveSchedule(Schedule):
                 working = None
                 pull(s, r, t, t + 1)
                 del s, r
-            elif kind == "free":
-                stored.pop(action[1], None)
+            elif action.kind == "free":
+                stored.pop(action.src, None)
             else:
-                _, src, dst = action
-                s, r = advance_to(problem, *stored[src], src, dst, consts)
-                if kind == "store":
-                    stored[dst] = (s, r)
+                s, r = advance_to(problem, *stored[action.src], action.src, action.dst, consts)
+                if action.kind == "store":
+                    stored[action.dst] = (s, r)
                 else:
-                    working = (dst, s, r)
+                    working = (action.dst, s, r)
                 del s, r
         stored.clear()
-
-
-def _chain(head: list, rest: Iterator) -> Iterator:
-    yield from head
-    yield from rest
-
-
-def _detached(consts: Consts) -> Consts:
-    return Consts(
-        {k: v.detach() for k, v in consts.fixed.items()},
-        {k: v.detach() for k, v in consts.hyper.items()},
-        {k: v.detach() for k, v in consts.theta0.items()},
-    )
-
-
-def count_plan(steps: int, slots: int) -> int:
-    """Step evaluations of the revolve plan, by walking it (a check on the closed form)."""
-    have = {0}
-    n = 0
-    for action in _plan(0, steps, min(slots, steps), have):
-        if action[0] in ("store", "advance"):
-            n += action[2] - action[1]
-    return n

@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from .clip import clip_backward
 from .inner import InnerOptimizer
+from .memory import nbytes
 from .replay import AutocastState, Witness, capture_autocast, replay_autocast
 
 __all__ = [
@@ -56,8 +57,7 @@ class InnerState:
 
     def nbytes(self) -> int:
         """Bytes held by the state's tensors (``P`` in the memory formulas)."""
-        tensors = [*self.params.values(), *self.opt.values(), *self.buffers.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return nbytes([*self.params.values(), *self.opt.values(), *self.buffers.values()])
 
     def detached(self, requires_grad: bool) -> InnerState:
         """A copy sharing storage, cut from any graph; params/opt leaves when asked."""

@@ -16,7 +16,6 @@ import csv
 import hashlib
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .checks import warn
 from .distributed import all_reduce_sum, rank_slice, world
 from .maml import MAML
 
@@ -318,7 +318,7 @@ class MetaTrainer:
         failures: list[str] = []
         if not newest.exists() and not previous.exists():
             if self.rank == 0:
-                warnings.warn(f"no checkpoint at {newest}; starting from iteration 0", stacklevel=3)
+                warn(f"no checkpoint at {newest}; starting from iteration 0")
             return False
         for path in (newest, previous):
             if not path.exists():
@@ -332,10 +332,9 @@ class MetaTrainer:
                 failures.append(f"{path} ({type(err).__name__}: {str(err)[:200]})")
                 continue
             if failures and self.rank == 0:
-                warnings.warn(
+                warn(
                     f"could not load {failures[0]}; resuming from the previous checkpoint "
-                    f"{path} (iteration {state.get('iteration')}) instead",
-                    stacklevel=3,
+                    f"{path} (iteration {state.get('iteration')}) instead"
                 )
             self.load_state_dict(state, source=str(path))
             return True

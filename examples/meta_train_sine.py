@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import effmaml
-from bench.tasks import SineTasks, mlp, mse_loss
+from effmaml.tasks import SineTasks, mlp, mse_loss
 
 
 def main(argv=None):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +46,11 @@ def make_model(seed=0, dtype=F64, **kw) -> nn.Module:
 def ce_loss(module, batch):
     x, y = batch
     return F.cross_entropy(module(x), y)
+
+
+def maml_for(strategy="naive", width=12, lr=0.1, **kw) -> effmaml.MAML:
+    """A MAML on a fresh :func:`make_model` with plain SGD (the tests' usual front)."""
+    return effmaml.MAML(make_model(width=width), ce_loss, effmaml.SGD(lr), strategy, **kw)
 
 
 def make_batch(seed, n=8, d_in=5, classes=3, dtype=F64):
@@ -292,10 +296,6 @@ def grad_scale(grads) -> float:
     return max(g.abs().max().item() for g in grads if g.numel())
 
 
-def flat(grads) -> torch.Tensor:
-    return torch.cat([g.reshape(-1) for g in grads])
-
-
 # -- pairwise grid -------------------------------------------------------------------------
 def pairwise(factors: dict[str, list]) -> list[dict]:
     """A small covering array: every pair of values of every two factors appears in a row.
@@ -349,10 +349,6 @@ GRID_FACTORS = {
 
 GRID = [Opt(**row) for row in pairwise(GRID_FACTORS)]
 FULL_ROW = Opt("adam", "per_param", "update", True, 0.5, "head", "lazy", 0.3)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a @ b / (a.norm() * b.norm())).item() if a.norm() > 0 and b.norm() > 0 else math.nan
 
 
 def compare_to_naive(opt: Opt, strategy: str, steps: int, **strategy_kw):

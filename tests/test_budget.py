@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import effmaml
-from effmaml.memory import Probe, estimate, format_bytes, parse_bytes
+from effmaml.engine import Store
+from effmaml.memory import Probe, format_bytes, parse_bytes
 from effmaml.probe import PROBE_EVALS
 
 from .helpers import (
@@ -13,15 +14,11 @@ from .helpers import (
     assert_results_match,
     ce_loss,
     make_batch,
-    make_model,
+    maml_for,
     run_effmaml,
 )
 
 N = 12
-
-
-def _maml(strategy="naive", **kw):
-    return effmaml.MAML(make_model(width=32), ce_loss, effmaml.SGD(0.1), strategy, **kw)
 
 
 def test_parse_bytes():
@@ -34,14 +31,16 @@ def test_parse_bytes():
         with pytest.raises(ValueError, match="memory size"):
             parse_bytes(bad)
     with pytest.raises(ValueError, match="memory size"):
-        _maml(memory_budget="six gigs")
+        maml_for(width=32, memory_budget="six gigs")
     assert format_bytes(3 * 2**30) == "3.00 GiB"
 
 
 def test_estimate_follows_the_formulas():
-    maml = _maml()
-    small = estimate(maml, make_batch(0), 10)
-    large = estimate(maml, make_batch(0), 40)
+    maml = maml_for(width=32)
+    # the module-level function of earlier releases is the same prediction
+    assert effmaml.memory.estimate(maml, make_batch(0), 10) == maml.estimate(make_batch(0), 10)
+    small = maml.estimate(make_batch(0), 10)
+    large = maml.estimate(make_batch(0), 40)
     assert len(small) == len(large) == 6  # naive, 2 checkpoint, 3 revolve (no CUDA: no offload)
     assert {"naive"} <= set(small)
     revolve4 = next(k for k in small if k.startswith("revolve(slots=4"))
@@ -54,15 +53,15 @@ def test_estimate_follows_the_formulas():
     assert small[seg].step_evals == 2 * 10
     # one named strategy: the same prediction adapt() records; the probe ran for the
     # estimate, so adapt reuses it
-    m = _maml("revolve", slots=3)
-    (pred,) = estimate(m, make_batch(0), 10, "revolve", slots=3).values()
+    m = maml_for(width=32, strategy="revolve", slots=3)
+    (pred,) = m.estimate(make_batch(0), 10, "revolve", slots=3).values()
     adapted = m.adapt(make_batch(0), steps=10)
     assert adapted.info["probe_evals"] == 0
     assert adapted.info["predicted_peak_bytes"] == pred.peak_bytes
     assert adapted.info["step_evals_predicted"] == pred.step_evals
     assert adapted.info["predicted_seconds"] == pred.seconds > 0
     # a fresh front probes in adapt: its prediction adds the probe's evaluations and time
-    fresh = _maml("revolve", slots=3).adapt(make_batch(0), steps=10)
+    fresh = maml_for(width=32, strategy="revolve", slots=3).adapt(make_batch(0), steps=10)
     assert fresh.info["step_evals_predicted"] == pred.step_evals + PROBE_EVALS
     assert fresh.info["predicted_seconds"] > fresh.info["probe_seconds"] > 0
     assert model_untouched(maml)
@@ -73,16 +72,16 @@ def model_untouched(maml):
 
 
 def _predictions(steps=N):
-    return estimate(_maml(), make_batch(0), steps)
+    return maml_for(width=32).estimate(make_batch(0), steps)
 
 
 def test_auto_picks_naive_when_it_fits_and_checkpoint_when_not():
     preds = _predictions()
     naive = preds["naive"].peak_bytes
-    roomy = _maml("auto", memory_budget=int(naive * 1.01))
+    roomy = maml_for(width=32, strategy="auto", memory_budget=int(naive * 1.01))
     a = roomy.adapt([make_batch(t) for t in range(N)])
     assert a.info["chosen"] == "naive"
-    tight = _maml("auto", memory_budget=int(naive * 0.9))
+    tight = maml_for(width=32, strategy="auto", memory_budget=int(naive * 0.9))
     a = tight.adapt([make_batch(t) for t in range(N)])
     assert a.info["chosen"].startswith("checkpoint(") and "pullback='segment'" in a.info["chosen"]
     assert a.info["predicted_peak_bytes"] <= naive * 0.9
@@ -102,38 +101,42 @@ def test_auto_is_exact_whatever_it_picks():
 
 def test_nothing_fits_fails_before_any_work():
     batches = LazyBatches(N)
-    maml = _maml("auto", memory_budget=1024)
+    maml = maml_for(width=32, strategy="auto", memory_budget=1024)
     with pytest.raises(MemoryError, match="smallest feasible budget is about"):
         maml.adapt(batches)
     assert batches.calls == 1  # the probe read batch 0 once; nothing was unrolled
     with pytest.raises(MemoryError, match="raise the budget to at least"):
-        _maml("checkpoint", memory_budget=1024).adapt(batches)
+        maml_for(width=32, strategy="checkpoint", memory_budget=1024).adapt(batches)
 
 
 def test_budget_picks_segment_and_slots():
-    preds = _predictions()
-    seg_default = next(k for k in preds if "pullback='step'" in k)
-    budget = preds[seg_default].peak_bytes
-    a = _maml("checkpoint", pullback="step", memory_budget=budget).adapt(make_batch(0), steps=N)
-    assert a.info["predicted_peak_bytes"] <= budget
-    # "step": 3N - ceil(N/k) evaluations, fewer for shorter segments; the shortest that fits
-    k = a.info["segment"]
-    if k > 1:
-        shorter = _maml("checkpoint", pullback="step", segment=k - 1).adapt(make_batch(0), steps=N)
-        assert shorter.info["predicted_peak_bytes"] > budget
-    # revolve: the most slots that fit
-    r4 = estimate(_maml(), make_batch(0), N, "revolve", slots=4)
+    """Under a budget a named strategy runs its fastest option that fits. checkpoint with
+    pullback="step" at N=12: k=2 stores 6 + 2 states, k=1 stores 12 + 1 (over), and larger
+    k are slower (2N - ceil(N/k) advances); so a budget of k=2's peak gives k=2."""
+    per_k = {
+        k: maml_for(width=32).estimate(make_batch(0), N, "checkpoint", segment=k, pullback="step")
+        for k in range(1, N + 1)
+    }
+    peak = {k: next(iter(p.values())).peak_bytes for k, p in per_k.items()}
+    budget = peak[2]
+    assert peak[1] > budget
+    a = maml_for(width=32, strategy="checkpoint", pullback="step", memory_budget=budget).adapt(
+        make_batch(0), steps=N
+    )
+    assert a.info["segment"] == 2 and a.info["predicted_peak_bytes"] <= budget
+    # revolve: the most slots (the fastest) that fit
+    r4 = maml_for(width=32).estimate(make_batch(0), N, "revolve", slots=4)
     budget = next(iter(r4.values())).peak_bytes
-    a = _maml("revolve", memory_budget=budget).adapt(make_batch(0), steps=N)
+    a = maml_for(width=32, strategy="revolve", memory_budget=budget).adapt(make_batch(0), steps=N)
     assert a.info["slots"] == 4
 
 
 def test_named_strategy_over_budget_is_an_error():
     preds = _predictions()
     with pytest.raises(MemoryError, match="cannot run N=12"):
-        _maml("revolve", slots=8, memory_budget=preds["naive"].peak_bytes // 100).adapt(
-            make_batch(0), steps=N
-        )
+        maml_for(
+            width=32, strategy="revolve", slots=8, memory_budget=preds["naive"].peak_bytes // 100
+        ).adapt(make_batch(0), steps=N)
 
 
 def test_auto_without_budget_uses_free_memory(monkeypatch):
@@ -141,7 +144,7 @@ def test_auto_without_budget_uses_free_memory(monkeypatch):
 
     preds = _predictions()
     monkeypatch.setattr(auto, "available_bytes", lambda d: int(preds["naive"].peak_bytes * 0.5))
-    a = _maml("auto").adapt(make_batch(0), steps=N)
+    a = maml_for(width=32, strategy="auto").adapt(make_batch(0), steps=N)
     assert a.info["chosen"] != "naive"
     assert a.info["memory_budget"] == int(0.9 * int(preds["naive"].peak_bytes * 0.5))
     assert torch.is_tensor(a.losses[0])
@@ -163,7 +166,7 @@ H200 = Probe(
 )
 
 
-class _FakeHostStore(effmaml.engine.Store):
+class _FakeHostStore(Store):
     """Stands for the pinned-host store, so that offload's decision runs without a GPU."""
 
 
@@ -174,7 +177,7 @@ def _cuda_problem(monkeypatch, steps, budget, host_budget=None):
 
     monkeypatch.setattr(offload, "make_store", lambda device: _FakeHostStore())
     monkeypatch.setattr(offload, "pinned_high_water", lambda: 0)
-    problem, _, _ = _maml().problem(make_batch(0), steps)
+    problem, _, _ = maml_for(width=32).problem(make_batch(0), steps)
     return dataclasses.replace(
         problem,
         device=torch.device("cuda"),
@@ -189,8 +192,9 @@ def test_auto_takes_the_least_predicted_time_not_the_fewest_evaluations(monkeypa
     evaluations (2N) and has the smaller peak, but moves every state through pinned memory;
     schedules on the device that fit are predicted faster, and auto takes one of them."""
     problem = _cuda_problem(monkeypatch, 100, budget)
-    _, _, pred, label, _, considered = effmaml.Auto().decide(problem, H200)
-    fits = [(lab, p) for lab, p in considered if p.peak_bytes <= parse_bytes(budget)]
+    d = effmaml.Auto().decide(problem, H200)
+    pred, label = d.prediction, d.label
+    fits = [(lab, p) for lab, p in d.considered if p.peak_bytes <= parse_bytes(budget)]
     assert not label.startswith("offload"), label
     assert pred.seconds == min(p.seconds for _, p in fits)
     offloads = [p for lab, p in fits if lab.startswith("offload")]
@@ -210,9 +214,9 @@ def test_offload_over_the_host_budget(monkeypatch):
     problem = _cuda_problem(monkeypatch, 1000, "2GiB", host_budget="1GiB")
     with pytest.raises(MemoryError, match=r"pinned host memory .* host budget of 1.00 GiB"):
         effmaml.Offload().choose(problem, H200)
-    _, _, _, label, _, considered = effmaml.Auto().decide(problem, H200)
-    assert not any(lab.startswith("offload") for lab, _ in considered)
-    assert label.startswith("revolve(")
+    d = effmaml.Auto().decide(problem, H200)
+    assert not any(lab.startswith("offload") for lab, _ in d.considered)
+    assert d.label.startswith("revolve(")
     roomy = _cuda_problem(monkeypatch, 1000, "2GiB", host_budget="100GiB")
     _, pred = effmaml.Offload().choose(roomy, H200)
     assert 0 < pred.host_bytes <= parse_bytes("100GiB")
@@ -229,10 +233,10 @@ def test_default_host_budget_is_a_fraction_of_available_memory(monkeypatch):
 
 
 def test_predicted_seconds_are_reported():
-    maml = _maml("checkpoint", pullback="step")
+    maml = maml_for(width=32, strategy="checkpoint", pullback="step")
     a = maml.adapt([make_batch(t) for t in range(N)])
     assert a.info["predicted_seconds"] > a.info["probe_seconds"] > 0
-    preds = estimate(_maml(), make_batch(0), N)
+    preds = maml_for(width=32).estimate(make_batch(0), N)
     seg = next(p for k, p in preds.items() if "pullback='segment'" in k)
     step = next(p for k, p in preds.items() if "pullback='step'" in k)
     # both pull back every step once; "step" advances N - ceil(N/k) more steps

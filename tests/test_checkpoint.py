@@ -1,4 +1,5 @@
-"""checkpoint == naive in float64: values bitwise, gradients to summation order."""
+"""checkpoint's recomputation counts, the segment rule, and the API around it
+(exactness against naive: tests/test_exact.py)."""
 
 import gc
 
@@ -9,40 +10,13 @@ import effmaml
 from effmaml.probe import PROBE_EVALS
 
 from .helpers import (
-    FULL_ROW,
-    GRID,
     LazyBatches,
-    Opt,
     ce_loss,
-    compare_to_naive,
     make_batch,
     make_model,
 )
 
-STEPS = 7  # 3 does not divide it
-
-
-def _compare(opt, steps=STEPS, **kw):
-    return compare_to_naive(opt, "checkpoint", steps, **kw)
-
-
-@pytest.mark.parametrize("pullback", ["segment", "step"])
-@pytest.mark.parametrize("segment", [1, 2, 3, STEPS, None])
-def test_segments_full_row(segment, pullback):
-    ours = _compare(FULL_ROW, segment=segment, pullback=pullback)
-    k = ours["adapted"].info["segment"]
-    assert 1 <= k <= STEPS
-    if segment is not None:
-        assert k == segment
-
-
-@pytest.mark.parametrize(
-    "opt,pullback",
-    [(o, ("segment", "step")[i % 2]) for i, o in enumerate(GRID)],
-    ids=lambda v: v.id() if isinstance(v, Opt) else v,
-)
-def test_pairwise_grid(opt, pullback):
-    _compare(opt, segment=3, pullback=pullback)
+STEPS = 7
 
 
 # forward N + the schedule's recomputation (+ the probe's evaluations on a first call)

@@ -46,12 +46,13 @@ def test_first_order_matches_hand_computed(select):
     scale = grad_scale(list(expected.values()))
     for n, p in model.named_parameters():
         assert_scaled_close(p.grad, expected[n], 1e-12, n, scale=scale)
-    # first order is not the exact meta-gradient
+    # first order is not the exact meta-gradient: the head adapts in both selections, and its
+    # exact gradient carries the second-order terms first order drops
     model.zero_grad()
     ce_loss(
         effmaml.MAML(model, ce_loss, effmaml.SGD(0.2), params=adapted_names).adapt(batches), query
     ).backward()
-    assert not torch.allclose(model[0].weight.grad, expected["0.weight"]) or select == "head"
+    assert not torch.allclose(model[6].weight.grad, expected["6.weight"], rtol=1e-3, atol=0)
 
 
 def test_first_order_warns_for_learned_lr():

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 
+from effmaml.measure import MALLOC_FOR_MEASURING
 from effmaml.memory import saved_bytes, tensor_bytes
 
 CHILD = textwrap.dedent(
@@ -17,7 +18,7 @@ CHILD = textwrap.dedent(
     import torch.nn.functional as F
     from torch import nn
     import effmaml
-    from effmaml.memory import current_rss_bytes, PeakMemory
+    from effmaml.measure import current_rss_bytes, PeakMemory
     torch.set_num_threads(1)
     strategy, steps = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)
@@ -38,7 +39,7 @@ CHILD = textwrap.dedent(
 
 
 def _run(strategy, steps):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    env = dict(os.environ, **MALLOC_FOR_MEASURING, OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, "-c", CHILD, strategy, str(steps)],
         env=env,

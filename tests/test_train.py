@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import effmaml
-from bench.tasks import SineTasks, mlp, mse_loss
+from effmaml.tasks import SineTasks, mlp, mse_loss
 
 from .dist.setup import make_trainer
 

@@ -1,7 +1,7 @@
 """Strategies: how to differentiate through the inner loop, and their registry."""
 
-from .auto import Auto
-from .base import STRATEGIES, Outcome, Strategy, make_strategy, register_strategy
+from .auto import Auto, Decision
+from .base import STRATEGIES, Outcome, RunFacts, Strategy, make_strategy, register_strategy
 from .checkpoint import Checkpoint
 from .first_order import FirstOrder
 from .implicit import Implicit
@@ -14,12 +14,14 @@ __all__ = [
     "STRATEGIES",
     "Auto",
     "Checkpoint",
+    "Decision",
     "FirstOrder",
     "Implicit",
     "Naive",
     "Offload",
     "Outcome",
     "Revolve",
+    "RunFacts",
     "Scheduled",
     "Strategy",
     "make_strategy",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
-from ..engine import run_schedule
+from ..engine import Schedule
 from ..memory import Prediction, Probe, available_bytes, format_bytes
 from ..probe import probe
 from ..step import Consts, InnerProblem, InnerState
@@ -16,7 +17,28 @@ from .offload import Offload
 from .revolve import Revolve
 from .scheduled import Scheduled
 
-__all__ = ["Auto"]
+__all__ = ["Auto", "Decision"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``auto`` chose.
+
+    Attributes:
+        strategy: the exact strategy to run.
+        schedule: its schedule (None for ``naive``).
+        prediction: its predicted cost.
+        label: the strategy with its resolved options.
+        budget: the memory budget the choice fits (bytes).
+        considered: every candidate's label and prediction (the best of each strategy).
+    """
+
+    strategy: Strategy
+    schedule: Schedule | None
+    prediction: Prediction
+    label: str
+    budget: int
+    considered: tuple[tuple[str, Prediction], ...]
 
 
 @register_strategy
@@ -43,9 +65,6 @@ class Auto(Strategy):
     name = "auto"
     exact = True
 
-    def options(self) -> dict[str, Any]:
-        return {}
-
     def _options(self, problem: InnerProblem) -> list[Strategy]:
         opts: list[Strategy] = [
             Naive(),
@@ -57,17 +76,18 @@ class Auto(Strategy):
             opts += [Offload(pullback="step"), Offload(pullback="segment")]
         return opts
 
-    def decide(
-        self, problem: InnerProblem, pr: Probe
-    ) -> tuple[Strategy, Any, Prediction, str, int, list[tuple[str, Prediction]]]:
-        """The strategy (and schedule, for scheduled ones) to run, its prediction and label,
-        the budget used and what was considered."""
+    def decide(self, problem: InnerProblem, pr: Probe) -> Decision:
+        """The fastest candidate that fits (see the class docstring).
+
+        Raises:
+            MemoryError: nothing fits.
+        """
         budget = problem.memory_budget
         if budget is None:
             budget = int(0.9 * available_bytes(problem.device))
         problem = dataclasses.replace(problem, memory_budget=budget)
         considered: list[tuple[str, Prediction]] = []
-        best = None
+        best: tuple[tuple, Decision] | None = None
         for st in self._options(problem):
             try:
                 if isinstance(st, Scheduled):
@@ -78,11 +98,9 @@ class Auto(Strategy):
             except MemoryError:
                 continue
             considered.append((label, pred))
-            if pred.peak_bytes > budget:
-                continue
             key = (pred.seconds, pred.step_evals, pred.peak_bytes)
-            if best is None or key < best[0]:
-                best = (key, st, schedule, pred, label)
+            if pred.peak_bytes <= budget and (best is None or key < best[0]):
+                best = (key, Decision(st, schedule, pred, label, budget, ()))
         if best is None:
             one_slot = Revolve(1)
             floor = one_slot.predict(one_slot.candidates(problem, pr)[0], problem, pr)
@@ -93,34 +111,31 @@ class Auto(Strategy):
                 f"is about {format_bytes(floor.peak_bytes)}: raise the budget, shrink the "
                 f"batch, or use strategy='first_order'"
             )
-        _, st, schedule, pred, label = best
-        return st, schedule, pred, label, budget, considered
+        return dataclasses.replace(best[1], considered=tuple(considered))
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
-        _, _, pred, label, _, _ = self.decide(problem, probe)
-        return f"auto -> {label}", pred
+        d = self.decide(problem, probe)
+        return f"auto -> {d.label}", d.prediction
 
     def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
         pr = probe(problem, state0, consts, problem.probe_cache)
-        st, schedule, pred, label, budget, considered = self.decide(problem, pr)
-        info: dict[str, Any] = {
-            "chosen": label,
-            "memory_budget": budget,
-            "considered": considered,
-            "state_bytes": pr.state_bytes,
-            "step_graph_bytes": pr.step_graph_bytes,
-            "probe_evals": pr.evals,
-            "probe_seconds": pr.seconds,
-            "step_evals_predicted": pred.step_evals,
-            "predicted_peak_bytes": pred.peak_bytes,
-            "predicted_host_bytes": pred.host_bytes,
-            "predicted_seconds": pred.seconds,
+        d = self.decide(problem, pr)
+        if isinstance(d.strategy, Scheduled):
+            assert d.schedule is not None
+            out = d.strategy.execute(problem, state0, consts, d.schedule, d.prediction, pr)
+        else:
+            out = d.strategy.run(problem, state0, consts)
+        extra: dict[str, Any] = {
+            **out.facts.extra,
+            "chosen": d.label,
+            "memory_budget": d.budget,
+            "considered": list(d.considered),
         }
-        if schedule is None:
-            out = st.run(problem, state0, consts)
-            return Outcome(out.state, out.losses, {**out.info, **info})
-        assert isinstance(st, Scheduled)
-        state, losses = run_schedule(problem, state0, consts, schedule)
-        info.update(st.resolved(schedule))
-        info["schedule"] = schedule
-        return Outcome(state, list(losses.unbind(0)), info)
+        facts = dataclasses.replace(
+            out.facts,
+            strategy=f"auto -> {d.label}",
+            probe=pr,
+            prediction=d.prediction,
+            extra=extra,
+        )
+        return Outcome(out.state, out.losses, facts)

@@ -2,24 +2,73 @@
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor
 
+from ..checks import warn
 from ..memory import Prediction, Probe
 from ..step import Consts, InnerProblem, InnerState
 
 __all__ = [
     "STRATEGIES",
     "Outcome",
+    "RunFacts",
     "Strategy",
     "check_count",
     "make_strategy",
     "register_strategy",
     "warn_learned_hyper",
 ]
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """Facts about one ``adapt``: what ran and what the cost model predicted for it.
+
+    Attributes:
+        strategy: the strategy as run with its resolved options, e.g.
+            ``"checkpoint(segment=5, pullback='segment')"``.
+        options: the resolved options (``segment``, ``pullback``, ``slots`` ...).
+        probe: what the probe measured (P, A, times; its own evaluations and seconds, 0 when
+            cached), or None when none ran (``naive``, ``first_order``, ``implicit``).
+        prediction: the cost model's prediction for this call, or None.
+        schedule: the :class:`~effmaml.engine.Schedule` run, for engine-based strategies.
+        extra: strategy-specific facts (``auto``: ``chosen``, ``memory_budget``,
+            ``considered``; ``implicit``: ``lam``, and after backward ``cg_residual`` ...).
+            A mapping the strategy may fill in during backward.
+    """
+
+    strategy: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    probe: Probe | None = None
+    prediction: Prediction | None = None
+    schedule: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flat view ``Adapted.info`` shows (the keys earlier releases used)."""
+        out: dict[str, Any] = dict(self.options)
+        if self.probe is not None:
+            out.update(
+                state_bytes=self.probe.state_bytes,
+                step_graph_bytes=self.probe.step_graph_bytes,
+                probe_evals=self.probe.evals,
+                probe_seconds=self.probe.seconds,
+            )
+        if self.prediction is not None:
+            out.update(
+                step_evals_predicted=self.prediction.step_evals,
+                predicted_peak_bytes=self.prediction.peak_bytes,
+                predicted_host_bytes=self.prediction.host_bytes,
+                predicted_seconds=self.prediction.seconds,
+            )
+        if self.schedule is not None:
+            out["schedule"] = self.schedule
+        out.update(self.extra)
+        return out
 
 
 @dataclass
@@ -29,12 +78,12 @@ class Outcome:
     Attributes:
         state: φ_N, the optimizer state and buffers after N steps.
         losses: the N inner losses, differentiable under exact strategies.
-        info: resolved options (for example the chosen ``segment``).
+        facts: what ran and what was predicted (:class:`RunFacts`).
     """
 
     state: InnerState
     losses: list[Tensor]
-    info: dict[str, Any] = field(default_factory=dict)
+    facts: RunFacts
 
 
 class Strategy:
@@ -142,9 +191,8 @@ def warn_learned_hyper(consts: Consts, strategy: str, why: str) -> None:
     """Warn that learned inner hyper-parameters get no meta-gradient under ``strategy``."""
     learned = [k for k, v in consts.hyper.items() if v.requires_grad]
     if learned:
-        warnings.warn(
+        warn(
             f"strategy={strategy!r} gives no meta-gradient to the learned inner "
             f"hyper-parameters {learned}{why}; use an exact strategy ('naive', 'checkpoint') "
-            f"to learn them",
-            stacklevel=5,
+            f"to learn them"
         )

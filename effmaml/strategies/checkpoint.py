@@ -6,13 +6,13 @@ import math
 from typing import Any
 
 from ..engine import Schedule, Store
-from ..memory import Prediction, Probe, predict_seconds
+from ..memory import Prediction, Probe, predict_seconds, schedule_peak
 from ..schedules import UniformSchedule
 from ..step import InnerProblem
 from .base import check_count, register_strategy
 from .scheduled import Scheduled
 
-__all__ = ["Checkpoint", "best_segment", "uniform_peak"]
+__all__ = ["Checkpoint", "best_segment"]
 
 PULLBACKS = ("segment", "step")
 
@@ -37,29 +37,6 @@ def best_segment(steps: int, pullback: str, state_bytes: int, step_graph_bytes: 
         (math.ceil(steps / k) * state_bytes + k * step_graph_bytes, k) for k in range(1, steps + 1)
     ]
     return min(costs)[1]
-
-
-def uniform_peak(schedule: UniformSchedule, steps: int, probe: Probe, on_device: bool) -> int:
-    """Predicted peak above the start: stored states, live graphs, the working set.
-
-    ``on_device=False`` (offload): the stored states are on the host; the device holds the
-    working state and the one being prefetched.
-    """
-    p, a = probe.state_bytes, probe.step_graph_bytes
-    stored = schedule.stored_states(steps) if on_device else 1
-    return stored * p + schedule.graph_steps(steps) * a + working_bytes(probe)
-
-
-def working_bytes(probe: Probe) -> int:
-    """What every exact backward needs besides stored states and graphs.
-
-    # Note [The working set of a pullback]
-    # While one step's graph is pulled back, autograd holds its gradient buffers and
-    # temporaries (about one more A at the widest op), plus the cotangent and the
-    # accumulated meta-gradient (two copies of the state). Calibrated against measured
-    # peaks on both bench presets (see results/*/summary.md, predicted vs measured).
-    """
-    return probe.step_graph_bytes + 2 * probe.state_bytes
 
 
 @register_strategy
@@ -124,7 +101,7 @@ class Checkpoint(Scheduled):
         assert isinstance(schedule, UniformSchedule)
         n = problem.steps
         return Prediction(
-            uniform_peak(schedule, n, probe, on_device=True),
+            schedule_peak(schedule.stored_states(n), schedule.graph_steps(n), probe),
             schedule.step_evals(n) + probe.evals,
             seconds=predict_seconds(probe, schedule.advances(n), n),
         )

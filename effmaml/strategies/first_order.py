@@ -7,9 +7,9 @@ from torch import Tensor
 
 from ..clip import clip_backward
 from ..engine import advance
-from ..memory import Prediction, Probe, predict_seconds
+from ..memory import Prediction, Probe, first_order_peak, predict_seconds
 from ..step import Consts, InnerProblem, InnerState
-from .base import Outcome, Strategy, register_strategy, warn_learned_hyper
+from .base import Outcome, RunFacts, Strategy, register_strategy, warn_learned_hyper
 
 __all__ = ["FirstOrder"]
 
@@ -48,11 +48,11 @@ class FirstOrder(Strategy):
         state, losses = advance(problem, state0.detached(False), 0, problem.steps, consts)
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
         params = clip_backward(params, problem.clip)
-        return Outcome(InnerState(params, state.opt, state.buffers), losses)
+        return Outcome(InnerState(params, state.opt, state.buffers), losses, RunFacts(self.name))
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
         # the working state, its successor and the output; one first-order step's graph
         n = problem.steps
-        peak = 3 * probe.state_bytes + probe.first_order_bytes()
+        peak = first_order_peak(probe)
         seconds = predict_seconds(probe, n, 0)
         return "first_order", Prediction(peak, n + probe.evals, seconds=seconds)

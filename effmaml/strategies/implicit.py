@@ -13,18 +13,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..checks import warn
 from ..engine import advance
-from ..memory import Prediction, Probe, predict_seconds
+from ..memory import Prediction, Probe, implicit_peak, predict_seconds
 from ..replay import replay_autocast
 from ..step import Consts, FunctionalModel, InnerProblem, InnerState, RepeatedBatch
-from .base import Outcome, Strategy, check_count, register_strategy, warn_learned_hyper
+from .base import (
+    Outcome,
+    RunFacts,
+    Strategy,
+    check_count,
+    register_strategy,
+    warn_learned_hyper,
+)
 
 __all__ = ["Implicit", "conjugate_gradient"]
 
@@ -124,26 +131,22 @@ class Implicit(Strategy):
         fixed = list(consts.fixed.values())
         out = _ImplicitGrad.apply(solver, *state0.params.values(), *fixed)
         params = dict(zip(state0.params, out))
-        return Outcome(InnerState(params, final.opt, final.buffers), losses, info)
+        facts = RunFacts(self.label(), self.options(), extra=info)
+        return Outcome(InnerState(params, final.opt, final.buffers), losses, facts)
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
-        from .checkpoint import working_bytes
-
-        # the solve: φ_N and the output, CG's 4 vectors, the product's operands and
-        # results (3 more), one HVP graph and its working set, and the second backward's
-        # temporaries (A/2: calibrated between the CPU preset, where it overestimates by 9%,
-        # and the H200, where cuDNN's double-backward workspaces make it underestimate by 6%)
-        peak = 2 * probe.state_bytes + 7 * probe.param_bytes + working_bytes(probe)
-        peak += probe.step_graph_bytes // 2
-        peak = max(peak, 3 * probe.state_bytes + probe.first_order_bytes())
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        peak = implicit_peak(probe)
         passes = len(_distinct_indices(problem.batches))
         if self.hvp_batches is not None:
             passes = min(passes, self.hvp_batches)
         # N first-order steps, then about cg_steps + 1 Hessian-vector products, each a
         # step with graph and its pullback per distinct batch
         seconds = predict_seconds(probe, problem.steps, (self.cg_steps + 1) * passes)
-        return f"implicit({opts})", Prediction(peak, problem.steps + probe.evals, seconds=seconds)
+        return self.label(), Prediction(peak, problem.steps + probe.evals, seconds=seconds)
+
+    def label(self) -> str:
+        """``implicit(lam=..., cg_steps=..., ...)``."""
+        return "implicit(" + ", ".join(f"{k}={v!r}" for k, v in self.options().items()) + ")"
 
 
 def conjugate_gradient(
@@ -178,10 +181,9 @@ def conjugate_gradient(
         ap = matvec(p)
         curv = _dot(p, ap)
         if not curv > 0:
-            warnings.warn(
+            warn(
                 f"conjugate gradient met non-positive curvature ({curv:.3g}) at iteration "
-                f"{it}: the inner problem is not convex at φ_N; increase lam or cg_damping",
-                stacklevel=2,
+                f"{it}: the inner problem is not convex at φ_N; increase lam or cg_damping"
             )
             it -= 1
             break

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..checks import check_double_backward
-from ..memory import Prediction, Probe, predict_seconds
+from ..memory import Prediction, Probe, naive_peak, predict_seconds
 from ..step import Consts, InnerProblem, InnerState, inner_step
-from .base import Outcome, Strategy, register_strategy
+from .base import Outcome, RunFacts, Strategy, register_strategy
 
 __all__ = ["Naive"]
 
@@ -35,11 +35,9 @@ class Naive(Strategy):
             losses.append(loss)
             if t == 0:
                 check_double_backward(state.params.values())
-        return Outcome(state, losses)
+        return Outcome(state, losses, RunFacts("naive"))
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
-        from .checkpoint import working_bytes
-
         n = problem.steps
-        peak = n * probe.step_graph_bytes + working_bytes(probe)
+        peak = naive_peak(n, probe)
         return "naive", Prediction(peak, n + probe.evals, seconds=predict_seconds(probe, 0, n))

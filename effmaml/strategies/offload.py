@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from ..engine import Schedule, Store
-from ..memory import Prediction, Probe, predict_seconds
+from ..memory import Prediction, Probe, predict_seconds, schedule_peak
 from ..offload import make_store, pinned_high_water
 from ..schedules import UniformSchedule
 from ..step import InnerProblem
 from .base import register_strategy
-from .checkpoint import Checkpoint, uniform_peak
+from .checkpoint import Checkpoint
 
 __all__ = ["Offload"]
 
@@ -53,5 +53,6 @@ class Offload(Checkpoint):
             moved_bytes=2 * schedule.moved_states(n) * p,
             pinned_bytes=max(0, host - pinned_high_water()),
         )
-        peak = uniform_peak(schedule, n, probe, on_device=False)
+        # on the device: the working state, the one being prefetched, the graph(s)
+        peak = schedule_peak(1, schedule.graph_steps(n), probe)
         return Prediction(peak, schedule.step_evals(n) + probe.evals, host, seconds)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine import Schedule
-from ..memory import Prediction, Probe, predict_seconds
+from ..memory import Prediction, Probe, predict_seconds, schedule_peak
 from ..schedules import RevolveSchedule
 from ..step import InnerProblem
 from .base import check_count, register_strategy
-from .checkpoint import working_bytes
 from .scheduled import Scheduled
 
 __all__ = ["Revolve"]
@@ -53,11 +52,7 @@ class Revolve(Scheduled):
         assert isinstance(schedule, RevolveSchedule)
         n = problem.steps
         # + 1 state: the output φ_N, alive while backward walks the plan
-        peak = (
-            (schedule.stored_states(n) + 1) * probe.state_bytes
-            + probe.step_graph_bytes
-            + working_bytes(probe)
-        )
+        peak = schedule_peak(schedule.stored_states(n) + 1, 1, probe)
         seconds = predict_seconds(probe, schedule.advances(n), n)
         return Prediction(peak, schedule.step_evals(n) + probe.evals, seconds=seconds)
 

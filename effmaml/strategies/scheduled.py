@@ -8,7 +8,7 @@ from ..engine import Schedule, run_schedule
 from ..memory import Prediction, Probe, available_host_bytes, format_bytes
 from ..probe import probe
 from ..step import Consts, InnerProblem, InnerState
-from .base import Outcome, Strategy
+from .base import Outcome, RunFacts, Strategy
 
 __all__ = ["HOST_BUDGET_FRACTION", "Scheduled", "host_budget"]
 
@@ -91,23 +91,21 @@ class Scheduled(Strategy):
     def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
         pr = probe(problem, state0, consts, problem.probe_cache)
         schedule, prediction = self.choose(problem, pr)
-        state, losses = run_schedule(problem, state0, consts, schedule)
-        return Outcome(state, list(losses.unbind(0)), self.facts(schedule, prediction, pr))
+        return self.execute(problem, state0, consts, schedule, prediction, pr)
 
-    def facts(self, schedule: Schedule, prediction: Prediction, pr: Probe) -> dict[str, Any]:
-        """``Adapted.info`` of a run of ``schedule``."""
-        return {
-            **self.resolved(schedule),
-            "state_bytes": pr.state_bytes,
-            "step_graph_bytes": pr.step_graph_bytes,
-            "probe_evals": pr.evals,
-            "probe_seconds": pr.seconds,
-            "step_evals_predicted": prediction.step_evals,
-            "predicted_peak_bytes": prediction.peak_bytes,
-            "predicted_host_bytes": prediction.host_bytes,
-            "predicted_seconds": prediction.seconds,
-            "schedule": schedule,
-        }
+    def execute(
+        self,
+        problem: InnerProblem,
+        state0: InnerState,
+        consts: Consts,
+        schedule: Schedule,
+        prediction: Prediction,
+        pr: Probe,
+    ) -> Outcome:
+        """Run a chosen ``schedule`` on the engine (for :meth:`run` and ``auto``)."""
+        state, losses = run_schedule(problem, state0, consts, schedule)
+        facts = RunFacts(self.label(schedule), self.resolved(schedule), pr, prediction, schedule)
+        return Outcome(state, list(losses.unbind(0)), facts)
 
     def resolved(self, schedule: Schedule) -> dict[str, Any]:
         """The options as run (for ``Adapted.info``)."""

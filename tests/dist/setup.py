@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import effmaml
-from bench.tasks import SineTasks, mlp, mse_loss
+from effmaml.tasks import SineTasks, mlp, mse_loss
 
 
 def make_trainer(meta_batch, strategy="checkpoint", dropout=0.0, **kw):

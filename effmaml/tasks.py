@@ -1,0 +1,63 @@
+"""Toy few-shot task families for examples and tests: sine-wave regression.
+
+A task family is a callable ``family(generator) -> [(support, query), ...]`` of
+``meta_batch`` tasks that draws all its randomness from the given ``torch.Generator``
+(what :class:`effmaml.MetaTrainer` expects), plus ``sample(generator, n)`` for held-out
+tasks. The benchmark's families (few-shot image classification) live in ``bench/``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SineTasks", "TaskFamily", "mlp", "mse_loss"]
+
+
+def mse_loss(model, batch) -> Tensor:
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def mlp(width: int = 40, dtype=torch.float32) -> nn.Module:
+    """Finn et al.'s sine regressor: 1-40-40-1 with ReLU."""
+    return nn.Sequential(
+        nn.Linear(1, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1)
+    ).to(dtype)
+
+
+class TaskFamily:
+    """``family(g)``: ``meta_batch`` tasks; ``family.sample(g, n)``: n tasks."""
+
+    meta_batch: int
+
+    def task(self, g: torch.Generator):
+        raise NotImplementedError
+
+    def sample(self, g: torch.Generator, n: int) -> list:
+        return [self.task(g) for _ in range(n)]
+
+    def __call__(self, g: torch.Generator) -> list:
+        return self.sample(g, self.meta_batch)
+
+
+@dataclass
+class SineTasks(TaskFamily):
+    """y = A sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5] (Finn et al. 2017)."""
+
+    meta_batch: int
+    k_support: int = 10
+    k_query: int = 10
+    dtype: torch.dtype = torch.float32
+
+    def task(self, g: torch.Generator) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        amp = 0.1 + 4.9 * torch.rand((), generator=g, dtype=self.dtype)
+        phase = math.pi * torch.rand((), generator=g, dtype=self.dtype)
+        x = -5 + 10 * torch.rand(self.k_support + self.k_query, 1, generator=g, dtype=self.dtype)
+        y = amp * torch.sin(x - phase)
+        k = self.k_support
+        return (x[:k], y[:k]), (x[k:], y[k:])

@@ -1,0 +1,83 @@
+"""The exactness specification: every exact schedule == naive, in float64.
+
+Parameters, BatchNorm buffers, inner losses and the query loss bitwise; every gradient
+(adapted and fixed parameters, learned learning rates) to summation order (1e-12 of the
+largest); the RNG after the query as naive leaves it (see ``helpers.compare_to_naive``).
+
+A new schedule joins every check below by adding one line to :data:`SCHEDULES`: the
+full option row (Adam, per-parameter learned lr, BatchNorm updated, dropout, clipping,
+ANIL head, a lazy batch source, the proximal term), the pairwise grid of options (the
+schedule is one more factor, so each schedule meets every value of every other option),
+and unrolls of 1, 2 and 12 steps.
+"""
+
+import pytest
+
+from .helpers import FULL_ROW, GRID_FACTORS, Opt, compare_to_naive, pairwise
+
+STEPS = 7  # 3 does not divide it
+
+SCHEDULES = [
+    ("checkpoint", {"segment": 1, "pullback": "segment"}),
+    ("checkpoint", {"segment": 2, "pullback": "segment"}),
+    ("checkpoint", {"segment": 3, "pullback": "segment"}),
+    ("checkpoint", {"segment": STEPS, "pullback": "segment"}),
+    ("checkpoint", {"segment": None, "pullback": "segment"}),
+    ("checkpoint", {"segment": 1, "pullback": "step"}),
+    ("checkpoint", {"segment": 3, "pullback": "step"}),
+    ("checkpoint", {"segment": None, "pullback": "step"}),
+    ("revolve", {"slots": 1}),
+    ("revolve", {"slots": 2}),
+    ("revolve", {"slots": 3}),
+    ("revolve", {"slots": 8}),
+    # on a CPU offload is checkpoint; on CUDA, through pinned memory: tests/test_resnet.py
+    ("offload", {"segment": 3, "pullback": "step"}),
+    ("offload", {"segment": 3, "pullback": "segment"}),
+]
+
+
+def _id(value) -> str:
+    if isinstance(value, Opt):
+        return value.id()
+    if isinstance(value, dict):
+        return "-".join(f"{k}{v}" for k, v in value.items())
+    return str(value)
+
+
+def _check_resolved(ours, kw, steps):
+    """The options as run: given ones as given (capped at N), chosen ones in range."""
+    info = ours["adapted"].info
+    for key, value in kw.items():
+        if value is None:
+            assert 1 <= info[key] <= steps, (key, info[key])
+        elif isinstance(value, int):
+            assert info[key] == min(value, steps), (key, info[key])
+        else:
+            assert info[key] == value
+
+
+@pytest.mark.parametrize("strategy,kw", SCHEDULES, ids=_id)
+def test_full_row(strategy, kw):
+    ours = compare_to_naive(FULL_ROW, strategy, STEPS, **kw)
+    _check_resolved(ours, kw, STEPS)
+
+
+def _grid():
+    factors = {**GRID_FACTORS, "schedule": list(range(len(SCHEDULES)))}
+    rows = []
+    for row in pairwise(factors):
+        strategy, kw = SCHEDULES[row.pop("schedule")]
+        rows.append((Opt(**row), strategy, kw))
+    return rows
+
+
+@pytest.mark.parametrize("opt,strategy,kw", _grid(), ids=_id)
+def test_pairwise_grid(opt, strategy, kw):
+    compare_to_naive(opt, strategy, STEPS, **kw)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 12])
+@pytest.mark.parametrize("strategy,kw", SCHEDULES, ids=_id)
+def test_unroll_lengths(strategy, kw, steps):
+    ours = compare_to_naive(FULL_ROW, strategy, steps, **kw)
+    _check_resolved(ours, kw, steps)
