@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: setup test test-all lint format bench bench-micro report fewshot scaling clean
+.PHONY: setup test lint format bench bench-full bench-micro report fewshot scaling clean
 
 setup: $(SETUP)
 
@@ -36,8 +36,14 @@ format: $(SETUP)
 test: lint
 	$(PY) -m pytest -q --benchmark-disable
 
+# with a GPU: the resnet18-224 preset; without: cpu-quick (about 10 minutes on 2 cores).
+# Writes results/<preset>/ and prints its table; `make report` updates README.md.
 bench: $(SETUP)
 	$(PY) -m bench
+
+# the full CPU sweep, N = 5 ... 160 (75 minutes measured on 2 cores)
+bench-full: $(SETUP)
+	$(PY) -m bench --preset cpu-small
 
 report: $(SETUP)
 	$(PY) -m bench.report

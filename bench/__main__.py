@@ -66,6 +66,7 @@ COLUMNS = [
     "time_min_s",
     "repeats",
     "predicted_s",
+    "reference",
     "grad_max_abs",
     "grad_rel_l2",
     "grad_cosine",
@@ -81,6 +82,7 @@ COLUMNS = [
     "timestamp",
 ]
 REFERENCE, FP32_REFERENCE = "naive", "naive_fp32"
+STAND_IN = "checkpoint_auto_segment"  # the reference where naive does not fit
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,14 @@ class Run:
     skip: str = ""
 
 
-def plan(preset: Preset, steps: list[int], labels: list[str]) -> list[Run]:
-    """Every (N, label) in sweep order, with the runs the preset leaves out marked."""
+def plan(preset: Preset, steps: list[int], labels: list[str] | None = None) -> list[Run]:
+    """Every (N, label) in sweep order, with the runs the preset leaves out marked.
+
+    ``labels``: the runs at every N (``--strategies``); default the preset's at each N.
+    """
     runs = []
     for n in steps:
-        for label in labels:
+        for label in labels if labels is not None else preset.labels_at(n):
             spec, cap = RUNS[label], preset.cap(label)
             skip = ""
             if cap is not None and n > cap:
@@ -132,8 +137,8 @@ def run_one(run: Run, preset: Preset, child_args: list[str], grad_file: str) -> 
     """Measure one run in child processes; the raw row (status, memory, time, prediction)."""
     timed = preset.time_max_steps is None or run.steps <= preset.time_max_steps
     args = [*child_args, run.spec.label, str(run.steps)]
-    if torch.cuda.is_available():  # one process: the memory run is the timed runs' warm-up
-        mode = "both" if timed else "memory"
+    if torch.cuda.is_available():  # one process: memory and time measured together
+        mode = ("once" if preset.single_run else "both") if timed else "memory"
         return _child([*args, mode, grad_file], dict(os.environ), preset.timeout_s)
     row = _child(
         [*args, "memory", grad_file], dict(os.environ, **MALLOC_FOR_MEASURING), preset.timeout_s
@@ -144,15 +149,19 @@ def run_one(run: Run, preset: Preset, child_args: list[str], grad_file: str) -> 
 
 
 def derive(rows: list[dict], grads: dict[tuple[str, int], str]) -> None:
-    """Agreement with naive's meta-gradient at the same N (and float32 naive's, under AMP)."""
+    """Agreement with a reference meta-gradient at the same N: naive's where it ran, else
+    checkpoint(segment)'s (shown equal to naive at the largest N where both ran; the
+    ``reference`` column says which); and float32 naive's under AMP."""
     for row in rows:
         key = (row["strategy"], row["steps"])
         if key not in grads:
             continue
         grad = torch.load(grads[key])
-        ref = grads.get((REFERENCE, row["steps"]))
-        if ref is not None:
-            row.update(agreement(grad, torch.load(ref)))
+        for label in (REFERENCE, STAND_IN):
+            ref = grads.get((label, row["steps"]))
+            if ref is not None:
+                row.update(agreement(grad, torch.load(ref)), reference=label)
+                break
         fp32 = grads.get((FP32_REFERENCE, row["steps"]))
         if fp32 is not None:
             row["grad_cosine_fp32"] = agreement(grad, torch.load(fp32))["grad_cosine"]
@@ -169,12 +178,17 @@ def write(path: Path, rows: list[dict]) -> None:
 def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    ap.add_argument("--preset", default="resnet18-224" if cuda else "cpu-small")
+    ap.add_argument("--preset", default="resnet18-224" if cuda else "cpu-quick")
     ap.add_argument("--steps", help="comma-separated N values (default: the preset's)")
     ap.add_argument("--strategies", help="comma-separated run labels (default: all)")
     ap.add_argument("--out", default="results", help="results root (default: results)")
     ap.add_argument("--list", action="store_true", help="list presets and strategies")
     ap.add_argument("--no-report", action="store_true", help="write runs.csv only")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows of runs.csv at other N (a sweep split over several sessions)",
+    )
     ap.add_argument(
         "--amp",
         choices=["bfloat16", "float16"],
@@ -196,12 +210,13 @@ def main(argv=None) -> None:
         preset = dataclasses.replace(preset, name=f"{preset.name}-amp-{a.amp}", amp=a.amp)
         child_args += ["--amp", a.amp]
     steps = [int(s) for s in a.steps.split(",")] if a.steps else list(preset.steps)
-    labels = a.strategies.split(",") if a.strategies else list(preset.runs)
-    if a.amp and FP32_REFERENCE not in labels:
-        labels.append(FP32_REFERENCE)
-    if cuda and not a.strategies and REFERENCE in labels:
-        labels.append("naive_rerun")  # agreement noise floor of the GPU's kernels
-    unknown = [x for x in labels if x not in RUNS]
+    labels = a.strategies.split(",") if a.strategies else None
+    if a.amp:
+        base = list(labels or preset.runs)
+        labels = base + ([FP32_REFERENCE] if FP32_REFERENCE not in base else [])
+    if cuda and labels is None and REFERENCE in preset.runs:
+        preset = dataclasses.replace(preset, runs=(*preset.runs, "naive_rerun"))  # noise floor
+    unknown = [x for x in (labels or []) if x not in RUNS]
     if unknown:
         ap.error(f"unknown strategies {unknown}; known: {', '.join(RUNS)}")
     out_dir = Path(a.out) / preset.name
@@ -209,6 +224,10 @@ def main(argv=None) -> None:
     csv_path = out_dir / "runs.csv"
     env = environment("cuda" if cuda else "cpu")
     runs = plan(preset, steps, labels)
+    kept: list[dict] = []
+    if a.append and csv_path.exists():
+        with open(csv_path, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if int(r["steps"]) not in set(steps)]
     rows: list[dict] = []
     grads: dict[tuple[str, int], str] = {}
     oom_at: dict[str, int] = {}
@@ -249,18 +268,18 @@ def main(argv=None) -> None:
                     grads[(spec.label, n)] = grad_file
             row["timestamp"] = timestamp()
             rows.append(row)
-            write(csv_path, rows)  # as runs end: an interrupted sweep keeps its rows
+            write(csv_path, kept + rows)  # as runs end: an interrupted sweep keeps its rows
             bar.update(1)
         bar.close()
         derive(rows, grads)
-    write(csv_path, rows)
-    print(f"wrote {csv_path}")
-    if a.no_report:
-        return
-    report.write_report(out_dir)
-    if Path(a.out) == Path("results"):
-        report.update_readme("README.md", a.out)
-    print((out_dir / "summary.md").read_text())
+    write(csv_path, kept + rows)
+    if not a.no_report:
+        report.write_report(out_dir)
+        print(report.headline(out_dir))
+    print(
+        f"wrote {out_dir}/ (runs.csv{'' if a.no_report else ', summary.md, plots'}); "
+        f"`make report` puts it in README.md"
+    )
 
 
 if __name__ == "__main__":

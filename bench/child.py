@@ -9,6 +9,8 @@ MODE ``memory``: one meta-gradient inside a peak-memory window (start this proce
 MODE ``time``: a warm-up meta-gradient at 2 steps, then ``preset.repeats`` timed ones.
 MODE ``both`` (CUDA, where measuring memory does not slow anything): ``memory``, then
 ``preset.repeats`` timed meta-gradients in the same process (the memory run warms up).
+MODE ``once`` (CUDA, long unrolls): a 2-step warm-up, then one meta-gradient measured for
+memory and timed at once (``repeats`` 1).
 Prints one JSON line.
 """
 
@@ -56,9 +58,17 @@ def main(argv: list[str]) -> dict:
     def run(n):
         return meta_gradient(model, maml, preset, spec, n, device, dtype, query)
 
-    if mode in ("memory", "both"):
+    if mode == "once":
+        run(min(2, steps))  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+    if mode in ("memory", "both", "once"):
         with PeakMemory(device) as pm:
             grad, evals, info = run(steps)
+        if mode == "once":
+            _sync(device)
+            dt = time.perf_counter() - t0
+            row.update(time_s=dt, time_min_s=dt, repeats=1)
         torch.save(grad.cpu(), out_grad)
         row.update(
             peak_mib=pm.peak / 2**20,

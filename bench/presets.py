@@ -81,6 +81,11 @@ class Preset:
     caps: tuple[tuple[str, int], ...] = ()
     # above this N, only the memory child runs (one meta-gradient), no timing child
     time_max_steps: int | None = None
+    # N -> the labels run at that N, where they differ from ``runs``
+    runs_at: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    # one meta-gradient per cell, measured for memory and timed at once after a 2-step
+    # warm-up (on CUDA, where measuring memory costs nothing); repeats is then 1
+    single_run: bool = False
     # autocast dtype for adapt + query loss ("bfloat16", "float16"), "" for none
     amp: str = ""
     # which targets the report checks on this preset's CSV (bench.report.TARGETS)
@@ -97,36 +102,81 @@ class Preset:
     def cap(self, label: str) -> int | None:
         return dict(self.caps).get(label)
 
+    def labels_at(self, steps: int) -> tuple[str, ...]:
+        """The runs at N=``steps``."""
+        return dict(self.runs_at).get(steps, self.runs)
+
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        # The seed notebook's set-up: ResNet18, 16x3x224x224, SGD 0.01, clip 1e2.
-        # On a GPU lent for minutes: naive and peers where they fit (N <= 100), the
-        # memory-floor schedules at N = 500 and 1000 (memory only there).
+        # The seed notebook's set-up: ResNet18, 16x3x224x224, SGD 0.01, clip 1e2, on a GPU
+        # lent for minutes, every cell timed: at N=100 every strategy (naive, its peers,
+        # auto under 2/3/6/20 GiB); at N=500 the schedules that fit a few GiB and
+        # torch_maml's k=5 (the seed notebook's); at N=1000 the memory floor. One
+        # meta-gradient per cell (about 8 minutes of device time by the H200's figures).
         Preset(
             "resnet18-224",
             image=224,
             batch=16,
-            steps=(10, 100, 500, 1000),
+            steps=(100, 500, 1000),
             clip=100.0,
             repeats=1,
             timeout_s=300,
-            caps=(
-                ("naive", 100),
-                ("torch_maml_naive", 100),
-                ("higher", 100),
-                ("checkpoint_auto_segment", 100),
-                ("checkpoint_auto_step", 100),
-                ("checkpoint_k5", 100),
-                ("torch_maml_checkpoint", 100),
-                ("revolve_s2", 100),
-                ("revolve_s4", 100),
-                ("implicit", 100),
-                ("first_order", 100),
+            runs=(
+                "naive",
+                "first_order",
+                "checkpoint_auto_segment",
+                "checkpoint_auto_step",
+                "checkpoint_k5",
+                "revolve_s4",
+                "revolve_s8",
+                "offload",
+                "implicit",
+                "torch_maml_naive",
+                "torch_maml_checkpoint",
+                "higher",
+                "auto_2GiB",
+                "auto_3GiB",
+                "auto_6GiB",
+                "auto_20GiB",
             ),
-            time_max_steps=100,
-            targets=("memory_floor", "memory_model", "time_model"),
+            runs_at=(
+                (
+                    500,
+                    (
+                        "checkpoint_auto_segment",
+                        "checkpoint_auto_step",
+                        "offload",
+                        "revolve_s8",
+                        "auto_3GiB",
+                        "torch_maml_checkpoint",
+                    ),
+                ),
+                (1000, ("offload", "revolve_s8")),
+            ),
+            single_run=True,
+            targets=("memory_floor", "auto_vs_named", "memory_model", "time_model"),
+        ),
+        # `make bench` on a machine without a GPU: cpu-small's model and data at N=10, 20,
+        # 40 for the strategies a newcomer compares, in under 10 minutes on 2 cores.
+        Preset(
+            "cpu-quick",
+            image=64,
+            batch=8,
+            steps=(10, 20, 40),
+            clip=None,
+            repeats=1,
+            runs=(
+                "naive",
+                "first_order",
+                "checkpoint_auto_segment",
+                "revolve_s4",
+                "auto_800MiB",
+                "torch_maml_checkpoint",
+                "higher",
+            ),
+            targets=("auto_vs_named", "memory_model", "time_model"),
         ),
         # Same model and code path, scaled to 2 CPU cores (75 minutes measured here): peers and the
         # slowest schedule stop early, and N = 160 is measured for memory only.
@@ -173,7 +223,19 @@ PRESETS: dict[str, Preset] = {
             ),
             targets=("auto_vs_named", "memory_model", "time_model"),
         ),
-        # For tests: seconds.
-        Preset("tiny", image=32, batch=8, steps=(2, 3), clip=None, repeats=1, timeout_s=300),
+        # For tests, seconds: the GPU preset's shape at toy size (runs that differ by N,
+        # naive missing at the largest N so checkpoint(segment) stands in as reference).
+        Preset(
+            "tiny",
+            image=32,
+            batch=8,
+            steps=(2, 3),
+            clip=None,
+            repeats=1,
+            timeout_s=300,
+            runs=("naive", "first_order", "checkpoint_auto_segment", "checkpoint_k5"),
+            runs_at=((3, ("checkpoint_auto_segment", "revolve_s8", "offload")),),
+            single_run=True,
+        ),
     ]
 }

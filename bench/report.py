@@ -54,12 +54,50 @@ def _ratio(df: pd.DataFrame, predicted: str, measured: str) -> pd.Series:
     return pd.to_numeric(df[predicted], errors="coerce") / df[measured] - 1
 
 
+_PEER_MARKERS = {"torch_maml": "s", "higher": "D"}
+# matplotlib's ten, then six more of distinct hues: sixteen strategies, none alike
+_COLOURS = [
+    *plt.get_cmap("tab10").colors,
+    "#000000",
+    "#b8860b",
+    "#008080",
+    "#000080",
+    "#ff00ff",
+    "#556b2f",
+]
+
+
+def styles(df: pd.DataFrame) -> dict[str, dict]:
+    """A line style per strategy, told apart by family and colour: effmaml's exact
+    strategies solid with circles, its approximations dotted with triangles, peers dashed
+    with their own markers; each strategy its own colour (in the order the CSV lists them),
+    none alike up to sixteen strategies."""
+    out = {}
+    for i, (label, g) in enumerate(df.groupby("strategy", sort=False)):
+        r = g.iloc[0]
+        peer = str(r.get("peer", "") or "")
+        peer = "" if peer == "nan" else peer
+        if peer:
+            line, marker = "--", _PEER_MARKERS.get(peer, "P")
+        elif str(r.get("exact", "")) == "True":
+            line, marker = "-", "o"
+        else:
+            line, marker = ":", "^"
+        out[label] = {
+            "linestyle": line,
+            "marker": marker,
+            "color": _COLOURS[i % len(_COLOURS)],
+        }
+    return out
+
+
 def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    style = styles(df)
     for label, g in df.groupby("strategy", sort=False):
         ok = g[g.status == "ok"].sort_values("steps")
         if len(ok):
-            ax.plot(ok.steps, ok[column], marker="o", label=label)
+            ax.plot(ok.steps, ok[column], label=label, markersize=4, **style[label])
         bad = g[g.status.isin(["oom", "timeout"])]
         for _, r in bad.iterrows():
             y = ok[column].max() if len(ok) else 1
@@ -71,7 +109,12 @@ def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) ->
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(
+        fontsize=6.5,
+        ncol=2,
+        title="solid: exact · dotted: approximate · dashed: peers",
+        title_fontsize=6.5,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -80,9 +123,9 @@ def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) ->
 def summary_table(df: pd.DataFrame) -> str:
     """Per strategy, at the largest N where it ran: memory, time, overhead, agreement."""
     lines = [
-        "| strategy | N | status | peak MiB | predicted MiB (err) | time s | predicted s (err) "
-        "| × first_order | step evals | rel. L2 vs naive | cosine vs naive |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | N | status | peak MiB | predicted MiB (err) | time s | ms/step "
+        "| predicted s (err) | × first_order | step evals | rel. L2 vs ref. | cosine vs ref. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, g in df.groupby("strategy", sort=False):
         ok = g[g.status == "ok"]
@@ -99,11 +142,34 @@ def summary_table(df: pd.DataFrame) -> str:
             pred_s = f"{r.predicted_s:.2f} ({r.time_prediction_error:+.0%})"
         lines.append(
             f"| {label} | {int(r.steps)} | {r.status} | {fmt(r.peak_mib, '.0f')} | {pred} | "
-            f"{fmt(r.time_s, '.2f')} | {pred_s} | {fmt(r.overhead_vs_first_order, '.2f')} | "
+            f"{fmt(r.time_s, '.2f')} | {fmt(r.ms_per_step, '.0f')} | {pred_s} | "
+            f"{fmt(r.overhead_vs_first_order, '.2f')} | "
             f"{fmt(r.step_evals, '.0f')} | {fmt(r.grad_rel_l2, '.1e')} | "
             f"{fmt(r.grad_cosine, '.6f')} |"
         )
     return "\n".join(lines)
+
+
+def reference_note(df: pd.DataFrame) -> str:
+    """Which meta-gradient each N was compared with, and why that one can be trusted."""
+    if "reference" not in df or df.reference.isna().all():
+        return "Agreement: against naive at the same N."
+    parts = []
+    for ref, g in df[df.reference.notna()].groupby("reference", sort=False):
+        ns = ", ".join(str(n) for n in sorted(g.steps.unique()))
+        parts.append(f"{ref} at N = {ns}")
+    text = "Agreement (rel. L2, cosine) against " + "; ".join(parts) + "."
+    stand_in = df[(df.strategy == "checkpoint_auto_segment") & (df.reference == "naive")]
+    if not stand_in.empty and (df.reference == "checkpoint_auto_segment").any():
+        r = stand_in.loc[stand_in.steps.idxmax()]
+        text += (
+            f" Where naive does not fit, checkpoint_auto_segment stands in: it matched naive "
+            f"at N={r.steps}, the largest N where both ran (rel. L2 {r.grad_rel_l2:.1e})."
+        )
+    repeats = df[df.status == "ok"].repeats.dropna()
+    if len(repeats):
+        text += f" Timed meta-gradients per cell: {int(repeats.min())}–{int(repeats.max())}."
+    return text
 
 
 def pivot(df: pd.DataFrame, column: str, spec: str) -> str:
@@ -133,10 +199,10 @@ def tradeoff_plot(df: pd.DataFrame, path: Path, title: str) -> int | None:
         return None
     ok = df[(df.status == "ok") & (df.steps == n) & df.time_s.notna()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    style = styles(df)
     for _, r in ok.iterrows():
-        exact = str(r.get("exact", "")) == "True" or str(r.peer) not in ("nan", "")
-        marker = "o" if exact and r.strategy not in ("first_order", "implicit") else "^"
-        ax.scatter(r.peak_mib, r.time_s, marker=marker, s=40)
+        st = style[r.strategy]
+        ax.scatter(r.peak_mib, r.time_s, marker=st["marker"], color=st["color"], s=40)
         ax.annotate(
             r.strategy,
             (r.peak_mib, r.time_s),
@@ -147,7 +213,7 @@ def tradeoff_plot(df: pd.DataFrame, path: Path, title: str) -> int | None:
     ax.set_xscale("log")
     ax.set_xlabel("peak memory MiB (log)")
     ax.set_ylabel("seconds per meta-gradient")
-    ax.set_title(f"{title}\nN={n}: time vs memory (o exact, ^ approximate)", fontsize=8)
+    ax.set_title(f"{title}\nN={n}: time vs memory (o exact, ^ approximate, s/D peers)", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -303,6 +369,8 @@ def write_report(out_dir: Path | str) -> None:
         "",
         summary_table(df),
         "",
+        reference_note(df),
+        "",
         "Peak MiB at each N:",
         "",
         pivot(df, "peak_mib", ".0f"),
@@ -326,6 +394,79 @@ def write_report(out_dir: Path | str) -> None:
     (out_dir / "summary.md").write_text("\n".join(text))
 
 
+def headline(out_dir: Path | str) -> str:
+    """The table a sweep prints when it ends: its summary's first table and targets."""
+    text = (Path(out_dir) / "summary.md").read_text()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("|", "- ", "#"))]
+    return "\n".join(keep)
+
+
+def claims(root: Path | str = "results") -> str:
+    """The seed's claims against what the committed CSVs measured (claims.md)."""
+    root = Path(root)
+    sweeps = {d.name: derive_columns(pd.read_csv(d / "runs.csv")) for d in sweep_dirs(root)}
+    rows = []
+    gpu = sweeps.get("resnet18-224")
+    notebook = "not measured yet (no resnet18-224 CSV)"
+    if gpu is not None:
+        ok = gpu[gpu.status == "ok"]
+        tm = ok[ok.strategy == "torch_maml_checkpoint"]
+        big = ok[(ok.steps >= 500) & (ok.exact.astype(str) == "True") & (ok.peer.isna())]
+        cells = []
+        if not tm.empty:
+            r = tm.loc[tm.steps.idxmax()]
+            cells.append(f"torch_maml checkpoint (k=5) at N={r.steps}: {r.peak_mib / 1024:.2f} GiB")
+        if not big.empty:
+            r = big.loc[big.peak_mib.idxmin()]
+            cells.append(
+                f"effmaml's least at N={r.steps}: {r.strategy} {r.peak_mib / 1024:.2f} GiB"
+            )
+        notebook = "; ".join(cells) + f" ({gpu.iloc[0].device})" if cells else notebook
+    rows.append(
+        (
+            '">500 steps on an 11 GB GPU" with segments of 5 (seed notebook; ResNet18, '
+            "16x3x224x224)",
+            notebook,
+            "results/resnet18-224",
+        )
+    )
+    speed, cosine = [], []
+    for name, df in sweeps.items():
+        if "-amp-" in name:  # compared with bf16 naive there, not the float32 meta-gradient
+            continue
+        ok = df[df.status == "ok"]
+        fo = ok[ok.strategy == "first_order"].set_index("steps")
+        naive = ok[ok.strategy == "naive"].set_index("steps")
+        timed = fo.time_s.notna() & naive.time_s.reindex(fo.index).notna()
+        both = sorted(n for n in fo.index[timed] if n in naive.index)
+        if not both:
+            continue
+        ratios = ", ".join(f"{naive.time_s[n] / fo.time_s[n]:.1f}x at N={n}" for n in both)
+        speed.append(f"{name}: {ratios}")
+        cos = ", ".join(f"{fo.grad_cosine[n]:.2f} at N={n}" for n in sorted(fo.index))
+        cosine.append(f"{name}: {cos}")
+    rows.append(
+        (
+            "first-order MAML is ≈33% faster than second order (Finn et al. 2017, a small "
+            "conv net on a GPU)",
+            "second order (naive) over first order: " + "; ".join(speed),
+            "results/*/runs.csv",
+        )
+    )
+    few = root / "fewshot" / "summary.md"
+    rows.append(
+        (
+            'first-order MAML is "almost as good" (Finn et al. 2017)',
+            "cosine of first order's meta-gradient with the exact one: "
+            + "; ".join(cosine)
+            + (". Few-shot accuracy and loss: results/fewshot/summary.md" if few.exists() else ""),
+            "results/*/runs.csv, results/fewshot",
+        )
+    )
+    table = pd.DataFrame(rows, columns=["claim", "what we measured", "where"])
+    return "### The seed's claims, measured\n\n" + table.to_markdown(index=False) + "\n"
+
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -338,11 +479,14 @@ def update_readme(readme: Path | str = "README.md", root: Path | str = "results"
     if START not in text or END not in text:
         return False
     parts = []
-    for summary in sorted(root.glob("*/summary.md")):
+    summaries = sorted(root.glob("*/summary.md"))
+    if (root / "claims.md").exists() and summaries:  # after the first (cpu-quick) table
+        summaries.insert(1, root / "claims.md")
+    for summary in summaries:
         body = summary.read_text().strip()
         if body.startswith("# "):
             body = body.replace("# ", "### ", 1)
-        else:
+        elif not body.startswith("#"):
             body = f"### {summary.parent.name}\n\n{body}"
         parts += [body, ""]
         for png in ("memory_vs_steps.png", "tradeoff.png", "loss_vs_steps.png"):
@@ -368,5 +512,8 @@ if __name__ == "__main__":
     for d in dirs:
         write_report(d)
         print(f"wrote {d}/summary.md and plots")
+    if not sys.argv[1:]:
+        Path("results/claims.md").write_text(claims("results"))
+        print("wrote results/claims.md")
     if not sys.argv[1:] and update_readme():
         print("updated README.md results section")

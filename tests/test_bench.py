@@ -1,5 +1,6 @@
 """The bench's code path at tiny size: subprocess runs, CSV columns, agreement, report."""
 
+import json
 import subprocess
 import sys
 
@@ -7,9 +8,10 @@ import pandas as pd
 import pytest
 
 import effmaml
+from bench.__main__ import plan
 from bench.models import MODELS
 from bench.presets import PRESETS, RUNS
-from bench.report import TARGETS, derive_columns
+from bench.report import TARGETS, derive_columns, styles
 
 
 def test_presets_name_what_exists():
@@ -23,6 +25,75 @@ def test_presets_name_what_exists():
             assert RUNS[label].strategy in effmaml.STRATEGIES, label
 
 
+def test_gpu_preset_times_every_cell_the_issue_names():
+    """resnet18-224: every strategy at N=100; at N=500 the schedules that fit a few GiB and
+    torch_maml's k=5; at N=1000 the memory floor; one timed meta-gradient per cell."""
+    gpu = PRESETS["resnet18-224"]
+    runs = plan(gpu, list(gpu.steps))
+    at = {n: [r.spec.label for r in runs if r.steps == n] for n in gpu.steps}
+    assert gpu.steps == (100, 500, 1000) and gpu.single_run and gpu.time_max_steps is None
+    assert {"naive", "torch_maml_naive", "higher", "first_order", "implicit"} <= set(at[100])
+    assert {"auto_2GiB", "auto_3GiB", "auto_6GiB", "auto_20GiB"} <= set(at[100])
+    assert set(at[500]) == {
+        "checkpoint_auto_segment",
+        "checkpoint_auto_step",
+        "offload",
+        "revolve_s8",
+        "auto_3GiB",
+        "torch_maml_checkpoint",
+    }
+    assert set(at[1000]) == {"offload", "revolve_s8"}
+    skipped = {r.spec.label: r.skip for r in runs if r.skip}
+    assert set(skipped) == {"higher"}  # no grad-of-grad clipping, and the preset clips
+
+
+def test_plot_styles_tell_strategies_apart():
+    df = pd.DataFrame(
+        {
+            "strategy": [f"s{i}" for i in range(16)] + ["first_order", "tm", "hi"],
+            "exact": [True] * 16 + [False, True, True],
+            "peer": [""] * 17 + ["torch_maml", "higher"],
+        }
+    )
+    st = styles(df)
+    assert (
+        len(
+            {
+                tuple(v["color"]) if not isinstance(v["color"], str) else v["color"]
+                for k, v in st.items()
+                if k.startswith("s")
+            }
+        )
+        == 16
+    )
+    assert st["s0"]["linestyle"] == "-" and st["first_order"]["linestyle"] == ":"
+    assert st["tm"]["linestyle"] == "--" and st["tm"]["marker"] != st["hi"]["marker"]
+
+
+def test_child_once_mode_measures_and_times_one_meta_gradient(tmp_path):
+    """The GPU preset's single-run mode (on the GPU one process measures memory and time
+    together); run here on the CPU at toy size."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.child",
+            "tiny",
+            "checkpoint_k5",
+            "2",
+            "once",
+            str(tmp_path / "g.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["repeats"] == 1 and row["time_s"] > 0 and row["peak_mib"] > 0
+    assert row["predicted_s"] > 0 and (tmp_path / "g.pt").exists()
+
+
 @pytest.mark.slow
 def test_bench_tiny_end_to_end(tmp_path):
     cmd = [
@@ -31,23 +102,33 @@ def test_bench_tiny_end_to_end(tmp_path):
         "bench",
         "--preset",
         "tiny",
-        "--steps",
-        "2",
-        "--strategies",
-        "first_order,checkpoint_k5,naive",
         "--out",
         str(tmp_path),
     ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     out = tmp_path / "tiny"
     raw = pd.read_csv(out / "runs.csv")
-    # the runs in the order asked; agreement with naive whatever order naive ran in
-    assert list(raw.strategy) == ["first_order", "checkpoint_k5", "naive"]
+    # the preset's runs at each N, in its order
+    assert list(raw.strategy) == [
+        "naive",
+        "first_order",
+        "checkpoint_auto_segment",
+        "checkpoint_k5",
+        "checkpoint_auto_segment",
+        "revolve_s8",
+        "offload",
+    ]
+    assert list(raw.steps) == [2, 2, 2, 2, 3, 3, 3]
     assert (raw.status == "ok").all()
     assert (raw.peak_mib > 0).all() and (raw.time_s > 0).all()
     assert (raw.predicted_s > 0).all() and (raw.predicted_peak_mib > 0).all()
     assert "overhead_vs_first_order" not in raw  # derived by the report, not measured
     df = derive_columns(raw)
+    # naive at N=2; at N=3, where naive did not run, checkpoint(segment) stands in
+    assert set(raw[raw.steps == 2].reference) == {"naive"}
+    assert set(raw[raw.steps == 3].reference) == {"checkpoint_auto_segment"}
+    assert (raw[raw.steps == 3].grad_rel_l2 < 1e-5).all()
+    assert "stands in" in (out / "summary.md").read_text()
     ck = df[df.strategy == "checkpoint_k5"].iloc[0]
     assert ck.grad_rel_l2 < 1e-5 and ck.grad_cosine > 0.99999
     assert ck.step_evals == 2 * 2  # the probe ran for the prediction, before the run
