@@ -158,15 +158,17 @@ PRESETS: dict[str, Preset] = {
             single_run=True,
             targets=("memory_floor", "auto_vs_named", "memory_model", "time_model"),
         ),
-        # `make bench` on a machine without a GPU: cpu-small's model and data at N=10, 20,
-        # 40 for the strategies a newcomer compares, in under 10 minutes on 2 cores.
+        # `make bench` on a machine without a GPU: ResNet18 at 48x48 (cpu-small's 64x64 took
+        # 13 minutes here), N=10, 20, 40, the strategies a newcomer compares, the peers up to
+        # N=20: under 10 minutes on 2 cores.
         Preset(
             "cpu-quick",
-            image=64,
+            image=48,
             batch=8,
             steps=(10, 20, 40),
             clip=None,
             repeats=1,
+            caps=(("torch_maml_checkpoint", 20), ("higher", 20)),
             runs=(
                 "naive",
                 "first_order",

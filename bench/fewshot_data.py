@@ -1,0 +1,421 @@
+"""Few-shot image classification data: Omniglot and miniImageNet read from disk, an
+embedded procedural character set, and the N-way K-shot episode sampler.
+
+Nothing is downloaded. ``load(spec)`` takes ``"characters"`` (the embedded default),
+``"omniglot:/path"`` (torchvision's on-disk layout: ``[omniglot-py/]images_background/``
+and ``images_evaluation/``, alphabet/character/*.png) or ``"miniimagenet:/path"`` (Ravi &
+Larochelle's layout: ``train.csv``, ``val.csv``, ``test.csv`` with ``filename,label`` rows,
+and ``images/``).
+
+Class splits:
+
+* Omniglot, and the procedural characters: all characters of both folders, shuffled with a
+  fixed seed (as Finn et al.'s code does), the first 1100 for meta-training, the next 100
+  for validation, the remaining 423 for testing (the usual 1200/423 split; proportionally
+  for a folder with fewer characters); each character rotated by 0, 90, 180 and 270 degrees
+  is four classes (Santoro et al. 2016, Vinyals et al. 2016). 28x28, one channel, ink 1.
+* miniImageNet: the 64/16/20 classes of its CSV files. 84x84, three channels in [0, 1].
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Characters",
+    "Episodes",
+    "FewShotData",
+    "MiniImageNetFolder",
+    "OmniglotFolder",
+    "character_split",
+    "load",
+]
+
+Split = dict[str, list[tuple[int, int]]]  # split -> [(source class, rotation)]
+
+
+class FewShotData:
+    """Classes of images by split; ``images(cls, indices)`` -> ``(n, C, H, W)`` in [0, 1].
+
+    Attributes:
+        name: for reports.
+        channels, size: image shape.
+        splits: ``"train"``, ``"val"``, ``"test"`` -> class references.
+    """
+
+    name: str
+    channels: int
+    size: int
+    splits: Split
+
+    def count(self, cls: tuple[int, int]) -> int:
+        """Examples of class ``cls``."""
+        raise NotImplementedError
+
+    def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
+        raise NotImplementedError
+
+
+def character_split(n_chars: int, seed: int = 1) -> dict[str, list[int]]:
+    """Finn et al.'s split of Omniglot's characters, scaled to ``n_chars``.
+
+    All characters shuffled with ``seed``; of 1623, the first 1100 train, 100 validate and
+    423 test (for fewer characters the same proportions, at least one in each).
+    """
+    order = list(range(n_chars))
+    random.Random(seed).shuffle(order)
+    n_train = max(1, round(1100 * n_chars / 1623))
+    n_val = max(1, round(100 * n_chars / 1623))
+    if n_chars < 3:
+        raise ValueError(f"a character split needs at least 3 characters (got {n_chars})")
+    n_train = min(n_train, n_chars - 2)
+    n_val = min(n_val, n_chars - n_train - 1)
+    return {
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+
+
+def _rotated(split: dict[str, list[int]]) -> Split:
+    return {k: [(c, r) for c in v for r in range(4)] for k, v in split.items()}
+
+
+# -- the embedded procedural characters ---------------------------------------------------
+@dataclass
+class Characters(FewShotData):
+    """A procedural character set standing in for Omniglot, rendered on demand.
+
+    Each character is 2-4 random strokes (quadratic Bézier curves with control points in
+    the middle 70% of the canvas), drawn from a generator seeded by the character's index.
+    Each of its ``per_class`` examples is the character under its own random variation:
+    an affine jitter (rotation ±12°, scale 0.85-1.1 per axis, shear ±0.15, shift ±1.7
+    pixels), each control point moved by N(0, 0.02), a stroke width of 1.0-1.7 pixels, an
+    ink level of 0.8-1, and pixel noise N(0, 0.05), clipped to [0, 1]. 28x28, ink 1.
+
+    How it differs from Omniglot: no alphabets (characters are independent, not families
+    of related shapes), smooth strokes without pen dynamics, a fixed 2-4 strokes, and
+    variation that is only geometric jitter and noise where Omniglot has 20 different
+    people's handwriting. The split, the rotations and the episode sampler are Omniglot's.
+
+    Args:
+        n_chars: characters (1623, as Omniglot).
+        per_class: examples per character (20, as Omniglot).
+        seed: the set's seed; the same seed gives the same images on every machine.
+    """
+
+    n_chars: int = 1623
+    per_class: int = 20
+    seed: int = 0
+    name: str = "characters"
+    channels: int = 1
+    size: int = 28
+    splits: Split = field(init=False)
+    _all: Tensor | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.splits = _rotated(character_split(self.n_chars))
+
+    def count(self, cls: tuple[int, int]) -> int:
+        return self.per_class
+
+    def strokes(self, char: int) -> Tensor:
+        """The character's control points, ``(strokes, 3, 2)``."""
+        g = torch.Generator().manual_seed(1_000_003 * self.seed + 7919 * char + 1)
+        n = 2 + int(torch.randint(0, 3, (), generator=g))
+        return 0.15 + 0.7 * torch.rand(n, 3, 2, generator=g, dtype=torch.float64)
+
+    def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
+        char, rot = cls
+        if self._all is not None:
+            out = self._all[char, list(indices)].float() / 255
+        else:
+            out = self._render(char, [int(i) for i in indices])
+        return torch.rot90(out, rot, dims=(-2, -1)).contiguous()
+
+    def materialize(self, cache_dir: str | Path | None = None) -> Characters:
+        """Render every example once (about a minute on 2 cores) and keep them as uint8
+        (25 MB), read from / written to ``cache_dir`` (default ``~/.cache/effmaml``)."""
+        if self._all is not None:
+            return self
+        folder = Path(cache_dir or Path.home() / ".cache" / "effmaml")
+        path = folder / f"characters-v1-{self.n_chars}x{self.per_class}-seed{self.seed}.pt"
+        if path.exists():
+            self._all = torch.load(path, weights_only=True)
+            return self
+        every = list(range(self.per_class))
+        rendered = torch.stack([self._render(c, every) for c in range(self.n_chars)])
+        self._all = (rendered * 255).round().to(torch.uint8)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{id(self)}")
+        torch.save(self._all, tmp)
+        tmp.replace(path)
+        return self
+
+    def _jitter(self, char: int, example: int) -> tuple[Tensor, Tensor, Tensor, float, float]:
+        """Example ``example``'s variation: point noise, affine map, shift, width, ink."""
+        g = torch.Generator().manual_seed(
+            1_000_003 * self.seed + 7919 * char + 104_729 * (example + 1)
+        )
+
+        def u(lo, hi, *shape):
+            return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
+
+        noise = 0.02 * torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+        angle = math.radians(float(u(-12, 12)))
+        rot = torch.tensor(
+            [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
+            dtype=torch.float64,
+        )
+        shear = torch.tensor([[1.0, float(u(-0.15, 0.15))], [0.0, 1.0]], dtype=torch.float64)
+        affine = rot @ shear @ torch.diag(u(0.85, 1.1, 2))
+        return noise, affine, u(-0.06, 0.06, 2), float(u(1.0, 1.7)), float(u(0.8, 1.0))
+
+    def _render(self, char: int, examples: list[int]) -> Tensor:
+        """Render examples of one character at once: ``(len(examples), 1, 28, 28)``."""
+        base = self.strokes(char)
+        n = len(base)
+        pts, widths, inks, seeds = [], [], [], []
+        for e in examples:
+            noise, affine, shift, width, ink = self._jitter(char, e)
+            pts.append(((base + noise[:n]) - 0.5) @ affine.T + 0.5 + shift)
+            widths.append(width / self.size)
+            inks.append(ink)
+            seeds.append(1_000_003 * self.seed + 7919 * char + 104_729 * (e + 1) + 17)
+        p = torch.stack(pts)  # (B, strokes, 3, 2)
+        t = torch.linspace(0, 1, 40, dtype=torch.float64)[:, None]
+        p0, p1, p2 = p[:, :, 0:1], p[:, :, 1:2], p[:, :, 2:3]
+        curve = ((1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2).reshape(len(p), -1, 2)
+        pix = (torch.arange(self.size, dtype=torch.float64) + 0.5) / self.size
+        grid = torch.stack(torch.meshgrid(pix, pix, indexing="ij"), -1).reshape(-1, 2)
+        grid = grid[:, [1, 0]].expand(len(p), -1, -1)  # (x, y) = (column, row)
+        dist = torch.cdist(grid, curve).min(-1).values  # (B, pixels)
+        w = torch.tensor(widths, dtype=torch.float64)[:, None]
+        img = torch.tensor(inks, dtype=torch.float64)[:, None] * torch.exp(
+            -0.5 * (dist / (0.6 * w)) ** 2
+        )
+        noise = torch.stack(
+            [
+                torch.randn(
+                    img.shape[1], generator=torch.Generator().manual_seed(s), dtype=torch.float64
+                )
+                for s in seeds
+            ]
+        )
+        img = (img + 0.05 * noise).clamp(0, 1)
+        return img.reshape(len(p), 1, self.size, self.size).float()
+
+
+# -- Omniglot on disk ---------------------------------------------------------------------
+class OmniglotFolder(FewShotData):
+    """Omniglot in torchvision's layout, read from ``root`` (nothing is downloaded).
+
+    ``root`` holds ``images_background/`` and ``images_evaluation/`` (or ``omniglot-py/``
+    with them inside, as torchvision extracts it): alphabet folders of character folders of
+    105x105 PNGs. Images are read on first use, resized to 28x28 and inverted (ink 1).
+
+    Raises:
+        FileNotFoundError: a missing folder, or a character without images (says which).
+    """
+
+    name = "omniglot"
+    channels = 1
+    size = 28
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root)
+        base = root / "omniglot-py" if (root / "omniglot-py").is_dir() else root
+        folders = [base / "images_background", base / "images_evaluation"]
+        missing = [str(f) for f in folders if not f.is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"not an Omniglot folder: {', '.join(missing)} missing. Give the folder "
+                f"that holds images_background/ and images_evaluation/ (torchvision's "
+                f"layout; unzip images_background.zip and images_evaluation.zip there)"
+            )
+        self.files: list[list[Path]] = []
+        for folder in folders:
+            for alphabet in sorted(p for p in folder.iterdir() if p.is_dir()):
+                for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):
+                    pngs = sorted(char.glob("*.png"))
+                    if not pngs:
+                        raise FileNotFoundError(
+                            f"incomplete Omniglot folder: {char} has no PNG images; "
+                            f"unzip the archives again"
+                        )
+                    self.files.append(pngs)
+        if len(self.files) < 3:
+            raise FileNotFoundError(
+                f"incomplete Omniglot folder: {len(self.files)} characters under {base} "
+                f"(Omniglot has 1623)"
+            )
+        self.splits = _rotated(character_split(len(self.files)))
+        self._cache: dict[tuple[int, int], Tensor] = {}
+
+    def count(self, cls: tuple[int, int]) -> int:
+        return len(self.files[cls[0]])
+
+    def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
+        char, rot = cls
+        out = torch.stack([self._image(char, int(i)) for i in indices])
+        return torch.rot90(out, rot, dims=(-2, -1)).contiguous()
+
+    def _image(self, char: int, i: int) -> Tensor:
+        key = (char, i)
+        if key not in self._cache:
+            from PIL import Image
+
+            with Image.open(self.files[char][i]) as im:
+                im = im.convert("L").resize((self.size, self.size), Image.LANCZOS)
+                x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            self._cache[key] = 1.0 - x.reshape(1, self.size, self.size).float() / 255.0
+        return self._cache[key]
+
+
+# -- miniImageNet on disk -----------------------------------------------------------------
+class MiniImageNetFolder(FewShotData):
+    """miniImageNet in Ravi & Larochelle's layout, read from ``root``.
+
+    ``root`` holds ``train.csv``, ``val.csv``, ``test.csv`` (rows ``filename,label``, a
+    header line) and ``images/`` with every file they name. 84x84 RGB in [0, 1].
+
+    Raises:
+        FileNotFoundError: a missing CSV or image folder, or images the CSVs name that are
+            not there (says how many and the first).
+    """
+
+    name = "miniimagenet"
+    channels = 3
+    size = 84
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root)
+        needed = [root / f"{s}.csv" for s in ("train", "val", "test")] + [root / "images"]
+        missing = [str(p) for p in needed if not p.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"not a miniImageNet folder: {', '.join(missing)} missing. Give the folder "
+                f"with train.csv, val.csv, test.csv and images/ (Ravi & Larochelle's layout)"
+            )
+        self.classes: list[list[Path]] = []
+        self.splits = {}
+        absent: list[Path] = []
+        for split in ("train", "val", "test"):
+            by_label: dict[str, list[Path]] = {}
+            with open(root / f"{split}.csv", newline="") as f:
+                for row in csv.DictReader(f):
+                    path = root / "images" / row["filename"]
+                    if not path.exists():
+                        absent.append(path)
+                    by_label.setdefault(row["label"], []).append(path)
+            self.splits[split] = []
+            for label in sorted(by_label):
+                self.splits[split].append((len(self.classes), 0))
+                self.classes.append(by_label[label])
+        if absent:
+            raise FileNotFoundError(
+                f"incomplete miniImageNet folder: {len(absent)} images named in the CSVs are "
+                f"missing, the first {absent[0]}"
+            )
+        self._cache: dict[tuple[int, int], Tensor] = {}
+
+    def count(self, cls: tuple[int, int]) -> int:
+        return len(self.classes[cls[0]])
+
+    def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
+        return torch.stack([self._image(cls[0], int(i)) for i in indices])
+
+    def _image(self, c: int, i: int) -> Tensor:
+        key = (c, i)
+        if key not in self._cache:
+            from PIL import Image
+
+            with Image.open(self.classes[c][i]) as im:
+                im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+                x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            self._cache[key] = x.reshape(self.size, self.size, 3).permute(2, 0, 1).float() / 255
+        return self._cache[key]
+
+
+def load(spec: str) -> FewShotData:
+    """``"characters"``, ``"omniglot:/path"`` or ``"miniimagenet:/path"``.
+
+    Raises:
+        ValueError: an unknown kind (lists the known ones).
+        FileNotFoundError: a folder that is not in the expected layout.
+    """
+    kind, _, path = spec.partition(":")
+    if kind == "characters" and not path:
+        return Characters()
+    if kind == "omniglot" and path:
+        return OmniglotFolder(path)
+    if kind == "miniimagenet" and path:
+        return MiniImageNetFolder(path)
+    raise ValueError(
+        f"unknown data {spec!r}: use 'characters' (embedded, the default), "
+        f"'omniglot:/path/to/omniglot' or 'miniimagenet:/path/to/miniimagenet'"
+    )
+
+
+# -- episodes -----------------------------------------------------------------------------
+@dataclass
+class Episodes:
+    """N-way K-shot episodes from one split: ``episodes(g)`` draws ``meta_batch`` of them.
+
+    Each episode picks ``n_way`` classes of the split and, from each, ``k_shot`` support
+    and ``k_query`` query examples (distinct), labelled 0..n_way-1 in the order drawn. All
+    randomness comes from the given ``torch.Generator`` (what ``MetaTrainer`` expects).
+
+    Returns:
+        ``[((x_support, y_support), (x_query, y_query)), ...]``, x of shape
+        ``(n_way * k, C, H, W)``.
+    """
+
+    data: FewShotData
+    split: str
+    n_way: int = 5
+    k_shot: int = 1
+    k_query: int = 15
+    meta_batch: int = 1
+
+    def __post_init__(self) -> None:
+        classes = self.data.splits[self.split]
+        if len(classes) < self.n_way:
+            raise ValueError(
+                f"the {self.split} split of {self.data.name} has {len(classes)} classes, "
+                f"fewer than n_way={self.n_way}"
+            )
+
+    def episode(self, g: torch.Generator):
+        classes = self.data.splits[self.split]
+        pick = torch.randperm(len(classes), generator=g)[: self.n_way].tolist()
+        xs, xq = [], []
+        for j in pick:
+            cls = classes[j]
+            need = self.k_shot + self.k_query
+            if self.data.count(cls) < need:
+                raise ValueError(
+                    f"class {cls} of {self.data.name} has {self.data.count(cls)} examples, "
+                    f"fewer than k_shot + k_query = {need}"
+                )
+            idx = torch.randperm(self.data.count(cls), generator=g)[:need].tolist()
+            imgs = self.data.images(cls, idx)
+            xs.append(imgs[: self.k_shot])
+            xq.append(imgs[self.k_shot :])
+        ys = torch.arange(self.n_way).repeat_interleave(self.k_shot)
+        yq = torch.arange(self.n_way).repeat_interleave(self.k_query)
+        return (torch.cat(xs), ys), (torch.cat(xq), yq)
+
+    def sample(self, g: torch.Generator, n: int) -> list:
+        return [self.episode(g) for _ in range(n)]
+
+    def __call__(self, g: torch.Generator) -> list:
+        return self.sample(g, self.meta_batch)
