@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: setup test lint format bench bench-full bench-micro report fewshot scaling clean
+.PHONY: setup test lint format bench bench-full bench-micro report fewshot fewshot-horizon scaling clean
 
 setup: $(SETUP)
 
@@ -48,9 +48,15 @@ bench-full: $(SETUP)
 report: $(SETUP)
 	$(PY) -m bench.report
 
-# MAML / first-order / iMAML / transfer / random on sine and linear tasks (15 min measured on 2 cores)
+# 5-way 1-shot image classification (Conv-4; DATA=characters, the embedded set, or
+# omniglot:/path, miniimagenet:/path) and sine: MAML, first order, iMAML, transfer, random
+DATA ?= characters
 fewshot: $(SETUP)
-	$(PY) -m bench.fewshot
+	$(PY) -m bench.fewshot --data $(DATA)
+
+# MAML and iMAML with 1, 5, 25 and 100 inner steps at train and test: accuracy and cost
+fewshot-horizon: $(SETUP)
+	$(PY) -m bench.fewshot --horizon --data $(DATA) --problems characters
 
 # meta-iterations/s and memory for 1 and 2 processes (torchrun, gloo, one thread each)
 scaling: $(SETUP)

@@ -158,12 +158,12 @@ PRESETS: dict[str, Preset] = {
             single_run=True,
             targets=("memory_floor", "auto_vs_named", "memory_model", "time_model"),
         ),
-        # `make bench` on a machine without a GPU: ResNet18 at 48x48 (cpu-small's 64x64 took
-        # 13 minutes here), N=10, 20, 40, the strategies a newcomer compares, the peers up to
-        # N=20: under 10 minutes on 2 cores.
+        # `make bench` on a machine without a GPU: ResNet18 at 40x40 (64x64 took 13 minutes
+        # here, 48x48 9.5), N=10, 20, 40, the strategies a newcomer compares, the peers up to
+        # N=20: about 7 minutes on 2 cores, so that setup + sweep stay under 10.
         Preset(
             "cpu-quick",
-            image=48,
+            image=40,
             batch=8,
             steps=(10, 20, 40),
             clip=None,

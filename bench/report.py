@@ -228,7 +228,7 @@ def _row(df, label, n):
 
 def _exact_rows(df: pd.DataFrame) -> pd.DataFrame:
     """effmaml's exact strategies (not peers), by the CSV's ``exact`` column."""
-    peer = df.peer.astype(str).replace("nan", "") if "peer" in df else ""
+    peer = df.peer.where(df.peer.notna(), "").astype(str) if "peer" in df else ""
     return df[(df.exact.astype(str) == "True") & (peer == "")]
 
 
