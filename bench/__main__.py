@@ -60,6 +60,8 @@ COLUMNS = [
     "reserved_mib",
     "memory_kind",
     "predicted_peak_mib",
+    "state_mib",
+    "step_graph_mib",
     "host_peak_mib",
     "predicted_host_mib",
     "time_s",
@@ -133,19 +135,33 @@ def _child(args: list[str], env: dict, timeout: int) -> dict:
     return {"status": status, "error": err}
 
 
+def timed(preset: Preset, steps: int) -> bool:
+    return preset.time_max_steps is None or steps <= preset.time_max_steps
+
+
 def run_one(run: Run, preset: Preset, child_args: list[str], grad_file: str) -> dict:
-    """Measure one run in child processes; the raw row (status, memory, time, prediction)."""
-    timed = preset.time_max_steps is None or run.steps <= preset.time_max_steps
+    """Measure one run in a child process; the raw row (status, memory, prediction, and on
+    CUDA the time: there measuring memory costs nothing, so one process does both)."""
     args = [*child_args, run.spec.label, str(run.steps)]
-    if torch.cuda.is_available():  # one process: memory and time measured together
-        mode = ("once" if preset.single_run else "both") if timed else "memory"
+    if torch.cuda.is_available():
+        mode = ("once" if preset.single_run else "both") if timed(preset, run.steps) else "memory"
         return _child([*args, mode, grad_file], dict(os.environ), preset.timeout_s)
-    row = _child(
-        [*args, "memory", grad_file], dict(os.environ, **MALLOC_FOR_MEASURING), preset.timeout_s
+    env = dict(os.environ, **MALLOC_FOR_MEASURING)
+    return _child([*args, "memory", grad_file], env, preset.timeout_s)
+
+
+def time_strategy(label: str, steps: list[int], preset: Preset, child_args: list[str]) -> dict:
+    """CPU: one child without the memory setting (it slows runs ~2x) times ``label`` at
+    every N, after one warm-up: ``{N: {time_s, time_min_s, repeats}}``, or an error row."""
+    timeout = preset.timeout_s * len(steps)
+    out = _child(
+        [*child_args, label, ",".join(map(str, steps)), "time", "-"], dict(os.environ), timeout
     )
-    if row.get("status", "ok") == "ok" and timed:
-        row.update(_child([*args, "time", grad_file], dict(os.environ), preset.timeout_s))
-    return row
+    if "times" not in out:
+        return {
+            n: {"status": out.get("status", "error"), "error": out.get("error", "")} for n in steps
+        }
+    return {int(n): v for n, v in out["times"].items()}
 
 
 def derive(rows: list[dict], grads: dict[tuple[str, int], str]) -> None:
@@ -231,8 +247,12 @@ def main(argv=None) -> None:
     rows: list[dict] = []
     grads: dict[tuple[str, int], str] = {}
     oom_at: dict[str, int] = {}
+    cpu_timing = not torch.cuda.is_available()
+    to_time = sorted({r.spec.label for r in runs if timed(preset, r.steps) and not r.skip})
     with tempfile.TemporaryDirectory() as tmp:
-        bar = tqdm(total=len(runs), desc=preset.name, unit="run")
+        bar = tqdm(
+            total=len(runs) + (len(to_time) if cpu_timing else 0), desc=preset.name, unit="run"
+        )
         for run in runs:
             spec, n = run.spec, run.steps
             opts = spec.opts()
@@ -270,6 +290,21 @@ def main(argv=None) -> None:
             rows.append(row)
             write(csv_path, kept + rows)  # as runs end: an interrupted sweep keeps its rows
             bar.update(1)
+        if cpu_timing:  # then the time, one child per strategy for all its N
+            for label in [x for x in dict.fromkeys(r.spec.label for r in runs) if x in to_time]:
+                mine = [r for r in rows if r["strategy"] == label and r["status"] == "ok"]
+                bar.set_postfix_str(f"timing {label}")
+                if mine:
+                    times = time_strategy(
+                        label,
+                        [r["steps"] for r in mine if timed(preset, r["steps"])],
+                        preset,
+                        child_args,
+                    )
+                    for r in mine:
+                        r.update(times.get(r["steps"], {}))
+                    write(csv_path, kept + rows)
+                bar.update(1)
         bar.close()
         derive(rows, grads)
     write(csv_path, kept + rows)

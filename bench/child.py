@@ -6,7 +6,8 @@ loop, without the probe).
 
 MODE ``memory``: one meta-gradient inside a peak-memory window (start this process with
 ``MALLOC_MMAP_THRESHOLD_=65536`` on CPU); saves the flat meta-gradient to OUT_GRAD.
-MODE ``time``: a warm-up meta-gradient at 2 steps, then ``preset.repeats`` timed ones.
+MODE ``time`` (STEPS may list several N, comma-separated): a warm-up meta-gradient at 2
+steps, then ``preset.repeats`` timed ones at each N; prints ``{"times": {N: ...}}``.
 MODE ``both`` (CUDA, where measuring memory does not slow anything): ``memory``, then
 ``preset.repeats`` timed meta-gradients in the same process (the memory run warms up).
 MODE ``once`` (CUDA, long unrolls): a 2-step warm-up, then one meta-gradient measured for
@@ -35,6 +36,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def timings(run, steps: int, repeats: int, device) -> dict:
+    """``repeats`` timed meta-gradients at N=``steps``: median, min, count."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        run(steps)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"time_s": statistics.median(times), "time_min_s": min(times), "repeats": len(times)}
+
+
 def main(argv: list[str]) -> dict:
     preset, spec = PRESETS[argv[0]], RUNS[argv[1]]
     if "--amp" in argv:  # PRESET LABEL STEPS --amp DTYPE MODE OUT_GRAD
@@ -42,12 +55,17 @@ def main(argv: list[str]) -> dict:
         amp = argv[i + 1]
         preset = dataclasses.replace(preset, name=f"{preset.name}-amp-{amp}", amp=amp)
         argv = argv[:i] + argv[i + 2 :]
-    steps, mode, out_grad = int(argv[2]), argv[3], argv[4]
+    steps_list, mode, out_grad = [int(n) for n in argv[2].split(",")], argv[3], argv[4]
+    steps = steps_list[-1]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, dtype, query = build(preset, device)
     maml = make_maml(model, preset, spec)
-    predicted = predict(maml, preset, spec, steps, device, dtype)
+    predicted, probe = predict(maml, preset, spec, steps, device, dtype) or (None, None)
     row: dict = {}
+    if probe is not None:
+        row.update(
+            state_mib=probe.state_bytes / 2**20, step_graph_mib=probe.step_graph_bytes / 2**20
+        )
     if predicted is not None:
         row.update(
             predicted_peak_mib=predicted.peak_bytes / 2**20,
@@ -80,17 +98,11 @@ def main(argv: list[str]) -> dict:
         )
         if device.type == "cuda":
             row["host_peak_mib"] = info.get("host_peak_bytes", 0) / 2**20
-    if mode in ("time", "both"):
-        if mode == "time":
-            run(min(2, steps))  # warm-up
-        times = []
-        for _ in range(preset.repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            run(steps)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        row.update(time_s=statistics.median(times), time_min_s=min(times), repeats=len(times))
+    if mode == "time":  # every N given, after one warm-up; what the memory child lacks
+        run(min(2, steps_list[0]))
+        row = {"times": {n: timings(run, n, preset.repeats, device) for n in steps_list}}
+    if mode == "both":
+        row.update(timings(run, steps, preset.repeats, device))
     return row
 
 

@@ -90,14 +90,25 @@ class Preset:
     amp: str = ""
     # which targets the report checks on this preset's CSV (bench.report.TARGETS)
     targets: tuple[str, ...] = ("memory_model", "time_model")
-    # the model, by its name in bench.models.MODELS
+    # the model, by its name in bench.models.MODELS, and its builder's options (sizes)
     model: str = "resnet18"
+    model_options: tuple[tuple[str, object], ...] = ()
+    # the inner optimizer: "sgd" or "adam", learning rate ``lr``
+    inner: str = "sgd"
 
     def describe(self) -> str:
         """``"resnet18, 16x3x224x224, float32, clip 100.0"`` (for titles and tables)."""
         amp = f", autocast {self.amp}" if self.amp else ""
         clip = f", clip {self.clip}" if self.clip is not None else ""
-        return f"{self.model}, {self.batch}x3x{self.image}x{self.image}, {self.dtype}{amp}{clip}"
+        o = dict(self.model_options)
+        if "seq" in o:
+            shape = (
+                f" ({o.get('n_layer')} layers, {o.get('n_embd')} wide), "
+                f"{self.batch}x{o['seq']} tokens"
+            )
+        else:
+            shape = f", {self.batch}x3x{self.image}x{self.image}"
+        return f"{self.model}{shape}, {self.dtype}, {self.inner} {self.lr}{amp}{clip}"
 
     def cap(self, label: str) -> int | None:
         return dict(self.caps).get(label)
@@ -222,6 +233,92 @@ PRESETS: dict[str, Preset] = {
                 "auto_400MiB",
                 "auto_800MiB",
                 "auto_3GiB",
+            ),
+            targets=("auto_vs_named", "memory_model", "time_model"),
+        ),
+        # A language model on one GPU: GPT-2 small (124M, 12 layers, 768 wide), 8 x 256
+        # tokens, Adam inner lr 1e-4: naive where it fits, the memory-saving schedules to
+        # N=100, auto under 20 GiB.
+        Preset(
+            "gpt2-small",
+            image=0,
+            batch=8,
+            steps=(1, 10, 50, 100),
+            clip=None,
+            lr=1e-4,
+            inner="adam",
+            model="gpt2",
+            model_options=(
+                ("n_layer", 12),
+                ("n_embd", 768),
+                ("n_head", 12),
+                ("vocab", 50257),
+                ("seq", 256),
+            ),
+            repeats=1,
+            timeout_s=300,
+            runs=(
+                "naive",
+                "first_order",
+                "checkpoint_auto_segment",
+                "checkpoint_auto_step",
+                "revolve_s8",
+                "offload",
+                "auto_20GiB",
+            ),
+            runs_at=(
+                (1, ("naive", "first_order")),
+                (
+                    50,
+                    (
+                        "checkpoint_auto_segment",
+                        "checkpoint_auto_step",
+                        "revolve_s8",
+                        "offload",
+                        "auto_20GiB",
+                    ),
+                ),
+                (
+                    100,
+                    (
+                        "checkpoint_auto_segment",
+                        "checkpoint_auto_step",
+                        "revolve_s8",
+                        "offload",
+                        "auto_20GiB",
+                    ),
+                ),
+            ),
+            single_run=True,
+            targets=("memory_model", "time_model"),
+        ),
+        # The same code path on this CPU: GPT-2 with 4 layers, 256 wide, 4 x 64 tokens,
+        # Adam inner lr 1e-4, dropout 0.1, tied embeddings: memory and time models checked
+        # on a transformer.
+        Preset(
+            "gpt2-cpu",
+            image=0,
+            batch=4,
+            steps=(5, 10, 20),
+            clip=None,
+            lr=1e-4,
+            inner="adam",
+            model="gpt2",
+            model_options=(
+                ("n_layer", 4),
+                ("n_embd", 256),
+                ("n_head", 4),
+                ("vocab", 2000),
+                ("seq", 64),
+            ),
+            repeats=1,
+            runs=(
+                "naive",
+                "first_order",
+                "checkpoint_auto_segment",
+                "checkpoint_auto_step",
+                "revolve_s4",
+                "auto_400MiB",
             ),
             targets=("auto_vs_named", "memory_model", "time_model"),
         ),

@@ -7,11 +7,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 import effmaml
 
-from .models import build_model
+from .models import batch_for, build_model, loss_for
 from .presets import Preset, RunSpec
 
 __all__ = [
@@ -23,11 +22,6 @@ __all__ = [
     "meta_gradient",
     "predict",
 ]
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 class LazyBatches(Sequence):
@@ -47,19 +41,15 @@ class LazyBatches(Sequence):
         if not 0 <= t < self.steps:
             raise IndexError(t)
         g = torch.Generator(device=self.device).manual_seed(self.seed + t)
-        p = self.p
-        x = torch.randn(
-            p.batch, 3, p.image, p.image, generator=g, device=self.device, dtype=self.dtype
-        )
-        y = torch.randint(0, p.classes, (p.batch,), generator=g, device=self.device)
-        return x, y
+        return batch_for(self.p, g, self.device, self.dtype)
 
 
 def build(preset: Preset, device: torch.device):
     """The model (seeded), dtype and the query batch."""
     dtype = getattr(torch, preset.dtype)
     torch.manual_seed(0)
-    model = build_model(preset.model, preset.classes).to(device, dtype)
+    model = build_model(preset.model, preset.classes, **dict(preset.model_options))
+    model = model.to(device, dtype)
     model.train()
     query = LazyBatches(preset, 1, device, dtype, seed=7)[0]
     return model, dtype, query
@@ -70,10 +60,11 @@ def make_maml(model, preset: Preset, spec: RunSpec) -> effmaml.MAML | None:
     the prediction, the warm-up and the timed meta-gradients share it."""
     if spec.peer:
         return None
+    inner = effmaml.Adam(preset.lr) if preset.inner == "adam" else effmaml.SGD(preset.lr)
     return effmaml.MAML(
         model,
-        loss_fn,
-        effmaml.SGD(preset.lr),
+        loss_for(preset.model),
+        inner,
         spec.strategy,
         clip_grad_grad_norm=preset.clip,
         **spec.opts(),
@@ -88,14 +79,15 @@ def amp_context(preset: Preset, spec: RunSpec, device: torch.device):
 
 
 def predict(maml, preset: Preset, spec: RunSpec, steps: int, device, dtype):
-    """effmaml's predicted peak, evaluations and seconds for this run (None for peers)."""
+    """effmaml's prediction for this run and the probe it came from (None for peers)."""
     if maml is None:
         return None
     batches = LazyBatches(preset, steps, device, dtype)
     with amp_context(preset, spec, device):
         (pred,) = maml.estimate(batches[0], steps, maml.strategy).values()
+        probe = maml.measure(batches[0])
     maml.model.zero_grad(set_to_none=True)
-    return pred
+    return pred, probe
 
 
 def meta_gradient(model, maml, preset: Preset, spec: RunSpec, steps: int, device, dtype, query):
@@ -112,7 +104,7 @@ def meta_gradient(model, maml, preset: Preset, spec: RunSpec, steps: int, device
         return _higher(model, preset, batches, query)
     with amp_context(preset, spec, device):
         adapted = maml.adapt(batches)
-        loss = loss_fn(adapted, query)
+        loss = loss_for(preset.model)(adapted, query)
     loss.backward()
     facts = {**adapted.info, "host_peak_bytes": adapted.host_peak_bytes()}
     return _flat(model), adapted.step_evals, facts
@@ -130,6 +122,7 @@ def _flat(model) -> torch.Tensor:
 def _torch_maml(model, preset, spec, batches, query):
     import torch_maml
 
+    loss_fn = loss_for(preset.model)
     evals = [0]
 
     def tm_loss(m, batch):
@@ -154,6 +147,7 @@ def _torch_maml(model, preset, spec, batches, query):
 def _higher(model, preset, batches, query):
     import higher
 
+    loss_fn = loss_for(preset.model)
     inner_opt = torch.optim.SGD(model.parameters(), lr=preset.lr)
     with higher.innerloop_ctx(
         model, inner_opt, copy_initial_weights=False, track_higher_grads=True

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .inner import InnerOptimizer
-from .memory import Prediction, parse_bytes
+from .memory import Prediction, Probe, parse_bytes
 from .probe import probe
 from .step import (
     Consts,
@@ -130,6 +130,10 @@ class MAML:
             ``revolve`` (``slots=None``) pick their option; a strategy that cannot fit
             raises ``MemoryError`` before unrolling. Predictions come from
             :meth:`estimate`'s model.
+        math_attention: run the inner steps' scaled-dot-product attention with PyTorch's math
+            kernel, whose backward can be differentiated again (fused CUDA kernels' cannot;
+            Note [Attention kernels and double backward]). Default None: on for every
+            strategy that differentiates twice, off for ``first_order``.
         host_memory_budget: the pinned host memory ``offload`` may hold (bytes or a string);
             ``offload`` over it raises ``MemoryError`` before unrolling, ``auto`` skips it.
             Default: half of what the OS reports available when ``adapt`` starts.
@@ -154,6 +158,7 @@ class MAML:
         check_finite: bool = True,
         memory_budget: int | float | str | None = None,
         host_memory_budget: int | float | str | None = None,
+        math_attention: bool | None = None,
         **strategy_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -182,6 +187,9 @@ class MAML:
             None if host_memory_budget is None else parse_bytes(host_memory_budget)
         )
         self._probes: dict[Any, Any] = {}  # probe results by batch signature
+        self.math_attention = (
+            self.strategy.second_order if math_attention is None else bool(math_attention)
+        )
         self.adapted_names = self._select(params)
         inner.check_names(self.adapted_names)
 
@@ -264,6 +272,15 @@ class MAML:
             self.strategy,
         )
 
+    def measure(self, batch: Any) -> Probe:
+        """What the probe measures on ``batch``: P (one inner state's bytes), A (one step's
+        second-order graph), t₁ and t₂ (:class:`~effmaml.memory.Probe`). Cached: a later
+        ``adapt`` or ``estimate`` with batches like it does not probe again (the result is
+        returned with ``evals=0`` and ``seconds=0`` then, as such a call would see it)."""
+        problem, state0, consts = self.problem(batch, 1)
+        pr = probe(problem, state0, consts, problem.probe_cache)
+        return dataclasses.replace(pr, evals=0, seconds=0.0)
+
     def estimate(
         self,
         batch: Any,
@@ -292,9 +309,8 @@ class MAML:
             label -> :class:`~effmaml.memory.Prediction` (labels like
             ``"checkpoint(segment=7, pullback='step')"``).
         """
-        problem, state0, consts = self.problem(batch, steps)
-        pr = probe(problem, state0, consts, problem.probe_cache)
-        pr = dataclasses.replace(pr, evals=0, seconds=0.0)  # the next adapt will not probe
+        problem, _, _ = self.problem(batch, steps)
+        pr = self.measure(batch)
         if strategy is not None:
             chosen = [make_strategy(strategy, **options)]
         else:
@@ -332,6 +348,7 @@ class MAML:
             memory_budget=self.memory_budget,
             host_memory_budget=self.host_memory_budget,
             probe_cache=self._probes,
+            math_attention=self.math_attention,
         )
         named = dict(self.model.named_parameters())
         theta = {n: named[n] for n in self.adapted_names}

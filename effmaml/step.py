@@ -13,6 +13,7 @@ alive through its outputs; without, it keeps nothing beyond the new state ``P``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "InnerProblem",
     "InnerState",
     "RepeatedBatch",
+    "attention_kernels",
     "inner_step",
     "move_to",
 ]
@@ -161,6 +163,8 @@ class InnerProblem:
             (Note [Autocast under recomputation]).
         witness: set by recomputing strategies: records each step's loss and batch in the
             forward pass and checks them when the step is recomputed.
+        math_attention: run every inner step's scaled-dot-product attention with the math
+            kernel (Note [Attention kernels and double backward]).
     """
 
     model: nn.Module
@@ -178,6 +182,7 @@ class InnerProblem:
     probe_cache: dict[Any, Any] | None = None
     autocast: AutocastState = field(default_factory=capture_autocast)
     witness: Witness | None = None
+    math_attention: bool = False
 
     @property
     def steps(self) -> int:
@@ -259,7 +264,7 @@ def inner_step(
     module = FunctionalModel(
         problem.model, {**consts.fixed, **state.params}, buffers, copy_buffers=False
     )
-    with replay_autocast(problem.autocast), torch.enable_grad():
+    with replay_autocast(problem.autocast), attention_kernels(problem), torch.enable_grad():
         loss = problem.loss_fn(module, problem.batch(t))
         _check_loss(loss, t, problem.check_finite)
         if problem.witness is not None:
@@ -284,6 +289,26 @@ def inner_step(
     if not problem.update_running_stats:
         buffers = state.buffers
     return InnerState(params, opt, buffers), loss
+
+
+def attention_kernels(problem: InnerProblem) -> contextlib.AbstractContextManager:
+    """The scaled-dot-product-attention kernels an inner step may use.
+
+    # Note [Attention kernels and double backward]
+    # On CUDA, F.scaled_dot_product_attention picks fused kernels (flash, memory-efficient)
+    # whose backward is itself not differentiable: a second-order strategy would fail at
+    # its first double backward. The math kernel is made of differentiable ops. Under a
+    # second-order strategy every inner step (the forward's first-order advances too)
+    # runs attention with the math kernel, so that a step recomputed with its graph gives
+    # the very numbers the forward pass gave, as naive's steps do. Cost: the math kernel
+    # keeps each head's (sequence x sequence) attention matrix for backward, where flash
+    # keeps O(sequence). first_order never differentiates twice and keeps the fused kernels.
+    """
+    if not problem.math_attention:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _check_loss(loss: Any, t: int, check_finite: bool) -> None:

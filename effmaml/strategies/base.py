@@ -92,10 +92,14 @@ class Strategy:
     Attributes:
         name: registry name.
         exact: whether the meta-gradient equals naive's (up to float rounding).
+        second_order: whether it needs the double backward of the inner step (every
+            strategy but ``first_order``).
     """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
+    # whether it differentiates through an inner step's gradient (double backward)
+    second_order: ClassVar[bool] = True
 
     def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
         """Run ``problem.steps`` inner steps from ``state0``.

@@ -42,6 +42,7 @@ class FirstOrder(Strategy):
 
     name = "first_order"
     exact = False
+    second_order = False
 
     def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
         warn_learned_hyper(consts, self.name, "")

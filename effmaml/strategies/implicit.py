@@ -23,7 +23,14 @@ from ..checks import warn
 from ..engine import advance
 from ..memory import Prediction, Probe, implicit_peak, predict_seconds
 from ..replay import replay_autocast
-from ..step import Consts, FunctionalModel, InnerProblem, InnerState, RepeatedBatch
+from ..step import (
+    Consts,
+    FunctionalModel,
+    InnerProblem,
+    InnerState,
+    RepeatedBatch,
+    attention_kernels,
+)
 from .base import (
     Outcome,
     RunFacts,
@@ -250,7 +257,7 @@ class _Solver:
         for t in self.indices:
             module = FunctionalModel(self.problem.model, {**fixed, **phi}, self.buffers)
             self.info["hvp_batch_passes"] += 1
-            with replay_autocast(self.problem.autocast):
+            with replay_autocast(self.problem.autocast), attention_kernels(self.problem):
                 loss = self.problem.loss_fn(module, self.problem.batch(t)) / n
             yield loss
 
@@ -278,7 +285,7 @@ class _Solver:
         """
         leaves = list(phi.values())
         for loss in self._grad_terms(phi, fixed):
-            with replay_autocast(self.problem.autocast):
+            with replay_autocast(self.problem.autocast), attention_kernels(self.problem):
                 g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 dot = sum((gi * vi).sum() for gi, vi in zip(g, vec) if gi is not None)
             if isinstance(dot, Tensor) and dot.requires_grad:

@@ -1,0 +1,163 @@
+"""Language models: exact MAML on a tiny GPT-2 (Hugging Face transformers) in float64.
+
+Every exact strategy == naive with dropout on, tied input/output embeddings, Adam inner
+steps and distinct token batches; the same when only a subset adapts (the last block, or
+LoRA adapters through peft); and the attention-kernel rule: second-order strategies run
+attention with the math kernel, whose backward can be differentiated again.
+"""
+
+import pytest
+import torch
+
+import effmaml
+
+from .helpers import assert_scaled_close, grad_scale
+
+transformers = pytest.importorskip("transformers")
+
+F64 = torch.float64
+STEPS = 6
+EXACT = [
+    ("checkpoint", {"segment": 2}),
+    ("checkpoint", {"segment": 4, "pullback": "step"}),
+    ("revolve", {"slots": 2}),
+    ("offload", {"segment": 3}),
+]
+
+
+def tiny_gpt2(seed=0, dropout=0.1, attention="sdpa"):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=50,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = attention
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).to(F64).train()
+
+
+def lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def token_batches(n=STEPS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50, (2, 8), generator=g) for _ in range(n)]
+
+
+def run(model, strategy, params=None, **kw):
+    """Adapt with Adam on 6 distinct batches, query loss, meta-gradient of every parameter
+    that requires grad; values to compare."""
+    maml = effmaml.MAML(model, lm_loss, effmaml.Adam(0.01), strategy, params=params, **kw)
+    torch.manual_seed(7)  # dropout
+    adapted = maml.adapt(token_batches())
+    query = token_batches(1, seed=99)[0]
+    loss = lm_loss(adapted, query)
+    wrt = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return {
+        "grads": [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)],
+        "losses": torch.stack([x.detach() for x in adapted.losses]),
+        "params": {k: v.detach() for k, v in adapted.params.items()},
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_same(ours, ref):
+    scale = grad_scale(ref["grads"])
+    for i, (a, b) in enumerate(zip(ours["grads"], ref["grads"])):
+        assert_scaled_close(a, b, 1e-12, f"grad[{i}]", scale=scale)
+    torch.testing.assert_close(ours["losses"], ref["losses"], rtol=0, atol=0)
+    for k in ref["params"]:
+        torch.testing.assert_close(ours["params"][k], ref["params"][k], rtol=0, atol=0)
+    assert torch.equal(ours["rng"], ref["rng"])
+
+
+def test_tiny_gpt2_ties_its_embeddings_and_uses_dropout():
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = token_batches(1)[0]
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is on
+
+
+@pytest.mark.parametrize("strategy,kw", EXACT, ids=lambda v: str(v))
+def test_every_exact_strategy_equals_naive_on_gpt2(strategy, kw):
+    ref = run(tiny_gpt2(), "naive")
+    assert_same(run(tiny_gpt2(), strategy, **kw), ref)
+
+
+def test_auto_under_a_budget_equals_naive_on_gpt2():
+    model = tiny_gpt2()
+    maml = effmaml.MAML(model, lm_loss, effmaml.Adam(0.01))
+    naive = maml.estimate(token_batches(1)[0], STEPS)["naive"].peak_bytes
+    ours = run(tiny_gpt2(), "auto", memory_budget=int(0.5 * naive))
+    assert_same(ours, run(tiny_gpt2(), "naive"))
+
+
+def test_adapting_the_last_block_only():
+    def last(name):
+        return name.startswith("transformer.h.1.")
+
+    ref = run(tiny_gpt2(), "naive", params=last)
+    ours = run(tiny_gpt2(), "checkpoint", params=last, segment=2, pullback="step")
+    assert_same(ours, ref)
+    # the fixed blocks (and the tied embedding) still get meta-gradients
+    model = tiny_gpt2()
+    assert sum(1 for n, _ in model.named_parameters() if not last(n)) > 0
+    assert all(g.abs().sum() > 0 for g in ref["grads"][:3])
+
+
+def test_lora_adapters_through_peft():
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0)
+
+    def lora(seed=0):
+        model = peft.get_peft_model(tiny_gpt2(seed), config).to(F64)
+        torch.manual_seed(3)
+        for n, p in model.named_parameters():  # B starts at zero: move it off
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        return model
+
+    def is_lora(name):
+        return "lora_" in name
+
+    model = lora()
+    assert all(is_lora(n) == p.requires_grad for n, p in model.named_parameters())
+    ref = run(lora(), "naive", params=is_lora)
+    assert ref["grads"] and all(g.abs().sum() > 0 for g in ref["grads"])
+    for strategy, kw in EXACT[:3]:
+        assert_same(run(lora(), strategy, params=is_lora, **kw), ref)
+
+
+def test_second_order_strategies_run_attention_with_the_math_kernel(monkeypatch):
+    """The kernel rule: every inner step of a second-order strategy uses the math kernel
+    (fused CUDA kernels have no double backward); first_order keeps the default choice."""
+    from torch.nn.attention import SDPBackend
+
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_math_sdp_enabled() and not torch._C._get_flash_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    for strategy, math_only in (("checkpoint", True), ("first_order", False)):
+        seen.clear()
+        model = tiny_gpt2()
+        maml = effmaml.MAML(model, lm_loss, effmaml.Adam(0.01), strategy)
+        lm_loss(maml.adapt(token_batches()), token_batches(1, 99)[0]).backward()
+        assert seen and all(s == math_only for s in seen[: STEPS * 2]), (strategy, seen)
+    assert SDPBackend.MATH  # the backend the rule names
+    # and the user can turn it off (e.g. a model without SDPA, or a kernel known to work)
+    maml = effmaml.MAML(tiny_gpt2(), lm_loss, effmaml.Adam(0.01), "naive", math_attention=False)
+    assert maml.math_attention is False
