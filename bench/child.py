@@ -100,7 +100,15 @@ def main(argv: list[str]) -> dict:
             row["host_peak_mib"] = info.get("host_peak_bytes", 0) / 2**20
     if mode == "time":  # every N given, after one warm-up; what the memory child lacks
         run(min(2, steps_list[0]))
-        row = {"times": {n: timings(run, n, preset.repeats, device) for n in steps_list}}
+        times = {}
+        for n in steps_list:
+            times[n] = timings(run, n, preset.repeats, device)
+            # the time model's prediction from this process's probe: the memory child's
+            # ran under the allocator setting that slows everything down
+            pred = predict(maml, preset, spec, n, device, dtype)
+            if pred is not None:
+                times[n]["predicted_s"] = pred[0].seconds
+        row = {"times": times}
     if mode == "both":
         row.update(timings(run, steps, preset.repeats, device))
     return row
