@@ -100,12 +100,17 @@ def main(argv: list[str]) -> dict:
             row["host_peak_mib"] = info.get("host_peak_bytes", 0) / 2**20
     if mode == "time":  # every N given, after one warm-up; what the memory child lacks
         run(min(2, steps_list[0]))
+        if maml is not None:
+            # probe again, warm (Note [Timing the probe]): a process's first steps run
+            # slower than the steady state the timed meta-gradients measure
+            maml = make_maml(model, preset, spec)
         times = {}
         for n in steps_list:
-            times[n] = timings(run, n, preset.repeats, device)
-            # the time model's prediction from this process's probe: the memory child's
-            # ran under the allocator setting that slows everything down
+            # the time model's prediction from this process's probe (before the timed runs,
+            # which reuse it): the memory child's ran under the allocator setting that
+            # slows everything down
             pred = predict(maml, preset, spec, n, device, dtype)
+            times[n] = timings(run, n, preset.repeats, device)
             if pred is not None:
                 times[n]["predicted_s"] = pred[0].seconds
         row = {"times": times}
