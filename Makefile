@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q $(TORCH_PINS)
-	$(VENV)/bin/python -m pip install -q -e '.[dev,peers,bench]'
+	$(VENV)/bin/python -m pip install -q -e '.[dev,peers,bench,transformers]'
 	touch $@
 
 lint: $(SETUP)

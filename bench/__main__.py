@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,14 +140,22 @@ def timed(preset: Preset, steps: int) -> bool:
     return preset.time_max_steps is None or steps <= preset.time_max_steps
 
 
-def run_one(run: Run, preset: Preset, child_args: list[str], grad_file: str) -> dict:
+def run_one(
+    run: Run, preset: Preset, child_args: list[str], grad_file: str, share: int = 1
+) -> dict:
     """Measure one run in a child process; the raw row (status, memory, prediction, and on
-    CUDA the time: there measuring memory costs nothing, so one process does both)."""
+    CUDA the time: there measuring memory costs nothing, so one process does both).
+
+    ``share``: how many memory children run at once (CPU), each then with that share of
+    the cores; a process's resident peak is its own, whatever runs beside it.
+    """
     args = [*child_args, run.spec.label, str(run.steps)]
     if torch.cuda.is_available():
         mode = ("once" if preset.single_run else "both") if timed(preset, run.steps) else "memory"
         return _child([*args, mode, grad_file], dict(os.environ), preset.timeout_s)
     env = dict(os.environ, **MALLOC_FOR_MEASURING)
+    if share > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // share))
     return _child([*args, "memory", grad_file], env, preset.timeout_s)
 
 
@@ -253,6 +262,16 @@ def main(argv=None) -> None:
         bar = tqdm(
             total=len(runs) + (len(to_time) if cpu_timing else 0), desc=preset.name, unit="run"
         )
+        workers = preset.memory_workers if cpu_timing else 1
+        pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        pending = {}
+        if pool is not None:  # the memory children are independent: start them all
+            for run in runs:
+                if not run.skip:
+                    grad_file = os.path.join(tmp, f"{run.spec.label}-{run.steps}.pt")
+                    pending[id(run)] = pool.submit(
+                        run_one, run, preset, child_args, grad_file, workers
+                    )
         for run in runs:
             spec, n = run.spec, run.steps
             opts = spec.opts()
@@ -280,7 +299,10 @@ def main(argv=None) -> None:
                 row.update(status="skipped", error=f"out of memory at N={oom_at[spec.label]}")
             else:
                 grad_file = os.path.join(tmp, f"{spec.label}-{n}.pt")
-                row.update(run_one(run, preset, child_args, grad_file))
+                if id(run) in pending:
+                    row.update(pending.pop(id(run)).result())
+                else:
+                    row.update(run_one(run, preset, child_args, grad_file))
                 row.setdefault("status", "ok")
                 if row["status"] == "oom":
                     oom_at[spec.label] = n
@@ -290,6 +312,8 @@ def main(argv=None) -> None:
             rows.append(row)
             write(csv_path, kept + rows)  # as runs end: an interrupted sweep keeps its rows
             bar.update(1)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         if cpu_timing:  # then the time, one child per strategy for all its N
             for label in [x for x in dict.fromkeys(r.spec.label for r in runs) if x in to_time]:
                 mine = [r for r in rows if r["strategy"] == label and r["status"] == "ok"]

@@ -83,6 +83,9 @@ class Preset:
     time_max_steps: int | None = None
     # N -> the labels run at that N, where they differ from ``runs``
     runs_at: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    # CPU: memory children run this many at a time (their peaks are per process; keep 1
+    # where two peaks would not fit the machine's memory)
+    memory_workers: int = 1
     # one meta-gradient per cell, measured for memory and timed at once after a 2-step
     # warm-up (on CUDA, where measuring memory costs nothing); repeats is then 1
     single_run: bool = False
@@ -179,6 +182,7 @@ PRESETS: dict[str, Preset] = {
             steps=(10, 20, 40),
             clip=None,
             repeats=1,
+            memory_workers=2,
             caps=(("torch_maml_checkpoint", 20), ("higher", 20)),
             runs=(
                 "naive",
