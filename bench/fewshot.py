@@ -96,15 +96,18 @@ class Problem:
 
 PROBLEMS = {
     # Finn et al.'s Omniglot 5-way 1-shot recipe (inner SGD 0.4, one step at train), shrunk
-    # to fit 2 CPU cores: 32 filters (64), meta-batch 8 (32), 600 outer steps (60000).
+    # to fit 2 CPU cores: 16 filters (64), meta-batch 8 (32), 300 outer steps (60000),
+    # 100 test episodes per seed (600).
     "characters": Problem(
         "characters",
         "image",
         data="characters",
+        width=16,
         inner_lr=0.4,
         inner_steps=1,
-        iterations=600,
+        iterations=300,
         meta_batch=8,
+        eval_tasks=100,
         imaml_steps=10,
         imaml_lr=0.1,
         imaml_lams=(0.5, 2.0),
@@ -114,7 +117,7 @@ PROBLEMS = {
         "sine",
         inner_lr=0.01,
         inner_steps=5,
-        iterations=1000,
+        iterations=500,
         meta_batch=10,
         imaml_steps=10,
         imaml_lr=0.01,

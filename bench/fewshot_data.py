@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 Split = dict[str, list[tuple[int, int]]]  # split -> [(source class, rotation)]
+ALPHABET = 32  # procedural characters per alphabet (they share stroke shapes)
+VERSION = 2  # of the procedural generator: a cached set from another version is not read
 
 
 class FewShotData:
@@ -128,10 +130,25 @@ class Characters(FewShotData):
         return self.per_class
 
     def strokes(self, char: int) -> Tensor:
-        """The character's control points, ``(strokes, 3, 2)``."""
+        """The character's control points, ``(strokes, 3, 2)``: 2-4 of its alphabet's 8
+        stroke shapes, each placed, scaled and turned its own way."""
+        alphabet = char // ALPHABET
+        ga = torch.Generator().manual_seed(1_000_003 * self.seed + 31 * alphabet + 5)
+        shapes = torch.rand(8, 3, 2, generator=ga, dtype=torch.float64) - 0.5  # centred
         g = torch.Generator().manual_seed(1_000_003 * self.seed + 7919 * char + 1)
         n = 2 + int(torch.randint(0, 3, (), generator=g))
-        return 0.15 + 0.7 * torch.rand(n, 3, 2, generator=g, dtype=torch.float64)
+        pick = torch.randperm(8, generator=g)[:n]
+        out = []
+        for s in pick.tolist():
+            angle = 2 * math.pi * float(torch.rand((), generator=g))
+            rot = torch.tensor(
+                [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
+                dtype=torch.float64,
+            )
+            scale = 0.5 + 0.4 * float(torch.rand((), generator=g))
+            centre = 0.3 + 0.4 * torch.rand(2, generator=g, dtype=torch.float64)
+            out.append(shapes[s] @ rot.T * scale + centre)
+        return torch.stack(out)
 
     def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
         char, rot = cls
@@ -147,7 +164,7 @@ class Characters(FewShotData):
         if self._all is not None:
             return self
         folder = Path(cache_dir or Path.home() / ".cache" / "effmaml")
-        path = folder / f"characters-v1-{self.n_chars}x{self.per_class}-seed{self.seed}.pt"
+        path = folder / f"characters-v{VERSION}-{self.n_chars}x{self.per_class}-seed{self.seed}.pt"
         if path.exists():
             self._all = torch.load(path, weights_only=True)
             return self
@@ -160,8 +177,9 @@ class Characters(FewShotData):
         tmp.replace(path)
         return self
 
-    def _jitter(self, char: int, example: int) -> tuple[Tensor, Tensor, Tensor, float, float]:
-        """Example ``example``'s variation: point noise, affine map, shift, width, ink."""
+    def _jitter(self, char: int, example: int) -> tuple:
+        """Example ``example``'s variation: point noise, affine map, shift, width, ink, a
+        stroke to leave out, a stray stroke."""
         g = torch.Generator().manual_seed(
             1_000_003 * self.seed + 7919 * char + 104_729 * (example + 1)
         )
@@ -169,15 +187,20 @@ class Characters(FewShotData):
         def u(lo, hi, *shape):
             return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
 
-        noise = 0.02 * torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
-        angle = math.radians(float(u(-12, 12)))
+        noise = 0.045 * torch.randn(5, 3, 2, generator=g, dtype=torch.float64)
+        angle = math.radians(float(u(-15, 15)))
         rot = torch.tensor(
             [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
             dtype=torch.float64,
         )
-        shear = torch.tensor([[1.0, float(u(-0.15, 0.15))], [0.0, 1.0]], dtype=torch.float64)
-        affine = rot @ shear @ torch.diag(u(0.85, 1.1, 2))
-        return noise, affine, u(-0.06, 0.06, 2), float(u(1.0, 1.7)), float(u(0.8, 1.0))
+        shear = torch.tensor([[1.0, float(u(-0.25, 0.25))], [0.0, 1.0]], dtype=torch.float64)
+        affine = rot @ shear @ torch.diag(u(0.8, 1.15, 2))
+        # a stroke left out (p 0.2), a stray stroke added (p 0.25): the slot past the
+        # character's strokes holds it, or lies off the canvas
+        drop = int(torch.randint(0, 5, (), generator=g)) if float(u(0, 1)) < 0.2 else -1
+        stray = 0.2 + 0.6 * torch.rand(1, 3, 2, generator=g, dtype=torch.float64)
+        stray = stray if float(u(0, 1)) < 0.25 else stray + 10.0
+        return noise, affine, u(-0.1, 0.1, 2), float(u(0.9, 2.2)), float(u(0.7, 1.0)), drop, stray
 
     def _render(self, char: int, examples: list[int]) -> Tensor:
         """Render examples of one character at once: ``(len(examples), 1, 28, 28)``."""
@@ -185,8 +208,11 @@ class Characters(FewShotData):
         n = len(base)
         pts, widths, inks, seeds = [], [], [], []
         for e in examples:
-            noise, affine, shift, width, ink = self._jitter(char, e)
-            pts.append(((base + noise[:n]) - 0.5) @ affine.T + 0.5 + shift)
+            noise, affine, shift, width, ink, drop, stray = self._jitter(char, e)
+            p = ((base + noise[:n]) - 0.5) @ affine.T + 0.5 + shift
+            if 0 <= drop < n and n > 2:
+                p[drop] = p[drop] + 10.0  # off the canvas
+            pts.append(torch.cat([p, stray]))
             widths.append(width / self.size)
             inks.append(ink)
             seeds.append(1_000_003 * self.seed + 7919 * char + 104_729 * (e + 1) + 17)
