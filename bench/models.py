@@ -103,6 +103,8 @@ def gpt2(
         embd_pdrop=dropout,
         attn_pdrop=dropout,
         tie_word_embeddings=True,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
     )
     config._attn_implementation = attention
     return GPT2LMHeadModel(config)

@@ -20,9 +20,11 @@ def check_double_backward(tensors: Iterable[Tensor]) -> None:
 
     # Note [Detecting missing double backward early]
     # A custom Function marked @once_differentiable returns gradients whose grad_fn is a
-    # DelayedError node: autograd only complains when the meta-gradient is computed, long
-    # after adapt() returned. Walking the first step's graph once finds it while the user can
-    # still be told which strategy avoids it.
+    # DelayedError node, and a built-in op without a derivative for its backward (the fused
+    # attention kernels' backward: flash attention on CPU and CUDA) a NotImplemented node:
+    # autograd only complains when the meta-gradient is computed, long after adapt()
+    # returned. Walking the first step's graph once finds either while the user can still be
+    # told which strategy avoids it.
 
     Raises:
         RuntimeError: a ``DelayedError`` node (an operation without double backward) was found.
@@ -34,12 +36,14 @@ def check_double_backward(tensors: Iterable[Tensor]) -> None:
         if fn is None or id(fn) in seen:
             continue
         seen.add(id(fn))
-        if type(fn).__name__ in ("DelayedError", "Error"):
+        if type(fn).__name__ in ("DelayedError", "Error", "NotImplemented"):
             raise RuntimeError(
-                "an operation in the model or loss has no double backward (a custom autograd "
-                "Function marked @once_differentiable, or an op whose backward is not "
-                "differentiable), which exact second-order MAML needs; replace it, or use "
-                "strategy='first_order', which needs no second derivatives"
+                f"an operation in the model or loss has no double backward ({type(fn).__name__} "
+                f"node: a custom autograd Function marked @once_differentiable, or an op whose "
+                f"backward is not differentiable, such as a fused attention kernel), which "
+                f"second-order MAML needs; replace it (for attention: MAML(..., "
+                f"math_attention=True), the default), or use strategy='first_order', which "
+                f"needs no second derivatives"
             )
         stack.extend(f for f, _ in fn.next_functions if f is not None)
 

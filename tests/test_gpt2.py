@@ -38,6 +38,8 @@ def tiny_gpt2(seed=0, dropout=0.1, attention="sdpa"):
         embd_pdrop=dropout,
         attn_pdrop=dropout,
         tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     config._attn_implementation = attention
     torch.manual_seed(seed)
@@ -161,3 +163,24 @@ def test_second_order_strategies_run_attention_with_the_math_kernel(monkeypatch)
     # and the user can turn it off (e.g. a model without SDPA, or a kernel known to work)
     maml = effmaml.MAML(tiny_gpt2(), lm_loss, effmaml.Adam(0.01), "naive", math_attention=False)
     assert maml.math_attention is False
+
+
+@pytest.mark.parametrize("strategy", ["naive", "checkpoint", "revolve"])
+def test_fused_attention_kernel_fails_early_without_the_math_kernel(strategy):
+    """Without dropout, PyTorch's SDPA runs the fused flash-attention kernel (on this CPU
+    as on CUDA), whose backward has no derivative. Before this was handled, naive failed
+    with PyTorch's error after the whole unroll and the recomputing strategies in backward;
+    with the math kernel turned off by hand, every second-order strategy now stops in
+    adapt, naming the way out."""
+    maml = effmaml.MAML(
+        tiny_gpt2(dropout=0.0), lm_loss, effmaml.Adam(0.01), strategy, math_attention=False
+    )
+    with pytest.raises(RuntimeError, match=r"no double backward.*math_attention=True"):
+        maml.adapt(token_batches())
+
+
+@pytest.mark.parametrize("strategy,kw", [("naive", {}), *EXACT[:3]], ids=lambda v: str(v))
+def test_default_math_kernel_makes_fused_attention_models_exact(strategy, kw):
+    """The same model, defaults: every second-order strategy works and equals naive."""
+    ref = run(tiny_gpt2(dropout=0.0), "naive")
+    assert_same(run(tiny_gpt2(dropout=0.0), strategy, **kw), ref)
