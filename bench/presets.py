@@ -322,7 +322,7 @@ PRESETS: dict[str, Preset] = {
                 "checkpoint_auto_segment",
                 "checkpoint_auto_step",
                 "revolve_s4",
-                "auto_400MiB",
+                "auto_800MiB",
             ),
             targets=("auto_vs_named", "memory_model", "time_model"),
         ),
