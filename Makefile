@@ -36,7 +36,7 @@ format: $(SETUP)
 test: lint
 	$(PY) -m pytest -q --benchmark-disable
 
-# with a GPU: the resnet18-224 preset; without: cpu-quick (about 10 minutes on 2 cores).
+# with a GPU: the resnet18-224 preset; without: cpu-quick (about 6 minutes on 2 cores).
 # Writes results/<preset>/ and prints its table; `make report` updates README.md.
 bench: $(SETUP)
 	$(PY) -m bench

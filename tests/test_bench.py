@@ -1,17 +1,20 @@
 """The bench's code path at tiny size: subprocess runs, CSV columns, agreement, report."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
+import torch
 
 import effmaml
 from bench.__main__ import plan
 from bench.models import MODELS
 from bench.presets import PRESETS, RUNS
 from bench.report import TARGETS, derive_columns, styles
+from bench.workload import build, make_maml, meta_gradient, predict
 
 
 def test_presets_name_what_exists():
@@ -45,6 +48,34 @@ def test_gpu_preset_times_every_cell_the_issue_names():
     assert set(at[1000]) == {"offload", "revolve_s8"}
     skipped = {r.spec.label: r.skip for r in runs if r.skip}
     assert set(skipped) == {"higher"}  # no grad-of-grad clipping, and the preset clips
+
+
+def test_gpt2_preset_runs_through_the_bench_at_tiny_size():
+    """gpt2-small's path (token batches, Adam, the LM loss, prediction) with its model shrunk:
+    every exact run it lists returns naive's meta-gradient, first order another."""
+    pytest.importorskip("transformers")
+    small = PRESETS["gpt2-small"]
+    tiny = dataclasses.replace(
+        small,
+        batch=2,
+        model_options=(("n_layer", 1), ("n_embd", 16), ("n_head", 2), ("vocab", 40), ("seq", 8)),
+    )
+    device = torch.device("cpu")
+    grads = {}
+    for label in small.runs:
+        if label == "offload":
+            continue  # CUDA only (pinned host memory)
+        spec = RUNS[label]
+        model, dtype, query = build(tiny, device)
+        maml = make_maml(model, tiny, spec)
+        pred, probe = predict(maml, tiny, spec, 3, device, dtype)
+        assert pred.peak_bytes > 0 and pred.seconds > 0 and probe.step_graph_bytes > 0
+        grads[label], evals, _ = meta_gradient(model, maml, tiny, spec, 3, device, dtype, query)
+        assert evals >= 3 and torch.isfinite(grads[label]).all()
+    for label, g in grads.items():
+        if effmaml.STRATEGIES[RUNS[label].strategy].exact:
+            torch.testing.assert_close(g, grads["naive"], rtol=1e-5, atol=1e-7, msg=label)
+    assert not torch.allclose(grads["first_order"], grads["naive"], rtol=1e-3)
 
 
 def test_plot_styles_tell_strategies_apart():
