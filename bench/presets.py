@@ -340,5 +340,35 @@ PRESETS: dict[str, Preset] = {
             runs_at=((3, ("checkpoint_auto_segment", "revolve_s8", "offload")),),
             single_run=True,
         ),
+        # For tests, seconds: gpt2-small's path (token batches, Adam, the LM loss, dropout on,
+        # tied embeddings) at toy size in float64, where every exact run must equal naive
+        Preset(
+            "gpt2-tiny",
+            image=0,
+            batch=2,
+            steps=(3,),
+            clip=None,
+            lr=1e-3,
+            inner="adam",
+            dtype="float64",
+            model="gpt2",
+            model_options=(
+                ("n_layer", 1),
+                ("n_embd", 16),
+                ("n_head", 2),
+                ("vocab", 40),
+                ("seq", 8),
+            ),
+            repeats=1,
+            timeout_s=300,
+            runs=(
+                "naive",
+                "first_order",
+                "checkpoint_auto_segment",
+                "checkpoint_auto_step",
+                "revolve_s2",
+                "auto_2GiB",
+            ),
+        ),
     ]
 }
