@@ -1,6 +1,5 @@
 """The bench's code path at tiny size: subprocess runs, CSV columns, agreement, report."""
 
-import dataclasses
 import json
 import subprocess
 import sys
