@@ -36,7 +36,7 @@ from effmaml.measure import MALLOC_FOR_MEASURING
 from . import report
 from .env import environment, timestamp
 from .presets import PRESETS, RUNS, Preset, RunSpec
-from .workload import agreement
+from .workload import LazyBatches, agreement, amp_context, build, make_maml
 
 COLUMNS = [
     "preset",
@@ -200,6 +200,53 @@ def write(path: Path, rows: list[dict]) -> None:
         writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
 
 
+def predictions(preset: Preset, steps: list[int], labels: list[str], path: Path) -> None:
+    """effmaml's predictions for ``labels`` x ``steps`` from one probe (nothing unrolled):
+    one MAML front, whose cached probe every ``estimate`` reuses; peers are left out (effmaml
+    has no model of their memory). Prints a table and writes ``path``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, dtype, _ = build(preset, device)
+    maml = make_maml(model, preset, RUNS["naive"])
+    batch = LazyBatches(preset, 1, device, dtype)[0]
+    with amp_context(preset, RUNS["naive"], device):
+        probe = maml.measure(batch)
+        rows = []
+        for n in steps:
+            for label in labels:
+                spec = RUNS[label]
+                if spec.peer:
+                    continue
+                ((chosen, pred),) = maml.estimate(batch, n, spec.strategy, **spec.opts()).items()
+                rows.append(
+                    {
+                        "preset": preset.name,
+                        "strategy": label,
+                        "chosen": chosen,
+                        "steps": n,
+                        "predicted_peak_mib": round(pred.peak_bytes / 2**20, 1),
+                        "predicted_host_mib": round(pred.host_bytes / 2**20, 1),
+                        "step_evals": pred.step_evals,
+                        "predicted_s": round(pred.seconds, 3),
+                    }
+                )
+    facts = (
+        f"{preset.name}: {preset.describe()} on {device.type}: P = "
+        f"{probe.state_bytes / 2**20:.0f} MiB (one inner state), A = "
+        f"{probe.step_graph_bytes / 2**20:.0f} MiB (one step's second-order graph)"
+    )
+    print(facts)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for r in rows:
+        print(
+            f"N={r['steps']:<5} {r['strategy']:<24} {r['chosen']:<52} "
+            f"{r['predicted_peak_mib']:>9.0f} MiB {r['predicted_s']:>9.2f} s"
+        )
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -213,6 +260,13 @@ def main(argv=None) -> None:
         "--append",
         action="store_true",
         help="keep the rows of runs.csv at other N (a sweep split over several sessions)",
+    )
+    ap.add_argument(
+        "--predict",
+        action="store_true",
+        help="run nothing but the probe (one batch, one process): print and write "
+        "predicted.csv with effmaml's predicted peak, step evaluations and seconds per run "
+        "and N (what a configuration needs before it is run)",
     )
     ap.add_argument(
         "--amp",
@@ -246,6 +300,9 @@ def main(argv=None) -> None:
         ap.error(f"unknown strategies {unknown}; known: {', '.join(RUNS)}")
     out_dir = Path(a.out) / preset.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    if a.predict:
+        predictions(preset, steps, labels or list(preset.runs), out_dir / "predicted.csv")
+        return
     csv_path = out_dir / "runs.csv"
     env = environment("cuda" if cuda else "cpu")
     runs = plan(preset, steps, labels)

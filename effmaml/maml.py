@@ -304,12 +304,22 @@ class MAML:
             strategy: a name or instance to predict for alone (with ``options``); default
                 all: ``naive``, ``checkpoint`` (both pullbacks, segment chosen), ``revolve``
                 with 2, 4 and 8 slots, ``offload`` on CUDA.
+            **options: the strategy's options, and ``memory_budget`` /
+                ``host_memory_budget`` to predict under budgets other than this front's
+                (what ``auto`` would choose under 3 GiB: ``estimate(batch, n, "auto",
+                memory_budget="3GiB")``).
 
         Returns:
             label -> :class:`~effmaml.memory.Prediction` (labels like
             ``"checkpoint(segment=7, pullback='step')"``).
         """
+        budgets = {
+            k: parse_bytes(options.pop(k))
+            for k in ("memory_budget", "host_memory_budget")
+            if options.get(k) is not None
+        }
         problem, _, _ = self.problem(batch, steps)
+        problem = dataclasses.replace(problem, **budgets)
         pr = self.measure(batch)
         if strategy is not None:
             chosen = [make_strategy(strategy, **options)]

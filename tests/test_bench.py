@@ -74,6 +74,30 @@ def test_gpt2_tiny_preset_every_exact_run_equals_naive():
     assert not torch.allclose(grads["first_order"], grads["naive"], rtol=1e-3)
 
 
+def test_predict_runs_only_the_probe(tmp_path, capsys):
+    """``python -m bench --predict``: one probe, a prediction per run and N, peers left out;
+    auto's row names the schedule it would pick under its budget."""
+    from bench.__main__ import main
+
+    labels = "naive,first_order,checkpoint_auto_segment,auto_2GiB,torch_maml_naive"
+    argv = ["--preset", "tiny", "--steps", "2,40", "--strategies", labels, "--predict"]
+    main([*argv, "--out", str(tmp_path)])
+    df = pd.read_csv(tmp_path / "tiny" / "predicted.csv")
+    assert not (tmp_path / "tiny" / "runs.csv").exists()
+    assert set(df.steps) == {2, 40} and len(df) == 2 * 4  # no prediction for the peer
+    auto = df[df.strategy == "auto_2GiB"].set_index("steps")
+    for n in (2, 40):  # naive where its predicted peak fits 2 GiB, a schedule that fits if not
+        fits = df[(df.strategy == "naive") & (df.steps == n)].predicted_peak_mib.item() <= 2048
+        assert (auto.chosen[n] == "auto -> naive") == fits and auto.predicted_peak_mib[n] <= 2048
+    assert set(auto.chosen) != {"auto -> naive"}
+    naive = df[df.strategy == "naive"].set_index("steps")
+    ck = df[df.strategy == "checkpoint_auto_segment"].set_index("steps")
+    assert naive.predicted_peak_mib[40] > 5 * naive.predicted_peak_mib[2] / 2
+    assert ck.predicted_peak_mib[40] < naive.predicted_peak_mib[40]
+    assert (df.predicted_s > 0).all() and (df.step_evals >= df.steps).all()
+    assert "P = " in capsys.readouterr().out
+
+
 def test_plot_styles_tell_strategies_apart():
     df = pd.DataFrame(
         {

@@ -89,6 +89,24 @@ def test_auto_picks_naive_when_it_fits_and_checkpoint_when_not():
     assert a.step_evals == a.info["step_evals_predicted"]
 
 
+def test_estimate_under_another_budget_is_what_auto_would_choose():
+    """``estimate(..., memory_budget=)`` predicts for that budget without changing the
+    front; each prediction is what an auto front with that budget then runs."""
+    naive = _predictions()["naive"].peak_bytes
+    maml = maml_for(width=32)
+    for budget, starts in [(int(naive * 1.01), "naive"), (int(naive * 0.9), "checkpoint(")]:
+        ((label, pred),) = maml.estimate(make_batch(0), N, "auto", memory_budget=budget).items()
+        assert label.startswith("auto -> " + starts) and pred.peak_bytes <= budget
+        a = maml_for(width=32, strategy="auto", memory_budget=budget).adapt(
+            [make_batch(t) for t in range(N)]
+        )
+        assert label == "auto -> " + a.info["chosen"]
+    assert maml.memory_budget is None
+    # a named strategy is predicted whatever the budget (adapt is what refuses to run it)
+    over = maml.estimate(make_batch(0), N, "naive", memory_budget=int(naive * 0.5))
+    assert over["naive"].peak_bytes == naive
+
+
 def test_auto_is_exact_whatever_it_picks():
     preds = _predictions(7)
     floor = min(p.peak_bytes for p in preds.values())
