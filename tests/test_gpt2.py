@@ -26,24 +26,14 @@ EXACT = [
 
 
 def tiny_gpt2(seed=0, dropout=0.1, attention="sdpa"):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """The bench's GPT-2 builder (tied embeddings) at 2 layers, 16 wide, in float64."""
+    from bench.models import gpt2
 
-    config = GPT2Config(
-        vocab_size=50,
-        n_positions=16,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    config._attn_implementation = attention
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).to(F64).train()
+    model = gpt2(
+        n_layer=2, n_embd=16, n_head=2, vocab=50, seq=16, dropout=dropout, attention=attention
+    )
+    return model.to(F64).train()
 
 
 def lm_loss(model, ids):
