@@ -51,6 +51,36 @@ def _run(strategy, steps):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+REUSE_CHILD = textwrap.dedent(
+    """
+    import json, torch
+    from effmaml.measure import PeakMemory
+    x = torch.empty(4 * 2**20); x.fill_(1); del x  # glibc's mmap threshold rises to 16 MiB
+    held = [torch.ones(2**18) for _ in range(60)]  # 60 x 1 MiB, now on the heap
+    pin = torch.ones(10)  # above them: the heap's top cannot shrink when they are freed
+    del held
+    with PeakMemory("cpu") as pm:
+        again = [torch.ones(2**18) for _ in range(60)]
+    print(json.dumps({"peak": pm.peak}))
+    """
+)
+
+
+def test_cpu_peak_sees_memory_the_allocator_kept_from_earlier():
+    """A block that reuses heap freed before it (a second meta-training run in one worker
+    process) is measured at its size, not at what the resident set had to grow by."""
+    out = subprocess.run(
+        [sys.executable, "-c", REUSE_CHILD],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    peak = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    assert 58 * 2**20 <= peak <= 80 * 2**20, peak / 2**20
+
+
 def test_saved_bytes_counts_storages_once():
     x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
     with saved_bytes() as c:
