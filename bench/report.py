@@ -453,18 +453,36 @@ def claims(root: Path | str = "results") -> str:
             "results/*/runs.csv",
         )
     )
-    few = root / "fewshot" / "summary.md"
     rows.append(
         (
             'first-order MAML is "almost as good" (Finn et al. 2017)',
             "cosine of first order's meta-gradient with the exact one: "
             + "; ".join(cosine)
-            + (". Few-shot accuracy and loss: results/fewshot/summary.md" if few.exists() else ""),
+            + _fewshot_first_order(root / "fewshot" / "runs.csv"),
             "results/*/runs.csv, results/fewshot",
         )
     )
     table = pd.DataFrame(rows, columns=["claim", "what we measured", "where"])
     return "### The seed's claims, measured\n\n" + table.to_markdown(index=False) + "\n"
+
+
+def _fewshot_first_order(path: Path) -> str:
+    """MAML against first order after each method's own adaptation, per few-shot problem
+    (accuracy for images, mean squared error for sine), from make fewshot's CSV."""
+    if not path.exists():
+        return ""
+    df = pd.read_csv(path)
+    own = df[df.adapt.astype(str) == "own"].groupby(["problem", "method"])["mean"].mean()
+    cells = []
+    for problem in own.index.get_level_values(0).unique():
+        if {"maml", "first_order"} - set(own[problem].index):
+            continue
+        m, f = own[problem]["maml"], own[problem]["first_order"]
+        if problem == "sine":
+            cells.append(f"sine test MSE: MAML {m:.2f}, first order {f:.2f}")
+        else:
+            cells.append(f"{problem} 5-way 1-shot: MAML {100 * m:.1f}%, first order {100 * f:.1f}%")
+    return ". Few-shot (make fewshot): " + "; ".join(cells) if cells else ""
 
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -479,9 +497,17 @@ def update_readme(readme: Path | str = "README.md", root: Path | str = "results"
     if START not in text or END not in text:
         return False
     parts = []
-    summaries = sorted(root.glob("*/summary.md"))
-    if (root / "claims.md").exists() and summaries:  # after the first (cpu-quick) table
-        summaries.insert(1, root / "claims.md")
+    # what a newcomer reproduces first (make bench on a CPU), the claims, the GPU sweep,
+    # then the rest by name
+    first = ["cpu-quick", "claims", "resnet18-224"]
+
+    def name(p: Path) -> str:
+        return p.stem if p.name == "claims.md" else p.parent.name
+
+    summaries = sorted(
+        [*root.glob("*/summary.md"), *root.glob("claims.md")],
+        key=lambda p: (first.index(name(p)) if name(p) in first else len(first), name(p)),
+    )
     for summary in summaries:
         body = summary.read_text().strip()
         if body.startswith("# "):

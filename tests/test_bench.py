@@ -189,3 +189,33 @@ def test_bench_tiny_end_to_end(tmp_path):
     assert naive.grad_rel_l2 == 0.0 and naive.overhead_vs_first_order > 0
     for f in ("memory_vs_steps.png", "time_vs_steps.png", "summary.md"):
         assert (out / f).stat().st_size > 0
+
+
+def test_claims_and_readme_block_come_from_the_csvs(tmp_path):
+    """make report's claims table quotes the CSVs' own numbers; the README's results block
+    opens with the table a newcomer reproduces (cpu-quick), then the claims, then the GPU
+    sweep, then the rest by name."""
+    import shutil
+    from pathlib import Path
+
+    from bench.report import claims, update_readme
+
+    root = tmp_path / "results"
+    for name in ("fewshot", "resnet18-224", "cpu-small", "cpu-quick"):
+        shutil.copytree(Path("results") / name, root / name)
+    text = claims(root)
+    quick = pd.read_csv(root / "cpu-quick" / "runs.csv")
+    t = quick.set_index(["strategy", "steps"]).time_s
+    assert f"cpu-quick: {t['naive', 10] / t['first_order', 10]:.1f}x at N=10" in text
+    few = pd.read_csv(root / "fewshot" / "runs.csv")
+    own = few[(few.adapt == "own") & (few.problem == "characters")].groupby("method")["mean"]
+    assert f"MAML {100 * own.mean()['maml']:.1f}%" in text
+    (root / "claims.md").write_text(text)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
+    assert update_readme(readme, root)
+    out = readme.read_text()
+    order = ["cpu-quick", "The seed's claims, measured", "resnet18-224", "cpu-small", "fewshot"]
+    at = [out.index(f"\n### {h}\n") for h in order]
+    assert at == sorted(at), at
+    assert "old" not in out and out.startswith("intro\n") and out.endswith("after\n")
