@@ -699,7 +699,7 @@ def write_horizon(
         f"{', '.join(map(str, seeds))}, {int(runs.tasks.iloc[0])} test episodes each; "
         f"{seconds / 60:.1f} minutes on {_machine()}.",
         "",
-        table.to_markdown(index=False, floatfmt=".3g"),
+        table.to_markdown(index=False, floatfmt=".3g").replace("nan", "—"),
         "",
         "Peak MiB (training): the worker's resident-set growth over the whole meta-training "
         f"(a meta-batch of {problem.meta_batch} tasks, the outer Adam, the episodes), measured "
