@@ -269,6 +269,12 @@ def main(argv=None) -> None:
         "and N (what a configuration needs before it is run)",
     )
     ap.add_argument(
+        "--batch",
+        type=int,
+        help="override the preset's batch size (results/<preset>-b<B>/): a model too large "
+        "for this machine at the preset's batch, checked at a smaller one",
+    )
+    ap.add_argument(
         "--amp",
         choices=["bfloat16", "float16"],
         help="run adapt + query loss under autocast (results/<preset>-amp-<dtype>/; adds a "
@@ -285,6 +291,11 @@ def main(argv=None) -> None:
         ap.error(f"unknown preset {a.preset!r}; known: {', '.join(PRESETS)}")
     preset = PRESETS[a.preset]
     child_args = [a.preset]
+    if a.batch:
+        if a.batch < 1:
+            ap.error(f"--batch must be a positive integer, got {a.batch}")
+        preset = dataclasses.replace(preset, name=f"{preset.name}-b{a.batch}", batch=a.batch)
+        child_args += ["--batch", str(a.batch)]
     if a.amp:
         preset = dataclasses.replace(preset, name=f"{preset.name}-amp-{a.amp}", amp=a.amp)
         child_args += ["--amp", a.amp]

@@ -49,13 +49,23 @@ def timings(run, steps: int, repeats: int, device) -> dict:
 
 
 def main(argv: list[str]) -> dict:
+    # PRESET [--batch B] [--amp DTYPE] LABEL STEPS MODE OUT_GRAD (options anywhere)
+    argv = list(argv)
+    opts = {}
+    for flag in ("--batch", "--amp"):
+        if flag in argv:
+            i = argv.index(flag)
+            opts[flag] = argv[i + 1]
+            del argv[i : i + 2]
     preset, spec = PRESETS[argv[0]], RUNS[argv[1]]
-    if "--amp" in argv:  # PRESET LABEL STEPS --amp DTYPE MODE OUT_GRAD
-        i = argv.index("--amp")
-        amp = argv[i + 1]
+    if "--batch" in opts:
+        batch = int(opts["--batch"])
+        preset = dataclasses.replace(preset, name=f"{preset.name}-b{batch}", batch=batch)
+    if "--amp" in opts:
+        amp = opts["--amp"]
         preset = dataclasses.replace(preset, name=f"{preset.name}-amp-{amp}", amp=amp)
-        argv = argv[:i] + argv[i + 2 :]
-    steps_list, mode, out_grad = [int(n) for n in argv[2].split(",")], argv[3], argv[4]
+    argv = argv[2:]
+    steps_list, mode, out_grad = [int(n) for n in argv[0].split(",")], argv[1], argv[2]
     steps = steps_list[-1]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, dtype, query = build(preset, device)

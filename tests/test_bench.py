@@ -145,6 +145,23 @@ def test_child_once_mode_measures_and_times_one_meta_gradient(tmp_path):
     assert row["predicted_s"] > 0 and (tmp_path / "g.pt").exists()
 
 
+def test_child_takes_the_batch_and_autocast_options_the_bench_passes(tmp_path):
+    """``python -m bench --batch B --amp DTYPE`` hands its children ``PRESET --batch B --amp
+    DTYPE LABEL STEPS MODE OUT``: the child runs that batch under that autocast."""
+    args = ["tiny", "--batch", "2", "--amp", "bfloat16", "checkpoint_k5", "2", "once"]
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.child", *args, str(tmp_path / "g.pt")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["peak_mib"] > 0 and row["time_s"] > 0
+    grad = torch.load(tmp_path / "g.pt")
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
 @pytest.mark.slow
 def test_bench_tiny_end_to_end(tmp_path):
     cmd = [
