@@ -5,6 +5,8 @@ Reads ``runs.csv`` only, so ``make report`` rebuilds everything from the committ
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +26,14 @@ def _describe(row: pd.Series) -> str:
     amp = row.get("amp", "")
     amp = f", autocast {amp}" if isinstance(amp, str) and amp else ""
     clip = "no clipping" if pd.isna(row["clip"]) else f"clip {row['clip']:g}"
+    if row.image == 0:  # token sequences: the preset knows the model's sizes
+        from .presets import PRESETS
+
+        base = re.sub(r"(-b\d+)?(-amp-\w+)?$", "", str(row.get("preset", "")))
+        if base in PRESETS:
+            preset = dataclasses.replace(PRESETS[base], batch=int(row.batch))
+            return f"{preset.describe()}{amp}, {clip}"
+        return f"{model}, {row.batch} token sequences, {row['dtype']}{amp}, {clip}"
     return f"{model}, {row.batch}x3x{row.image}x{row.image}, {row['dtype']}{amp}, {clip}"
 
 
