@@ -28,6 +28,11 @@ CHILD = textwrap.dedent(
     loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
     kw = {"checkpoint": {"segment": 4}, "revolve": {"slots": 4}}.get(strategy, {})
     maml = effmaml.MAML(model, loss_fn, effmaml.SGD(0.1), strategy, **kw)
+    # warm-up on a small batch: lazy imports and first kernel calls (bytecode compiled in
+    # a fresh clone, libraries' pages) would otherwise land inside the measured block
+    small = (x[:64], y[:64])
+    loss_fn(maml.adapt(small, steps=2), small).backward()
+    model.zero_grad(set_to_none=True)
     with PeakMemory("cpu") as pm:
         base = current_rss_bytes()
         adapted = maml.adapt((x, y), steps=steps)
