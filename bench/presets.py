@@ -75,6 +75,19 @@ _GPT2_SMALL_LONG = (
 )
 
 
+def gpt2_sizes(
+    layers: int, width: int, heads: int, vocab: int, seq: int
+) -> tuple[tuple[str, object], ...]:
+    """The ``model_options`` of a GPT-2 preset (bench.models.gpt2's arguments)."""
+    return (
+        ("n_layer", layers),
+        ("n_embd", width),
+        ("n_head", heads),
+        ("vocab", vocab),
+        ("seq", seq),
+    )
+
+
 @dataclass(frozen=True)
 class Preset:
     """A benchmark set-up: model, data, inner optimizer, the steps and strategies swept."""
@@ -265,13 +278,7 @@ PRESETS: dict[str, Preset] = {
             lr=1e-4,
             inner="adam",
             model="gpt2",
-            model_options=(
-                ("n_layer", 12),
-                ("n_embd", 768),
-                ("n_head", 12),
-                ("vocab", 50257),
-                ("seq", 256),
-            ),
+            model_options=gpt2_sizes(12, 768, 12, vocab=50257, seq=256),
             repeats=1,
             timeout_s=300,
             runs=(
@@ -302,13 +309,7 @@ PRESETS: dict[str, Preset] = {
             lr=1e-4,
             inner="adam",
             model="gpt2",
-            model_options=(
-                ("n_layer", 4),
-                ("n_embd", 256),
-                ("n_head", 4),
-                ("vocab", 2000),
-                ("seq", 64),
-            ),
+            model_options=gpt2_sizes(4, 256, 4, vocab=2000, seq=64),
             repeats=1,
             runs=(
                 "naive",
@@ -346,13 +347,7 @@ PRESETS: dict[str, Preset] = {
             inner="adam",
             dtype="float64",
             model="gpt2",
-            model_options=(
-                ("n_layer", 1),
-                ("n_embd", 16),
-                ("n_head", 2),
-                ("vocab", 40),
-                ("seq", 8),
-            ),
+            model_options=gpt2_sizes(1, 16, 2, vocab=40, seq=8),
             repeats=1,
             timeout_s=300,
             runs=(
