@@ -132,10 +132,13 @@ def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) ->
 
 def summary_table(df: pd.DataFrame) -> str:
     """Per strategy, at the largest N where it ran: memory, time, overhead, agreement."""
+    # under autocast: also the cosine with float32 naive's meta-gradient (what AMP costs)
+    fp32 = "grad_cosine_fp32" in df and df.grad_cosine_fp32.notna().any()
     lines = [
         "| strategy | N | status | peak MiB | predicted MiB (err) | time s | ms/step "
-        "| predicted s (err) | × first_order | step evals | rel. L2 vs ref. | cosine vs ref. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| predicted s (err) | × first_order | step evals | rel. L2 vs ref. | cosine vs ref. |"
+        + (" cosine vs float32 naive |" if fp32 else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if fp32 else ""),
     ]
     for label, g in df.groupby("strategy", sort=False):
         ok = g[g.status == "ok"]
@@ -156,6 +159,7 @@ def summary_table(df: pd.DataFrame) -> str:
             f"{fmt(r.overhead_vs_first_order, '.2f')} | "
             f"{fmt(r.step_evals, '.0f')} | {fmt(r.grad_rel_l2, '.1e')} | "
             f"{fmt(r.grad_cosine, '.6f')} |"
+            + (f" {fmt(r.grad_cosine_fp32, '.4f')} |" if fp32 else "")
         )
     return "\n".join(lines)
 
