@@ -35,7 +35,7 @@ from effmaml.measure import MALLOC_FOR_MEASURING
 
 from . import report
 from .env import environment, timestamp
-from .presets import PRESETS, RUNS, Preset, RunSpec
+from .presets import PRESETS, REFERENCE, RUNS, STAND_IN, Preset, RunSpec
 from .workload import LazyBatches, agreement, amp_context, build, make_maml
 
 COLUMNS = [
@@ -84,8 +84,7 @@ COLUMNS = [
     "git",
     "timestamp",
 ]
-REFERENCE, FP32_REFERENCE = "naive", "naive_fp32"
-STAND_IN = "checkpoint_auto_segment"  # the reference where naive does not fit
+FP32_REFERENCE = "naive_fp32"
 
 
 @dataclass(frozen=True)
@@ -289,15 +288,13 @@ def main(argv=None) -> None:
         return
     if a.preset not in PRESETS:
         ap.error(f"unknown preset {a.preset!r}; known: {', '.join(PRESETS)}")
-    preset = PRESETS[a.preset]
+    if a.batch is not None and a.batch < 1:
+        ap.error(f"--batch must be a positive integer, got {a.batch}")
+    preset = PRESETS[a.preset].variant(a.batch, a.amp or "")
     child_args = [a.preset]
     if a.batch:
-        if a.batch < 1:
-            ap.error(f"--batch must be a positive integer, got {a.batch}")
-        preset = dataclasses.replace(preset, name=f"{preset.name}-b{a.batch}", batch=a.batch)
         child_args += ["--batch", str(a.batch)]
     if a.amp:
-        preset = dataclasses.replace(preset, name=f"{preset.name}-amp-{a.amp}", amp=a.amp)
         child_args += ["--amp", a.amp]
     steps = [int(s) for s in a.steps.split(",")] if a.steps else list(preset.steps)
     labels = a.strategies.split(",") if a.strategies else None

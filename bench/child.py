@@ -17,7 +17,6 @@ Prints one JSON line.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import sys
@@ -57,13 +56,8 @@ def main(argv: list[str]) -> dict:
             i = argv.index(flag)
             opts[flag] = argv[i + 1]
             del argv[i : i + 2]
-    preset, spec = PRESETS[argv[0]], RUNS[argv[1]]
-    if "--batch" in opts:
-        batch = int(opts["--batch"])
-        preset = dataclasses.replace(preset, name=f"{preset.name}-b{batch}", batch=batch)
-    if "--amp" in opts:
-        amp = opts["--amp"]
-        preset = dataclasses.replace(preset, name=f"{preset.name}-amp-{amp}", amp=amp)
+    preset = PRESETS[argv[0]].variant(int(opts.get("--batch", 0)), opts.get("--amp", ""))
+    spec = RUNS[argv[1]]
     argv = argv[2:]
     steps_list, mode, out_grad = [int(n) for n in argv[0].split(",")], argv[1], argv[2]
     steps = steps_list[-1]

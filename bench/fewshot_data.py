@@ -66,6 +66,36 @@ class FewShotData:
         raise NotImplementedError
 
 
+class ImageFolderData(FewShotData):
+    """Image files on disk: ``files[c][i]`` is example ``i`` of source class ``c``, read on
+    first use (``mode`` ``"L"`` or ``"RGB"``, resized to ``size`` with ``resample``, inverted
+    if ``invert``) and kept as ``(C, size, size)`` floats in [0, 1]."""
+
+    mode: str
+    resample: str
+    invert: bool = False
+    files: list[list[Path]]
+
+    def count(self, cls: tuple[int, int]) -> int:
+        return len(self.files[cls[0]])
+
+    @property
+    def _cache(self) -> dict[tuple[int, int], Tensor]:
+        return self.__dict__.setdefault("_images", {})
+
+    def _image(self, c: int, i: int) -> Tensor:
+        if (c, i) not in self._cache:
+            from PIL import Image
+
+            with Image.open(self.files[c][i]) as im:
+                im = im.convert(self.mode)
+                im = im.resize((self.size, self.size), getattr(Image, self.resample))
+                x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            x = x.reshape(self.size, self.size, self.channels).permute(2, 0, 1).float() / 255
+            self._cache[(c, i)] = 1.0 - x if self.invert else x
+        return self._cache[(c, i)]
+
+
 def character_split(n_chars: int, seed: int = 1) -> dict[str, list[int]]:
     """Finn et al.'s split of Omniglot's characters, scaled to ``n_chars``.
 
@@ -241,7 +271,7 @@ class Characters(FewShotData):
 
 
 # -- Omniglot on disk ---------------------------------------------------------------------
-class OmniglotFolder(FewShotData):
+class OmniglotFolder(ImageFolderData):
     """Omniglot in torchvision's layout, read from ``root`` (nothing is downloaded).
 
     ``root`` holds ``images_background/`` and ``images_evaluation/`` (or ``omniglot-py/``
@@ -255,6 +285,9 @@ class OmniglotFolder(FewShotData):
     name = "omniglot"
     channels = 1
     size = 28
+    mode = "L"
+    resample = "LANCZOS"
+    invert = True  # ink 1
 
     def __init__(self, root: str | Path) -> None:
         root = Path(root)
@@ -284,30 +317,15 @@ class OmniglotFolder(FewShotData):
                 f"(Omniglot has 1623)"
             )
         self.splits = _rotated(character_split(len(self.files)))
-        self._cache: dict[tuple[int, int], Tensor] = {}
-
-    def count(self, cls: tuple[int, int]) -> int:
-        return len(self.files[cls[0]])
 
     def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
         char, rot = cls
         out = torch.stack([self._image(char, int(i)) for i in indices])
         return torch.rot90(out, rot, dims=(-2, -1)).contiguous()
 
-    def _image(self, char: int, i: int) -> Tensor:
-        key = (char, i)
-        if key not in self._cache:
-            from PIL import Image
-
-            with Image.open(self.files[char][i]) as im:
-                im = im.convert("L").resize((self.size, self.size), Image.LANCZOS)
-                x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            self._cache[key] = 1.0 - x.reshape(1, self.size, self.size).float() / 255.0
-        return self._cache[key]
-
 
 # -- miniImageNet on disk -----------------------------------------------------------------
-class MiniImageNetFolder(FewShotData):
+class MiniImageNetFolder(ImageFolderData):
     """miniImageNet in Ravi & Larochelle's layout, read from ``root``.
 
     ``root`` holds ``train.csv``, ``val.csv``, ``test.csv`` (rows ``filename,label``, a
@@ -321,6 +339,8 @@ class MiniImageNetFolder(FewShotData):
     name = "miniimagenet"
     channels = 3
     size = 84
+    mode = "RGB"
+    resample = "BILINEAR"
 
     def __init__(self, root: str | Path) -> None:
         root = Path(root)
@@ -331,7 +351,7 @@ class MiniImageNetFolder(FewShotData):
                 f"not a miniImageNet folder: {', '.join(missing)} missing. Give the folder "
                 f"with train.csv, val.csv, test.csv and images/ (Ravi & Larochelle's layout)"
             )
-        self.classes: list[list[Path]] = []
+        self.files: list[list[Path]] = []
         self.splits = {}
         absent: list[Path] = []
         for split in ("train", "val", "test"):
@@ -344,31 +364,16 @@ class MiniImageNetFolder(FewShotData):
                     by_label.setdefault(row["label"], []).append(path)
             self.splits[split] = []
             for label in sorted(by_label):
-                self.splits[split].append((len(self.classes), 0))
-                self.classes.append(by_label[label])
+                self.splits[split].append((len(self.files), 0))
+                self.files.append(by_label[label])
         if absent:
             raise FileNotFoundError(
                 f"incomplete miniImageNet folder: {len(absent)} images named in the CSVs are "
                 f"missing, the first {absent[0]}"
             )
-        self._cache: dict[tuple[int, int], Tensor] = {}
-
-    def count(self, cls: tuple[int, int]) -> int:
-        return len(self.classes[cls[0]])
 
     def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
         return torch.stack([self._image(cls[0], int(i)) for i in indices])
-
-    def _image(self, c: int, i: int) -> Tensor:
-        key = (c, i)
-        if key not in self._cache:
-            from PIL import Image
-
-            with Image.open(self.classes[c][i]) as im:
-                im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-                x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            self._cache[key] = x.reshape(self.size, self.size, 3).permute(2, 0, 1).float() / 255
-        return self._cache[key]
 
 
 def load(spec: str) -> FewShotData:

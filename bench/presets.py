@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_RUNS", "PRESETS", "RUNS", "Preset", "RunSpec"]
+__all__ = [
+    "DEFAULT_RUNS",
+    "PRESETS",
+    "REFERENCE",
+    "RUNS",
+    "STAND_IN",
+    "Preset",
+    "RunSpec",
+    "base_preset",
+]
+
+# the meta-gradient every run is compared with, and the one that stands in where naive
+# does not fit (itself compared with naive at the largest N where both ran)
+REFERENCE, STAND_IN = "naive", "checkpoint_auto_segment"
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,16 @@ class Preset:
         else:
             shape = f", {self.batch}x3x{self.image}x{self.image}"
         return f"{self.model}{shape}, {self.dtype}, {self.inner} {self.lr}{amp}{clip}"
+
+    def variant(self, batch: int | None = None, amp: str = "") -> Preset:
+        """This preset at another batch size and/or under autocast, named after both
+        (``gpt2-small-b1``, ``cpu-small-amp-bfloat16``: its results folder)."""
+        p = self
+        if batch:
+            p = dataclasses.replace(p, name=f"{p.name}-b{batch}", batch=batch)
+        if amp:
+            p = dataclasses.replace(p, name=f"{p.name}-amp-{amp}", amp=amp)
+        return p
 
     def cap(self, label: str) -> int | None:
         return dict(self.caps).get(label)
@@ -361,3 +386,9 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }
+
+
+def base_preset(name: str) -> Preset | None:
+    """The preset a results folder's name comes from (``gpt2-small-b1`` -> gpt2-small,
+    :meth:`Preset.variant`), or None."""
+    return PRESETS.get(re.sub(r"(-b\d+)?(-amp-\w+)?$", "", name))

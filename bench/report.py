@@ -6,7 +6,6 @@ Reads ``runs.csv`` only, so ``make report`` rebuilds everything from the committ
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+
+from .presets import REFERENCE, STAND_IN, base_preset
 
 __all__ = ["pivot", "summary_table", "targets", "tradeoff_plot", "update_readme", "write_report"]
 
@@ -27,12 +28,9 @@ def _describe(row: pd.Series) -> str:
     amp = f", autocast {amp}" if isinstance(amp, str) and amp else ""
     clip = "no clipping" if pd.isna(row["clip"]) else f"clip {row['clip']:g}"
     if row.image == 0:  # token sequences: the preset knows the model's sizes
-        from .presets import PRESETS
-
-        base = re.sub(r"(-b\d+)?(-amp-\w+)?$", "", str(row.get("preset", "")))
-        if base in PRESETS:
-            preset = dataclasses.replace(PRESETS[base], batch=int(row.batch))
-            return f"{preset.describe()}{amp}, {clip}"
+        base = base_preset(str(row.get("preset", "")))
+        if base is not None:
+            return f"{dataclasses.replace(base, batch=int(row.batch)).describe()}{amp}, {clip}"
         return f"{model}, {row.batch} token sequences, {row['dtype']}{amp}, {clip}"
     return f"{model}, {row.batch}x3x{row.image}x{row.image}, {row['dtype']}{amp}, {clip}"
 
@@ -173,11 +171,11 @@ def reference_note(df: pd.DataFrame) -> str:
         ns = ", ".join(str(n) for n in sorted(g.steps.unique()))
         parts.append(f"{ref} at N = {ns}")
     text = "Agreement (rel. L2, cosine) against " + "; ".join(parts) + "."
-    stand_in = df[(df.strategy == "checkpoint_auto_segment") & (df.reference == "naive")]
-    if not stand_in.empty and (df.reference == "checkpoint_auto_segment").any():
+    stand_in = df[(df.strategy == STAND_IN) & (df.reference == REFERENCE)]
+    if not stand_in.empty and (df.reference == STAND_IN).any():
         r = stand_in.loc[stand_in.steps.idxmax()]
         text += (
-            f" Where naive does not fit, checkpoint_auto_segment stands in: it matched naive "
+            f" Where naive does not fit, {STAND_IN} stands in: it matched naive "
             f"at N={r.steps}, the largest N where both ran (rel. L2 {r.grad_rel_l2:.1e})."
         )
     repeats = df[df.status == "ok"].repeats.dropna()
