@@ -147,17 +147,26 @@ def test_child_once_mode_measures_and_times_one_meta_gradient(tmp_path):
 
 def test_child_takes_the_batch_and_autocast_options_the_bench_passes(tmp_path):
     """``python -m bench --batch B --amp DTYPE`` hands its children ``PRESET --batch B --amp
-    DTYPE LABEL STEPS MODE OUT``: the child runs that batch under that autocast."""
-    args = ["tiny", "--batch", "2", "--amp", "bfloat16", "checkpoint_k5", "2", "once"]
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.child", *args, str(tmp_path / "g.pt")],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    assert row["peak_mib"] > 0 and row["time_s"] > 0
+    DTYPE LABEL STEPS MODE OUT``: the child runs that batch under that autocast (a step's
+    graph is smaller at a quarter of the batch, and again under bfloat16)."""
+
+    def child(*options):
+        args = ["tiny", *options, "checkpoint_k5", "2", "once", str(tmp_path / "g.pt")]
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.child", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    full = child()
+    small = child("--batch", "2")
+    small_bf16 = child("--batch", "2", "--amp", "bfloat16")
+    assert small["step_graph_mib"] < 0.95 * full["step_graph_mib"]
+    assert small_bf16["step_graph_mib"] < 0.95 * small["step_graph_mib"], (small, small_bf16)
+    assert small_bf16["peak_mib"] > 0 and small_bf16["time_s"] > 0
     grad = torch.load(tmp_path / "g.pt")
     assert torch.isfinite(grad).all() and grad.abs().max() > 0
 
