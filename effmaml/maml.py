@@ -313,11 +313,8 @@ class MAML:
             label -> :class:`~effmaml.memory.Prediction` (labels like
             ``"checkpoint(segment=7, pullback='step')"``).
         """
-        budgets = {
-            k: parse_bytes(options.pop(k))
-            for k in ("memory_budget", "host_memory_budget")
-            if options.get(k) is not None
-        }
+        given = {k: options.pop(k, None) for k in ("memory_budget", "host_memory_budget")}
+        budgets = {k: parse_bytes(v) for k, v in given.items() if v is not None}
         problem, _, _ = self.problem(batch, steps)
         problem = dataclasses.replace(problem, **budgets)
         pr = self.measure(batch)

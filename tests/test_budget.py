@@ -102,6 +102,8 @@ def test_estimate_under_another_budget_is_what_auto_would_choose():
         )
         assert label == "auto -> " + a.info["chosen"]
     assert maml.memory_budget is None
+    # None means this front's budget, as in MAML(...)
+    assert maml.estimate(make_batch(0), N, "naive", memory_budget=None)["naive"].peak_bytes == naive
     # a named strategy is predicted whatever the budget (adapt is what refuses to run it)
     over = maml.estimate(make_batch(0), N, "naive", memory_budget=int(naive * 0.5))
     assert over["naive"].peak_bytes == naive
