@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor
 
-__all__ = ["check_double_backward", "raise_if_no_double_backward", "warn"]
+__all__ = ["check_double_backward", "raise_if_no_double_backward"]
 
 _MAX_NODES = 200_000
 
@@ -65,15 +61,3 @@ def raise_if_no_double_backward(err: BaseException) -> None:
             "(second-order) MAML needs; replace that operation, or use "
             f"strategy='first_order', which needs none. Autograd said: {msg}"
         ) from err
-
-
-_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
-
-
-def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn`` pointing at the user's line: the first frame outside effmaml (and
-    outside torch, for warnings raised during a backward the user started)."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)

@@ -26,19 +26,19 @@ segment at every inner ``autograd.grad`` call and holds what it recomputed.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .checks import raise_if_no_double_backward
 from .replay import RngState, Witness, capture_rng, replay_rng
-from .step import Consts, InnerProblem, InnerState, inner_step
+from .state import Consts, InnerState, Spec
+from .step import InnerProblem, Runtime, inner_step
 
 __all__ = [
-    "Cotangent",
     "Handle",
     "Resident",
     "Schedule",
@@ -52,6 +52,7 @@ __all__ = [
 
 def advance(
     problem: InnerProblem,
+    rt: Runtime,
     state: InnerState,
     a: int,
     b: int,
@@ -61,7 +62,8 @@ def advance(
     """Run steps ``a..b-1`` first-order, keeping no graph between steps.
 
     Args:
-        problem: the static problem.
+        problem: the problem.
+        rt: the call's runtime.
         state: the state before step ``a``.
         a: first step.
         b: one past the last step.
@@ -73,84 +75,77 @@ def advance(
 
     Memory: one state and one first-order step graph at a time. Compute: ``b - a`` steps.
     """
-    consts = Consts(
-        {k: v.detach() for k, v in consts.fixed.items()},
-        {k: v.detach() for k, v in consts.hyper.items()},
-        {k: v.detach() for k, v in consts.theta0.items()},
-    )
+    consts = consts.detached()
     losses = []
     for t in range(a, b):
         if keep is not None:
             keep(state, capture_rng(problem.device))
         new, loss = inner_step(
-            problem, state.detached(requires_grad=True), t, consts, create_graph=False
+            problem, rt, state.detached(requires_grad=True), t, consts, create_graph=False
         )
         state = new.detached(requires_grad=False)
         losses.append(loss.detach())
     return state, losses
 
 
-@dataclass
-class Cotangent:
-    """Gradients with respect to one state (params and optimizer state); zeros allowed."""
-
-    params: dict[str, Tensor]
-    opt: dict[str, Tensor]
-
-
 def pullback(
     problem: InnerProblem,
+    rt: Runtime,
     state: InnerState,
     rng: RngState,
     a: int,
     b: int,
     consts: Consts,
     need_consts: Sequence[bool],
-    grad_b: Cotangent,
+    grad_b: InnerState,
     grad_losses: Tensor,
-) -> tuple[Cotangent, list[Tensor | None]]:
+    inspect: Callable[[InnerState], None] | None = None,
+) -> tuple[InnerState, list[Tensor | None]]:
     """Recompute steps ``a..b-1`` from ``state`` with their graph and pull ``grad_b`` back.
 
     Args:
-        problem: the static problem.
+        problem: the problem.
+        rt: the call's runtime.
         state: the stored state before step ``a``.
         rng: the RNG state before step ``a`` (dropout replays).
         a: first step.
         b: one past the last step.
         consts: constants (the Function's saved inputs).
         need_consts: which of ``consts.flat()`` need a gradient.
-        grad_b: gradient w.r.t. the state after step ``b - 1``.
+        grad_b: the cotangent at the state after step ``b - 1``: an :class:`InnerState`
+            whose differentiable groups hold gradients (zeros allowed; the others empty).
         grad_losses: gradients w.r.t. ``loss_a .. loss_{b-1}`` (shape ``(b - a,)``).
+        inspect: called with the recomputed state at ``b`` before it is differentiated
+            (the probe walks its graph for operations without double backward).
 
     Returns:
-        ``(grad_a, grad_consts)``: the gradient w.r.t. ``state`` and, for each constant,
-        its gradient from these steps (``None`` where not needed or unused).
+        ``(grad_a, grad_consts)``: the cotangent at ``state`` (same form as ``grad_b``)
+        and, for each constant, its gradient from these steps (``None`` where not needed or
+        unused).
 
     Memory: ``b - a`` second-order step graphs, freed on return.
     """
-    flat_consts = consts.flat()
-    leaves = [c.detach().requires_grad_(need) for c, need in zip(flat_consts, need_consts)]
-    c = consts.like(leaves)
+    leaves = [c.detach().requires_grad_(need) for c, need in zip(consts.flat(), need_consts)]
+    c = consts.spec().unflatten(leaves)
     with replay_rng(rng), torch.enable_grad():
         s0 = state.detached(requires_grad=True)
         s = s0
         losses = []
         for t in range(a, b):
-            s, loss = inner_step(problem, s, t, c, create_graph=True)
+            s, loss = inner_step(problem, rt, s, t, c, create_graph=True)
             losses.append(loss)
+    if inspect is not None:
+        inspect(s)
     outputs: list[Tensor] = []
     cotangents: list[Tensor] = []
-    for k, v in s.params.items():
-        outputs.append(v)
-        cotangents.append(grad_b.params[k])
-    for k, v in s.opt.items():
-        if v.requires_grad:
+    for v, g in zip(s.flat(differentiable_only=True), grad_b.flat(differentiable_only=True)):
+        if v.requires_grad:  # an optimizer state that does not depend on the inputs
             outputs.append(v)
-            cotangents.append(grad_b.opt[k])
-    for i, loss in enumerate(losses):
-        outputs.append(loss)
-        cotangents.append(grad_losses[i])
-    inputs = [*s0.params.values(), *s0.opt.values()]
+            cotangents.append(g)
+    outputs += losses
+    cotangents += [g.to(loss.dtype) for g, loss in zip(grad_losses.unbind(0), losses)]
+    inputs = s0.flat(differentiable_only=True)
+    n_s = len(inputs)
     inputs += [leaf for leaf, need in zip(leaves, need_consts) if need]
     try:
         with torch.enable_grad():
@@ -158,12 +153,10 @@ def pullback(
     except (RuntimeError, NotImplementedError) as err:
         raise_if_no_double_backward(err)
         raise
-    n_p, n_o = len(s0.params), len(s0.opt)
-    gp = {k: _or_zeros(g, v) for (k, v), g in zip(s0.params.items(), grads[:n_p])}
-    go = {k: _or_zeros(g, v) for (k, v), g in zip(s0.opt.items(), grads[n_p : n_p + n_o])}
-    it = iter(grads[n_p + n_o :])
+    grad_a = [_or_zeros(g, v) for g, v in zip(grads[:n_s], inputs[:n_s])]
+    it = iter(grads[n_s:])
     g_consts = [next(it) if need else None for need in need_consts]
-    return Cotangent(gp, go), g_consts
+    return s0.spec().unflatten(grad_a, differentiable_only=True), g_consts
 
 
 def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
@@ -171,13 +164,19 @@ def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
 
 
 def advance_to(
-    problem: InnerProblem, state: InnerState, rng: RngState, a: int, b: int, consts: Consts
+    problem: InnerProblem,
+    rt: Runtime,
+    state: InnerState,
+    rng: RngState,
+    a: int,
+    b: int,
+    consts: Consts,
 ) -> tuple[InnerState, RngState]:
     """Replay steps ``a..b-1`` from a stored ``(state, rng)``; return state and RNG at ``b``."""
     if a == b:
         return state, rng
     with replay_rng(rng):
-        out, _ = advance(problem, state, a, b, consts)
+        out, _ = advance(problem, rt, state, a, b, consts)
         return out, capture_rng(problem.device)
 
 
@@ -194,6 +193,9 @@ class Resident(Handle):
 
 class Store:
     """Where a schedule keeps its stored states. This one: on the device, as they are."""
+
+    #: whether stored states leave the device (and cost host memory and transfers)
+    off_device: bool = False
 
     def put(self, state: InnerState) -> Handle:
         """Keep ``state`` (detached) and return a handle to it."""
@@ -212,6 +214,9 @@ class Store:
         return 0
 
 
+Pull = Callable[[InnerState, RngState, int, int], None]
+
+
 class Schedule:
     """Which states the forward pass stores and how the backward pass pulls back.
 
@@ -223,7 +228,12 @@ class Schedule:
     store: Store
 
     def forward(
-        self, problem: InnerProblem, state0: InnerState, rng0: RngState, consts: Consts
+        self,
+        problem: InnerProblem,
+        rt: Runtime,
+        state0: InnerState,
+        rng0: RngState,
+        consts: Consts,
     ) -> tuple[InnerState, list[Tensor], object]:
         """Run steps ``0..N-1``; return the final state, the losses and a memo for backward."""
         raise NotImplementedError
@@ -231,11 +241,12 @@ class Schedule:
     def backward(
         self,
         problem: InnerProblem,
+        rt: Runtime,
         memo: object,
         state0: InnerState,
         rng0: RngState,
         consts: Consts,
-        pull: Callable[[InnerState, RngState, int, int], None],
+        pull: Pull,
     ) -> None:
         """Call ``pull(state_a, rng_a, a, b)`` for consecutive ranges from the end to step 0."""
         raise NotImplementedError
@@ -265,43 +276,42 @@ class Schedule:
 class _Unroll(torch.autograd.Function):
     """Forward: the schedule's forward, storing states. Backward: its pullbacks.
 
-    Flat inputs: ``[params..., opt..., buffers..., consts...]``; outputs:
-    ``[params..., opt..., buffers..., losses]`` with buffers non-differentiable.
+    Flat inputs: the initial state's tensors, then the constants' (:class:`_Run`'s specs);
+    outputs: the final state's tensors (non-differentiable groups marked so), then the
+    stacked inner losses.
     """
 
     @staticmethod
-    def forward(ctx, run: _Run, *flat: Tensor):  # type: ignore[override]
+    def forward(ctx: Any, run: _Run, *flat: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         state0, consts = run.unflatten(flat)
         rng0 = capture_rng(run.problem.device)
         state, losses, memo = run.schedule.forward(
-            run.problem, state0.detached(requires_grad=False), rng0, consts
+            run.problem, run.rt, state0.detached(requires_grad=False), rng0, consts
         )
+        run.rt.host_peak_bytes = max(run.rt.host_peak_bytes, run.schedule.store.host_bytes())
         # The initial state is the input itself; save_for_backward guards it (and the
         # constants) against in-place changes between adapt and backward.
         ctx.save_for_backward(*flat)
         ctx.run = run
         ctx.memo = memo
         ctx.rng0 = rng0
-        buffers = tuple(b.detach() for b in state.buffers.values())
-        ctx.mark_non_differentiable(*buffers)
-        return (*state.params.values(), *state.opt.values(), *buffers, torch.stack(losses))
+        out = state.map(lambda t, diff: t if diff else t.detach())
+        fixed = [t for t, diff in zip(out.flat(), run.state_spec.differentiable()) if not diff]
+        ctx.mark_non_differentiable(*fixed)
+        return (*out.flat(), torch.stack(losses))
 
     @staticmethod
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         run: _Run = ctx.run
-        problem = run.problem
+        problem, rt, spec = run.problem, run.rt, run.state_spec
         flat = ctx.saved_tensors
         state0, consts = run.unflatten(flat)
-        n_p, n_o = len(state0.params), len(state0.opt)
-        grad = [
-            Cotangent(
-                dict(zip(state0.params, grads[:n_p])),
-                dict(zip(state0.opt, grads[n_p : n_p + n_o])),
-            )
-        ]
+        diff = [g for g, d in zip(grads[: spec.size], spec.differentiable()) if d]
+        grad = [spec.unflatten(diff, differentiable_only=True)]
         grad_losses = grads[-1]
-        n_c = len(consts.flat())
-        need = list(ctx.needs_input_grad[1 + len(flat) - n_c :])
+        n_c = run.consts_spec.size
+        need = list(ctx.needs_input_grad[1 + spec.size :])
+        assert len(need) == n_c
         acc: list[Tensor | None] = [None] * n_c
         expect = [problem.steps]
 
@@ -309,19 +319,18 @@ class _Unroll(torch.autograd.Function):
             # the schedule must hand over consecutive ranges, last first
             assert b == expect[0], (a, b, expect[0])
             grad[0], g_c = pullback(
-                problem, state_a, rng_a, a, b, consts, need, grad[0], grad_losses[a:b]
+                problem, rt, state_a, rng_a, a, b, consts, need, grad[0], grad_losses[a:b]
             )
             _accumulate(acc, g_c)
             expect[0] = a
 
         memo, ctx.memo = ctx.memo, None
-        run.schedule.backward(problem, memo, state0.detached(False), ctx.rng0, consts, pull)
+        run.schedule.backward(problem, rt, memo, state0.detached(False), ctx.rng0, consts, pull)
         assert expect[0] == 0
-        if problem.witness is not None:
-            problem.witness.verify()
-        n_b = len(state0.buffers)
-        g = grad[0]
-        return (None, *g.params.values(), *g.opt.values(), *([None] * n_b), *acc)
+        rt.host_peak_bytes = max(rt.host_peak_bytes, run.schedule.store.host_bytes())
+        if rt.witness is not None:
+            rt.witness.verify()
+        return (None, *spec.full(grad[0]), *acc)
 
 
 def _accumulate(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
@@ -335,28 +344,19 @@ class _Run:
     """What the custom Function needs besides tensors."""
 
     problem: InnerProblem
+    rt: Runtime
     schedule: Schedule
-    names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
-    consts_template: Consts
+    state_spec: Spec[InnerState]
+    consts_spec: Spec[Consts]
 
     def unflatten(self, flat: Sequence[Tensor]) -> tuple[InnerState, Consts]:
-        state, rest = self.unflatten_state(flat)
-        return state, self.consts_template.like(rest)
-
-    def unflatten_state(self, flat: Sequence[Tensor]) -> tuple[InnerState, Sequence[Tensor]]:
-        p_names, o_names, b_names = self.names
-        i = 0
-        params = dict(zip(p_names, flat[i : i + len(p_names)]))
-        i += len(p_names)
-        opt = dict(zip(o_names, flat[i : i + len(o_names)]))
-        i += len(o_names)
-        buffers = dict(zip(b_names, flat[i : i + len(b_names)]))
-        i += len(b_names)
-        return InnerState(params, opt, buffers), flat[i:]
+        state, rest = self.state_spec.split(flat)
+        return state, self.consts_spec.unflatten(rest)
 
 
 def run_schedule(
     problem: InnerProblem,
+    rt: Runtime,
     state0: InnerState,
     consts: Consts,
     schedule: Schedule,
@@ -364,7 +364,8 @@ def run_schedule(
     """Run the unroll under ``schedule``; the result is differentiable w.r.t. the inputs.
 
     Args:
-        problem: the static problem.
+        problem: the problem.
+        rt: the call's runtime; its witness is set here.
         state0: the initial state (params θ, optimizer state, buffers).
         consts: constants (fixed params, tensor hyper-parameters, θ₀).
         schedule: the schedule.
@@ -372,15 +373,12 @@ def run_schedule(
     Returns:
         ``(state_N, losses)`` with ``losses`` of shape ``(N,)``.
     """
-    names = (tuple(state0.params), tuple(state0.opt), tuple(state0.buffers))
     # Note [Checking that a recomputation saw the same batch]
     # The forward pass records each step's loss and batch fingerprint; every step run
     # again in backward is compared with them on the device, and the backward ends with one
     # check (one host sync) that raises if a batch source gave another batch for an index.
-    witness = Witness(problem.steps, problem.device, problem.autocast)
-    problem = dataclasses.replace(problem, witness=witness)
-    run = _Run(problem, schedule, names, consts)
-    flat = [*state0.params.values(), *state0.opt.values(), *state0.buffers.values(), *consts.flat()]
-    out = _Unroll.apply(run, *flat)
-    state, _ = run.unflatten_state(out[:-1])
+    rt.witness = Witness(problem.steps, problem.device, problem.autocast)
+    run = _Run(problem, rt, schedule, state0.spec(), consts.spec())
+    out = _Unroll.apply(run, *state0.flat(), *consts.flat())
+    state, _ = run.state_spec.split(out[:-1])
     return state, out[-1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,12 +14,12 @@ from .memory import Prediction, Probe, parse_bytes
 from .probe import probe
 from .step import (
     Consts,
-    Counter,
     FunctionalModel,
     InnerProblem,
     InnerState,
     LossFn,
     RepeatedBatch,
+    Runtime,
 )
 from .strategies import RunFacts, Strategy, make_strategy
 
@@ -56,7 +56,7 @@ class Adapted:
         inner_state: dict[str, Tensor],
         fixed: dict[str, Tensor],
         facts: RunFacts,
-        counter: Counter,
+        runtime: Runtime,
         strategy: Strategy,
     ) -> None:
         self.model = model
@@ -67,7 +67,7 @@ class Adapted:
         self.fixed = fixed
         self.facts = facts
         self.strategy = strategy
-        self._counter = counter
+        self._runtime = runtime
 
     @property
     def info(self) -> dict[str, Any]:
@@ -76,14 +76,14 @@ class Adapted:
         return self.facts.as_dict()
 
     def host_peak_bytes(self) -> int:
-        """Pinned host memory the run's store held at most (``offload`` on CUDA), else 0."""
-        schedule = self.facts.schedule
-        return 0 if schedule is None else schedule.store.host_bytes()
+        """Pinned host memory the run's store held at most (``offload`` on CUDA), else 0;
+        recorded after the forward pass and again after backward."""
+        return self._runtime.host_peak_bytes
 
     @property
     def step_evals(self) -> int:
         """Inner-step evaluations so far: forward pass, plus recomputation once backward ran."""
-        return self._counter.step_evals
+        return self._runtime.step_evals
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return FunctionalModel(self.model, {**self.fixed, **self.params}, self.buffers)(
@@ -186,7 +186,7 @@ class MAML:
         self.host_memory_budget = (
             None if host_memory_budget is None else parse_bytes(host_memory_budget)
         )
-        self._probes: dict[Any, Any] = {}  # probe results by batch signature
+        self._probes: dict[Hashable, Probe] = {}  # probe results by batch signature
         self.math_attention = (
             self.strategy.second_order if math_attention is None else bool(math_attention)
         )
@@ -259,7 +259,8 @@ class MAML:
                 unrolling; says the smallest budget that would do).
         """
         problem, state0, consts = self.problem(batches, steps)
-        out = self.strategy.run(problem, state0, consts)
+        rt = self.runtime()
+        out = self.strategy.run(problem, rt, state0, consts)
         return Adapted(
             self.model,
             out.state.params,
@@ -268,7 +269,7 @@ class MAML:
             out.state.opt,
             consts.fixed,
             out.facts,
-            problem.counter,
+            rt,
             self.strategy,
         )
 
@@ -278,7 +279,7 @@ class MAML:
         ``adapt`` or ``estimate`` with batches like it does not probe again (the result is
         returned with ``evals=0`` and ``seconds=0`` then, as such a call would see it)."""
         problem, state0, consts = self.problem(batch, 1)
-        pr = probe(problem, state0, consts, problem.probe_cache)
+        pr = probe(problem, self.runtime(), state0, consts)
         return dataclasses.replace(pr, evals=0, seconds=0.0)
 
     def estimate(
@@ -351,10 +352,8 @@ class MAML:
             clip=self.clip_grad_grad_norm,
             update_running_stats=self.update_running_stats,
             check_finite=self.check_finite,
-            counter=Counter(),
             memory_budget=self.memory_budget,
             host_memory_budget=self.host_memory_budget,
-            probe_cache=self._probes,
             math_attention=self.math_attention,
         )
         named = dict(self.model.named_parameters())
@@ -368,6 +367,10 @@ class MAML:
             fixed, self.inner.hyperparameters(), dict(theta) if self.prox_lambda else {}
         )
         return problem, state0, consts
+
+    def runtime(self) -> Runtime:
+        """A fresh runtime for one call, sharing this front's probe cache."""
+        return Runtime(probes=self._probes)
 
     @staticmethod
     def _batches(batches: Any, steps: int | None) -> Sequence[Any]:

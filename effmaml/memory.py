@@ -44,7 +44,6 @@ __all__ = [
     "available_bytes",
     "available_host_bytes",
     "current_rss_bytes",
-    "estimate",
     "first_order_peak",
     "format_bytes",
     "implicit_peak",
@@ -57,7 +56,6 @@ __all__ = [
     "saved_bytes",
     "schedule_peak",
     "storage_bytes",
-    "tensor_bytes",
     "working_bytes",
 ]
 
@@ -76,9 +74,6 @@ def storage_bytes(tensors: Iterable[Any]) -> int:
             st = t.untyped_storage()
             seen[(str(t.device), st.data_ptr())] = st.nbytes()
     return sum(seen.values())
-
-
-tensor_bytes = storage_bytes  # the name earlier releases used
 
 
 @dataclass
@@ -305,10 +300,3 @@ def predict_seconds(
     if pinned_bytes and probe.pin_bandwidth:
         t += pinned_bytes / probe.pin_bandwidth
     return t + probe.seconds
-
-
-def estimate(
-    maml: Any, batch: Any, steps: int, strategy: Any = None, **options: Any
-) -> dict[str, Prediction]:
-    """``maml.estimate(batch, steps, strategy, **options)``: see :meth:`effmaml.MAML.estimate`."""
-    return maml.estimate(batch, steps, strategy, **options)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .engine import Handle, Resident, Store
-from .step import InnerState
+from .state import InnerState
 
 __all__ = ["HostStore", "make_store", "pinned_high_water"]
 
@@ -25,9 +25,7 @@ _PINNED = {"held": 0, "high": 0}  # pinned bytes held by HostStores in this proc
 
 @dataclass
 class _HostHandle(Handle):
-    params: dict[str, Tensor]
-    opt: dict[str, Tensor]
-    buffers: dict[str, Tensor]
+    state: InnerState | None  # in pinned host memory; None once brought back
     nbytes: int
     fetched: tuple[InnerState, torch.cuda.Event] | None = None
 
@@ -35,12 +33,17 @@ class _HostHandle(Handle):
 class HostStore(Store):
     """Stored states in pinned host memory (CUDA only; see the module docstring).
 
+    Memory: the stored states' bytes in pinned host memory (``peak_host_bytes``); on the
+    device, the state being brought back.
+
     Args:
         device: the CUDA device the steps run on.
 
     Attributes:
         held_bytes: host bytes held now; peak_host_bytes: the most held at once.
     """
+
+    off_device = True
 
     def __init__(self, device: torch.device) -> None:
         if device.type != "cuda":
@@ -54,39 +57,33 @@ class HostStore(Store):
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)  # the state is computed before it is copied
 
-        def down(d: dict[str, Tensor]) -> dict[str, Tensor]:
-            out = {}
-            for k, v in d.items():
-                h = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-                h.copy_(v.detach(), non_blocking=True)
-                # Note [Freeing a tensor that a side stream still reads]
-                # The caching allocator would reuse v's block as soon as Python drops it,
-                # while the copy may still be running; record_stream defers the reuse.
-                v.record_stream(self.stream)
-                out[k] = h
-            return out
+        def down(v: Tensor, _: bool) -> Tensor:
+            h = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+            h.copy_(v.detach(), non_blocking=True)
+            # Note [Freeing a tensor that a side stream still reads]
+            # The caching allocator would reuse v's block as soon as Python drops it,
+            # while the copy may still be running; record_stream defers the reuse.
+            v.record_stream(self.stream)
+            return h
 
         with torch.cuda.stream(self.stream):
-            params, opt, buffers = down(state.params), down(state.opt), down(state.buffers)
+            host = state.map(down)
         nbytes = state.nbytes()
         self.held_bytes += nbytes
         self.peak_host_bytes = max(self.peak_host_bytes, self.held_bytes)
         _PINNED["held"] += nbytes
         _PINNED["high"] = max(_PINNED["high"], _PINNED["held"])
-        handle = _HostHandle(params, opt, buffers, nbytes)
+        handle = _HostHandle(host, nbytes)
         # released with the handle: pinned blocks go back to torch's host cache
         return handle
 
     def fetch(self, handle: Handle) -> None:
         if not isinstance(handle, _HostHandle) or handle.fetched is not None:
             return
+        assert handle.state is not None, "a stored state is brought back once"
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-
-            def up(d: dict[str, Tensor]) -> dict[str, Tensor]:
-                return {k: v.to(self.device, non_blocking=True) for k, v in d.items()}
-
-            state = InnerState(up(handle.params), up(handle.opt), up(handle.buffers))
+            state = handle.state.map(lambda v, _: v.to(self.device, non_blocking=True))
             event = torch.cuda.Event()
             event.record(self.stream)
         handle.fetched = (state, event)
@@ -100,12 +97,12 @@ class HostStore(Store):
         state, event = handle.fetched
         main = torch.cuda.current_stream(self.device)
         main.wait_event(event)
-        for t in [*state.params.values(), *state.opt.values(), *state.buffers.values()]:
+        for t in state.flat():
             t.record_stream(main)  # allocated on the side stream, used on the main one
         handle.fetched = None
         self.held_bytes -= handle.nbytes
         _PINNED["held"] -= handle.nbytes
-        handle.params, handle.opt, handle.buffers = {}, {}, {}
+        handle.state = None
         return state
 
     def host_bytes(self) -> int:

@@ -4,16 +4,16 @@ Before a recomputing strategy unrolls N steps it runs, on batch 0 and with the R
 it was:
 
 1. a first-order step (warm-up; t₁, the cost of an ``advance``),
-2. a step with its second-order graph: A, the bytes autograd saves for it (saved-tensor
-   hooks), and a walk of its graph for operations without double backward,
-3. that step's pullback, twice (the first warms up): t₂ ≈ t₁ + the pullback, and a real
-   double backward, which fails here, before any work, if the model cannot be
-   differentiated twice,
+2. the engine's :func:`~effmaml.engine.pullback` of step 0, cold: A, the bytes autograd
+   saves for a step with its second-order graph (saved-tensor hooks), a walk of that
+   graph for operations without double backward, and a real double backward, which fails
+   here, before any work, if the model cannot be differentiated twice,
+3. the same pullback again, warm: t₂, a step with its graph plus its pullback,
 4. a first-order step again (t₁ = the faster of the two).
 
 On CUDA it also uses the pinned host↔device bandwidth, measured once per process
-(:func:`effmaml.measure.host_link`). Cost: 3 step evaluations and two pullbacks, once per
-``MAML`` instance and batch signature (shapes, dtypes, train/eval mode, autocast): the
+(:func:`effmaml.measure.host_link`). Cost: 4 step evaluations (:data:`PROBE_EVALS`), once
+per ``MAML`` instance and batch signature (shapes, dtypes, train/eval mode, autocast): the
 result is cached, so a meta-training loop pays it once. Batch 0 is indexed once per call
 to read its signature (and reused by the probe's steps).
 """
@@ -22,20 +22,23 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .checks import check_double_backward, raise_if_no_double_backward
+from .checks import check_double_backward
+from .engine import pullback
 from .measure import host_link
 from .memory import Probe, nbytes, saved_bytes
-from .step import Consts, InnerProblem, InnerState, inner_step
+from .replay import capture_rng
+from .state import Consts, InnerState
+from .step import InnerProblem, Runtime, inner_step
 
 __all__ = ["PROBE_EVALS", "probe", "signature"]
 
-PROBE_EVALS = 3  # step evaluations of a probe that runs (0 when cached)
+PROBE_EVALS = 4  # step evaluations of a probe that runs (0 when cached)
 
 
 def signature(problem: InnerProblem, batch0: Any) -> Hashable:
@@ -44,16 +47,16 @@ def signature(problem: InnerProblem, batch0: Any) -> Hashable:
     return (_structure(batch0), problem.model.training, problem.autocast)
 
 
-class _First:
+class _First(Sequence[Any]):
     """The batch source with batch 0 already fetched (the probe indexes the source once)."""
 
-    def __init__(self, source: Any, batch0: Any) -> None:
+    def __init__(self, source: Sequence[Any], batch0: Any) -> None:
         self.source, self.batch0 = source, batch0
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, t: int) -> Any:
+    def __getitem__(self, t: Any) -> Any:
         return self.batch0 if t == 0 else self.source[t]
 
 
@@ -67,12 +70,7 @@ def _structure(batch: Any) -> Hashable:
     return type(batch).__name__
 
 
-def probe(
-    problem: InnerProblem,
-    state0: InnerState,
-    consts: Consts,
-    cache: dict[Hashable, Probe] | None = None,
-) -> Probe:
+def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts) -> Probe:
     """Measure P, A, t₁ and t₂ on batch 0 and check that double backward exists.
 
     # Note [Why checkpoint probes one step]
@@ -86,10 +84,11 @@ def probe(
 
     Args:
         problem: the problem.
+        rt: the call's runtime: counts the probe's evaluations; ``rt.probes`` caches results
+            by :func:`signature` (a hit returns them with ``evals=0`` and ``seconds=0`` and
+            runs nothing).
         state0: the initial state.
         consts: the constants.
-        cache: results by :func:`signature`; a hit returns them with ``evals=0`` and
-            ``seconds=0`` and runs nothing.
 
     Returns:
         The :class:`~effmaml.memory.Probe`.
@@ -99,36 +98,41 @@ def probe(
     with torch.random.fork_rng(devices=devices):  # indexing a batch may draw from the RNG
         batch0 = problem.batches[0]
     key = signature(problem, batch0)
-    if cache is not None and key in cache:
-        return dataclasses.replace(cache[key], evals=0, seconds=0.0)
+    if key in rt.probes:
+        return dataclasses.replace(rt.probes[key], evals=0, seconds=0.0)
     problem = dataclasses.replace(problem, batches=_First(problem.batches, batch0))
     start = _clock(device)
     with torch.random.fork_rng(devices=devices):
-        t_fo1, fo_bytes = _first_order(problem, state0, consts)
-        s = state0.detached(requires_grad=True)
-        leaves = [c.detach().requires_grad_(c.requires_grad) for c in consts.flat()]
-        c = consts.like(leaves)
-        with saved_bytes() as count:
-            out, loss = inner_step(problem, s, 0, c, create_graph=True)
-        check_double_backward(out.params.values())
-        outputs = [*out.params.values(), loss]
-        outputs += [v for v in out.opt.values() if v.requires_grad]
-        inputs = [*s.params.values(), *(v for v in s.opt.values() if v.requires_grad)]
-        inputs += [x for x in leaves if x.requires_grad]
-        cotangents = [torch.ones_like(o) for o in outputs]
-        pulls = []
-        for again in (True, False):  # the first pullback warms up its kernels and memory
+        t_fo1, fo_bytes = _first_order(problem, rt, state0, consts)
+        rng = capture_rng(device)
+        need = [c.requires_grad for c in consts.flat()]
+        ones = state0.map(lambda t, diff: torch.ones_like(t) if diff else t)
+        cotangent = ones.spec().unflatten(ones.flat(True), differentiable_only=True)
+        loss_grad = torch.ones(1, dtype=torch.float64, device=device)
+
+        def pull(check: bool) -> float:
             t0 = _clock(device)
-            try:
-                torch.autograd.grad(
-                    outputs, inputs, cotangents, allow_unused=True, retain_graph=again
-                )
-            except (RuntimeError, NotImplementedError) as err:
-                raise_if_no_double_backward(err)
-                raise
-            pulls.append(_clock(device) - t0)
-        del out, loss, outputs, cotangents
-        t_fo2, _ = _first_order(problem, state0, consts)
+            pullback(
+                problem,
+                rt,
+                state0,
+                rng,
+                0,
+                1,
+                consts,
+                need,
+                cotangent,
+                loss_grad,
+                inspect=_check_graph if check else None,
+            )
+            return _clock(device) - t0
+
+        # the first pullback runs cold and counts what the step saves (its gradients are
+        # not used: saved-tensor hooks hand back detached aliases); the second is timed
+        with saved_bytes() as count:
+            pull(check=True)
+        t_pull = pull(check=False)
+        t_fo2, _ = _first_order(problem, rt, state0, consts)
     link = host_link(device) if device.type == "cuda" else (0.0, 0.0)
     result = Probe(
         state_bytes=state0.nbytes(),
@@ -137,26 +141,31 @@ def probe(
         first_order_graph_bytes=fo_bytes,
         # Note [Timing the probe]: the first of each kind of work in a process runs cold
         # (allocations, kernel selection), 30-50% slower than in a loop; the faster of two
-        # runs is close to what the unroll pays per step. A step with graph costs about a
-        # first-order step (the same forward and backward, recorded) plus its pullback.
+        # first-order steps, and the second pullback, are close to what the unroll pays
+        # per step.
         advance_seconds=min(t_fo1, t_fo2),
-        pullback_seconds=min(t_fo1, t_fo2) + min(pulls),
+        pullback_seconds=t_pull,
         host_bandwidth=link[0],
         pin_bandwidth=link[1],
         seconds=_clock(device) - start,
         evals=PROBE_EVALS,
     )
-    if cache is not None:
-        cache[key] = result
+    rt.probes[key] = result
     return result
 
 
-def _first_order(problem: InnerProblem, state0: InnerState, consts: Consts) -> tuple[float, int]:
+def _check_graph(state: InnerState) -> None:
+    check_double_backward(state.params.values())
+
+
+def _first_order(
+    problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+) -> tuple[float, int]:
     """Time one first-order step (and count what its graph saves at its peak)."""
     t0 = _clock(problem.device)
     s = state0.detached(requires_grad=True)
     with saved_bytes() as count:
-        out, loss = inner_step(problem, s, 0, consts, create_graph=False)
+        out, loss = inner_step(problem, rt, s, 0, consts.detached(), create_graph=False)
         # a first-order step frees its graph inside autograd.grad; what it keeps alive at
         # its peak is the forward's saved tensors
     del out, loss

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
 from torch import Tensor
 
-from .engine import Handle, Schedule, Store, advance, advance_to
+from .engine import Handle, Pull, Schedule, Store, advance, advance_to
 from .replay import RngState, capture_rng, replay_rng
-from .step import InnerState
+from .state import InnerState
 
 __all__ = [
     "Action",
@@ -39,8 +39,6 @@ __all__ = [
     "revolve_recomputations",
     "revolve_split",
 ]
-
-Pull = Callable[[InnerState, RngState, int, int], None]
 
 
 @dataclass
@@ -81,7 +79,7 @@ class UniformSchedule(Schedule):
         starts = len(self.starts(steps)) - 1
         return starts + (steps if self.pullback == "step" else 0)
 
-    def forward(self, problem, state0, rng0, consts):
+    def forward(self, problem, rt, state0, rng0, consts):
         steps = problem.steps
         stored: list[tuple[int, Handle, RngState]] = []
         losses: list[Tensor] = []
@@ -90,11 +88,11 @@ class UniformSchedule(Schedule):
             b = min(a + self.segment, steps)
             if a > 0:
                 stored.append((a, self.store.put(state), capture_rng(problem.device)))
-            state, seg_losses = advance(problem, state, a, b, consts)
+            state, seg_losses = advance(problem, rt, state, a, b, consts)
             losses += seg_losses
         return state, losses, stored
 
-    def backward(self, problem, memo, state0, rng0, consts, pull: Pull) -> None:
+    def backward(self, problem, rt, memo, state0, rng0, consts, pull: Pull) -> None:
         steps, store = problem.steps, self.store
         stored: list[tuple[int, Handle, RngState]] = [(0, Store().put(state0), rng0), *memo]
         memo.clear()
@@ -114,7 +112,7 @@ class UniformSchedule(Schedule):
                 keep.append((store.put(s), r))
 
             with replay_rng(rng_a):
-                last, _ = advance(problem, state_a, a, b - 1, consts, keep=put)
+                last, _ = advance(problem, rt, state_a, a, b - 1, consts, keep=put)
                 put(last, capture_rng(problem.device))
             del state_a, last
             for t in reversed(range(a, b)):
@@ -236,7 +234,7 @@ class RevolveSchedule(Schedule):
     def stored_states(self, steps: int) -> int:
         return min(self.slots, steps)  # the slots besides the input, + the working state
 
-    def forward(self, problem, state0, rng0, consts):
+    def forward(self, problem, rt, state0, rng0, consts):
         steps = problem.steps
         plan = revolve_plan(0, steps, min(self.slots, steps), {0})
         stored: dict[int, tuple[InnerState, RngState]] = {0: (state0, rng0)}
@@ -248,23 +246,23 @@ class RevolveSchedule(Schedule):
                 first = action
                 break
             assert action.src == pos, "the first descent advances from where it stands"
-            state, seg = advance(problem, state, pos, action.dst, consts)
+            state, seg = advance(problem, rt, state, pos, action.dst, consts)
             losses += seg
             pos = action.dst
             if action.kind == "store":
                 stored[pos] = (state, capture_rng(problem.device))
         assert first is not None and pos <= first.src == steps - 1
-        state, seg = advance(problem, state, pos, steps - 1, consts)
+        state, seg = advance(problem, rt, state, pos, steps - 1, consts)
         losses += seg
         # the global RNG is where step N-1 starts: run it in place, so that it moves on
         # exactly as naive's forward would leave it
         working = (steps - 1, state, capture_rng(problem.device))
-        final, seg = advance(problem, state, steps - 1, steps, consts)
+        final, seg = advance(problem, rt, state, steps - 1, steps, consts)
         losses += seg
         del stored[0]  # the input; backward gets it again from the Function's saved tensors
         return final, losses, _RevolveMemo(itertools.chain([first], plan), stored, working)
 
-    def backward(self, problem, memo: _RevolveMemo, state0, rng0, consts, pull: Pull) -> None:
+    def backward(self, problem, rt, memo: _RevolveMemo, state0, rng0, consts, pull: Pull) -> None:
         stored = memo.stored
         stored[0] = (state0, rng0)
         working = memo.working
@@ -282,7 +280,7 @@ class RevolveSchedule(Schedule):
             elif action.kind == "free":
                 stored.pop(action.src, None)
             else:
-                s, r = advance_to(problem, *stored[action.src], action.src, action.dst, consts)
+                s, r = advance_to(problem, rt, *stored[action.src], action.src, action.dst, consts)
                 if action.kind == "store":
                     stored[action.dst] = (s, r)
                 else:

@@ -1,6 +1,6 @@
 """The one inner step that every strategy runs, and the problem it runs on.
 
-``inner_step(problem, state, t, consts, create_graph)`` evaluates the user's loss on batch
+``inner_step(problem, rt, state, t, consts, create_graph)`` evaluates the user's loss on batch
 ``t`` with :func:`torch.func.functional_call` (no deep copy and no patching of the user's
 module), differentiates it (plus an optional proximal term ``(λ/2)‖φ − θ₀‖²``) with
 :func:`torch.autograd.grad`, and applies the inner optimizer. Strategies differ only in how
@@ -14,7 +14,7 @@ alive through its outputs; without, it keeps nothing beyond the new state ``P``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,93 +24,23 @@ from torch.func import functional_call
 
 from .clip import clip_backward
 from .inner import InnerOptimizer
-from .memory import nbytes
 from .replay import AutocastState, Witness, capture_autocast, replay_autocast
+from .state import Consts, InnerState
 
 __all__ = [
     "Consts",
-    "Counter",
     "FunctionalModel",
     "InnerProblem",
     "InnerState",
+    "LossFn",
     "RepeatedBatch",
+    "Runtime",
     "attention_kernels",
     "inner_step",
     "move_to",
 ]
 
 LossFn = Callable[[Callable[..., Any], Any], Tensor]
-
-
-@dataclass
-class InnerState:
-    """What changes from one inner step to the next.
-
-    Attributes:
-        params: adapted parameters φ_t, name -> tensor.
-        opt: inner-optimizer state (momentum, moments), flat name -> tensor.
-        buffers: module buffers (BatchNorm running statistics), name -> tensor. Never
-            differentiable.
-    """
-
-    params: dict[str, Tensor]
-    opt: dict[str, Tensor]
-    buffers: dict[str, Tensor]
-
-    def nbytes(self) -> int:
-        """Bytes held by the state's tensors (``P`` in the memory formulas)."""
-        return nbytes([*self.params.values(), *self.opt.values(), *self.buffers.values()])
-
-    def detached(self, requires_grad: bool) -> InnerState:
-        """A copy sharing storage, cut from any graph; params/opt leaves when asked."""
-
-        def cut(d: dict[str, Tensor], rg: bool) -> dict[str, Tensor]:
-            out = {}
-            for k, v in d.items():
-                v = v.detach()
-                if rg and v.is_floating_point():
-                    v.requires_grad_(True)
-                out[k] = v
-            return out
-
-        return InnerState(
-            cut(self.params, requires_grad), cut(self.opt, requires_grad), cut(self.buffers, False)
-        )
-
-
-@dataclass
-class Consts:
-    """Tensors every step reads but does not change; they receive accumulated gradients.
-
-    Attributes:
-        fixed: parameters that are not adapted (ANIL heads/bodies), name -> tensor.
-        hyper: tensor hyper-parameters of the inner optimizer (learned learning rates).
-        theta0: the initial adapted parameters θ₀, used by the proximal term (empty when
-            ``prox == 0``).
-    """
-
-    fixed: dict[str, Tensor]
-    hyper: dict[str, Tensor]
-    theta0: dict[str, Tensor]
-
-    def flat(self) -> list[Tensor]:
-        return [*self.fixed.values(), *self.hyper.values(), *self.theta0.values()]
-
-    def like(self, tensors: Sequence[Tensor]) -> Consts:
-        """The same structure filled with ``tensors`` (in :meth:`flat` order)."""
-        it = iter(tensors)
-        return Consts(
-            {k: next(it) for k in self.fixed},
-            {k: next(it) for k in self.hyper},
-            {k: next(it) for k in self.theta0},
-        )
-
-
-@dataclass
-class Counter:
-    """Counts inner-step evaluations (forward + backward of the inner loss)."""
-
-    step_evals: int = 0
 
 
 class FunctionalModel:
@@ -140,9 +70,12 @@ class FunctionalModel:
         return functional_call(self._model, {**self._tensors, **buffers}, args, kwargs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class InnerProblem:
-    """Everything static about one ``adapt`` call; built by :class:`effmaml.MAML`.
+    """What one ``adapt`` call's inner problem is (frozen); built by :class:`effmaml.MAML`.
+
+    What a call does as it runs (counting, checking recomputations, the probe cache) is
+    its :class:`Runtime`, passed beside it.
 
     Attributes:
         model: the user's module (never mutated).
@@ -154,15 +87,11 @@ class InnerProblem:
         clip: grad-of-grad clipping bound, or None.
         update_running_stats: whether train-mode BatchNorm updates running statistics.
         check_finite: raise on a non-finite inner loss (one host sync per step).
-        counter: step-evaluation counter shared with the result.
         memory_budget: bytes the meta-gradient may use above the start (device memory, or
             resident memory on a CPU), or None.
         host_memory_budget: bytes of pinned host memory ``offload`` may hold, or None.
-        probe_cache: the front's cache of probe results (:func:`effmaml.probe.probe`).
         autocast: the autocast state when ``adapt`` started; every inner step re-enters it
             (Note [Autocast under recomputation]).
-        witness: set by recomputing strategies: records each step's loss and batch in the
-            forward pass and checks them when the step is recomputed.
         math_attention: run every inner step's scaled-dot-product attention with the math
             kernel (Note [Attention kernels and double backward]).
     """
@@ -176,24 +105,40 @@ class InnerProblem:
     clip: float | None = None
     update_running_stats: bool = True
     check_finite: bool = True
-    counter: Counter = field(default_factory=Counter)
     memory_budget: int | None = None
     host_memory_budget: int | None = None
-    probe_cache: dict[Any, Any] | None = None
     autocast: AutocastState = field(default_factory=capture_autocast)
-    witness: Witness | None = None
     math_attention: bool = False
 
     @property
     def steps(self) -> int:
+        """N, the number of inner steps."""
         return len(self.batches)
 
     def batch(self, t: int) -> Any:
-        """Batch ``t`` on the device (seen by the witness, if any)."""
-        batch = move_to(self.batches[t], self.device)
-        if self.witness is not None:
-            self.witness.batch(t, batch)
-        return batch
+        """Batch ``t`` on the device."""
+        return move_to(self.batches[t], self.device)
+
+
+@dataclass
+class Runtime:
+    """What one ``adapt`` call does as it runs; one object per call, passed explicitly.
+
+    Attributes:
+        step_evals: inner-step evaluations so far (forward and recomputations).
+        witness: set by :func:`effmaml.engine.run_schedule` for a recomputing run: records
+            each step's loss and batch in the forward pass and checks their recomputations
+            (Note [Checking that a recomputation saw the same batch]).
+        probes: the front's cache of probe results by batch signature
+            (:func:`effmaml.probe.probe`); shared by the calls of one ``MAML``.
+        host_peak_bytes: the most pinned host memory the run's store held (``offload`` on
+            CUDA), updated after the forward pass and after backward.
+    """
+
+    step_evals: int = 0
+    witness: Witness | None = None
+    probes: dict[Hashable, Any] = field(default_factory=dict)
+    host_peak_bytes: int = 0
 
 
 class RepeatedBatch(Sequence):
@@ -229,6 +174,7 @@ def move_to(batch: Any, device: torch.device) -> Any:
 
 def inner_step(
     problem: InnerProblem,
+    rt: Runtime,
     state: InnerState,
     t: int,
     consts: Consts,
@@ -237,7 +183,8 @@ def inner_step(
     """Run inner step ``t``: loss on batch ``t``, its gradient, one optimizer update.
 
     Args:
-        problem: the static problem.
+        problem: the problem.
+        rt: the call's runtime (counts the evaluation; the witness sees loss and batch).
         state: φ_t, optimizer state and buffers. ``state.params`` must require grad (leaves
             or graph nodes).
         t: step index (selects the batch; Adam's bias correction).
@@ -253,7 +200,7 @@ def inner_step(
         ValueError: the loss is not a scalar tensor.
         FloatingPointError: the loss is not finite (names the step).
     """
-    problem.counter.step_evals += 1
+    rt.step_evals += 1
     # Note [BatchNorm stats under recomputation]
     # functional_call hands our buffer tensors to the module, and train-mode BatchNorm
     # updates them in place. Each step therefore works on its own copy, so a stored state
@@ -265,10 +212,13 @@ def inner_step(
         problem.model, {**consts.fixed, **state.params}, buffers, copy_buffers=False
     )
     with replay_autocast(problem.autocast), attention_kernels(problem), torch.enable_grad():
-        loss = problem.loss_fn(module, problem.batch(t))
+        batch = problem.batch(t)
+        if rt.witness is not None:
+            rt.witness.batch(t, batch)
+        loss = problem.loss_fn(module, batch)
         _check_loss(loss, t, problem.check_finite)
-        if problem.witness is not None:
-            problem.witness.loss(t, loss)
+        if rt.witness is not None:
+            rt.witness.loss(t, loss)
         objective = loss
         if problem.prox:
             sq = sum(((state.params[k] - consts.theta0[k]) ** 2).sum() for k in state.params)

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .checks import warn
 from .distributed import all_reduce_sum, rank_slice, world
 from .maml import MAML
+from .notices import warn
 
 __all__ = [
     "CHECKPOINT_NAME",

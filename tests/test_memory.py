@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from effmaml.measure import MALLOC_FOR_MEASURING
-from effmaml.memory import saved_bytes, tensor_bytes
+from effmaml.memory import saved_bytes, storage_bytes
 
 CHILD = textwrap.dedent(
     """
@@ -92,7 +92,7 @@ def test_saved_bytes_counts_storages_once():
         y = (x * x).sum()  # x saved twice, one storage
     assert c.bytes == 8000
     del y
-    assert tensor_bytes([x, x[:10]]) == 8000
+    assert storage_bytes([x, x[:10]]) == 8000
 
 
 @pytest.mark.slow

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from ..engine import Schedule
 from ..memory import Prediction, Probe, available_bytes, format_bytes
 from ..probe import probe
-from ..step import Consts, InnerProblem, InnerState
-from .base import Outcome, Strategy, register_strategy
-from .checkpoint import Checkpoint
-from .naive import Naive
-from .offload import Offload
-from .revolve import Revolve
+from ..step import Consts, InnerProblem, InnerState, Runtime
+from .base import STRATEGIES, Outcome, Strategy, register_strategy
 from .scheduled import Scheduled
 
 __all__ = ["Auto", "Decision"]
@@ -46,7 +41,8 @@ class Auto(Strategy):
     """Pick the exact schedule with the least predicted time that fits the budget.
 
     Considered, from the probe (P, A, the step times t₁ and t₂, on CUDA the pinned
-    bandwidth; Note [The time model]): ``naive``, ``checkpoint`` with ``pullback="segment"``
+    bandwidth; Note [The time model]): what every registered exact strategy offers
+    (:meth:`Strategy.auto_candidates`): ``naive``, ``checkpoint`` with ``pullback="segment"``
     and ``"step"`` over every segment length, ``revolve`` over every slot count, and on CUDA
     ``offload`` with both pullbacks (its pinned host memory within
     ``host_memory_budget``). Ties go to fewer step evaluations, then the smaller peak. The
@@ -65,16 +61,15 @@ class Auto(Strategy):
     name = "auto"
     exact = True
 
-    def _options(self, problem: InnerProblem) -> list[Strategy]:
-        opts: list[Strategy] = [
-            Naive(),
-            Checkpoint(pullback="segment"),
-            Checkpoint(pullback="step"),
-            Revolve(),
+    @staticmethod
+    def candidates(problem: InnerProblem) -> list[Strategy]:
+        """Every registered exact strategy's candidates on the problem's device."""
+        return [
+            st
+            for cls in STRATEGIES.values()
+            if cls.exact and cls is not Auto
+            for st in cls.auto_candidates(problem.device)
         ]
-        if problem.device.type == "cuda":
-            opts += [Offload(pullback="step"), Offload(pullback="segment")]
-        return opts
 
     def decide(self, problem: InnerProblem, pr: Probe) -> Decision:
         """The fastest candidate that fits (see the class docstring).
@@ -88,7 +83,7 @@ class Auto(Strategy):
         problem = dataclasses.replace(problem, memory_budget=budget)
         considered: list[tuple[str, Prediction]] = []
         best: tuple[tuple, Decision] | None = None
-        for st in self._options(problem):
+        for st in self.candidates(problem):
             try:
                 if isinstance(st, Scheduled):
                     schedule, pred = st.choose(problem, pr)
@@ -102,13 +97,20 @@ class Auto(Strategy):
             if pred.peak_bytes <= budget and (best is None or key < best[0]):
                 best = (key, Decision(st, schedule, pred, label, budget, ()))
         if best is None:
-            one_slot = Revolve(1)
-            floor = one_slot.predict(one_slot.candidates(problem, pr)[0], problem, pr)
+            floor = min(
+                p.peak_bytes
+                for st in self.candidates(problem)
+                for p in (
+                    [p for _, p in st.predictions(problem, pr)]
+                    if isinstance(st, Scheduled)
+                    else [st.plan(problem, pr)[1]]
+                )
+            )
             raise MemoryError(
                 f"no exact strategy fits memory_budget={format_bytes(budget)} for N="
                 f"{problem.steps} steps (state P={format_bytes(pr.state_bytes)}, one step's "
                 f"graph A={format_bytes(pr.step_graph_bytes)}); the smallest feasible budget "
-                f"is about {format_bytes(floor.peak_bytes)}: raise the budget, shrink the "
+                f"is about {format_bytes(floor)}: raise the budget, shrink the "
                 f"batch, or use strategy='first_order'"
             )
         return dataclasses.replace(best[1], considered=tuple(considered))
@@ -117,25 +119,23 @@ class Auto(Strategy):
         d = self.decide(problem, probe)
         return f"auto -> {d.label}", d.prediction
 
-    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
-        pr = probe(problem, state0, consts, problem.probe_cache)
+    def run(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> Outcome:
+        pr = probe(problem, rt, state0, consts)
         d = self.decide(problem, pr)
         if isinstance(d.strategy, Scheduled):
             assert d.schedule is not None
-            out = d.strategy.execute(problem, state0, consts, d.schedule, d.prediction, pr)
+            out = d.strategy.execute(problem, rt, state0, consts, d.schedule, d.prediction, pr)
         else:
-            out = d.strategy.run(problem, state0, consts)
-        extra: dict[str, Any] = {
-            **out.facts.extra,
-            "chosen": d.label,
-            "memory_budget": d.budget,
-            "considered": list(d.considered),
-        }
+            out = d.strategy.run(problem, rt, state0, consts)
         facts = dataclasses.replace(
             out.facts,
             strategy=f"auto -> {d.label}",
             probe=pr,
             prediction=d.prediction,
-            extra=extra,
+            chosen=d.label,
+            memory_budget=d.budget,
+            considered=d.considered,
         )
         return Outcome(out.state, out.losses, facts)

@@ -6,16 +6,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
-from ..checks import warn
+from ..engine import Schedule
 from ..memory import Prediction, Probe
-from ..step import Consts, InnerProblem, InnerState
+from ..notices import warn
+from ..step import Consts, InnerProblem, InnerState, Runtime
 
 __all__ = [
     "STRATEGIES",
     "Outcome",
     "RunFacts",
+    "SolveStats",
     "Strategy",
     "check_count",
     "make_strategy",
@@ -24,9 +27,44 @@ __all__ = [
 ]
 
 
+@dataclass
+class SolveStats:
+    """What ``implicit``'s conjugate-gradient solve did; filled in during backward.
+
+    Attributes:
+        lam: λ of the proximal inner problem.
+        cg_steps: the most CG iterations allowed.
+        hvp_batches_used: distinct batches in the training loss of the solve.
+        hvp_batch_passes: forward/backward passes over a batch made by the solve so far.
+        cg_residual: relative residual norm at the end (None before backward).
+        cg_iterations: CG iterations run (None before backward).
+    """
+
+    lam: float
+    cg_steps: int
+    hvp_batches_used: int = 0
+    hvp_batch_passes: int = 0
+    cg_residual: float | None = None
+    cg_iterations: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "lam": self.lam,
+            "cg_steps": self.cg_steps,
+            "hvp_batch_passes": self.hvp_batch_passes,
+            "hvp_batches_used": self.hvp_batches_used,
+        }
+        if self.cg_residual is not None:
+            out.update(cg_residual=self.cg_residual, cg_iterations=self.cg_iterations)
+        return out
+
+
 @dataclass(frozen=True)
 class RunFacts:
     """Facts about one ``adapt``: what ran and what the cost model predicted for it.
+
+    What the run measures as it goes (evaluations, pinned host memory) is on the call's
+    :class:`~effmaml.step.Runtime` (``Adapted.step_evals``, ``Adapted.host_peak_bytes()``).
 
     Attributes:
         strategy: the strategy as run with its resolved options, e.g.
@@ -36,17 +74,21 @@ class RunFacts:
             cached), or None when none ran (``naive``, ``first_order``, ``implicit``).
         prediction: the cost model's prediction for this call, or None.
         schedule: the :class:`~effmaml.engine.Schedule` run, for engine-based strategies.
-        extra: strategy-specific facts (``auto``: ``chosen``, ``memory_budget``,
-            ``considered``; ``implicit``: ``lam``, and after backward ``cg_residual`` ...).
-            A mapping the strategy may fill in during backward.
+        chosen: what ``auto`` chose (its label), else ``""``.
+        memory_budget: the budget ``auto``'s choice fits (bytes), else None.
+        considered: every candidate ``auto`` weighed, with its prediction.
+        solve: ``implicit``'s solve (:class:`SolveStats`, completed in backward), else None.
     """
 
     strategy: str
     options: Mapping[str, Any] = field(default_factory=dict)
     probe: Probe | None = None
     prediction: Prediction | None = None
-    schedule: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    schedule: Schedule | None = None
+    chosen: str = ""
+    memory_budget: int | None = None
+    considered: tuple[tuple[str, Prediction], ...] = ()
+    solve: SolveStats | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The flat view ``Adapted.info`` shows (the keys earlier releases used)."""
@@ -67,7 +109,14 @@ class RunFacts:
             )
         if self.schedule is not None:
             out["schedule"] = self.schedule
-        out.update(self.extra)
+        if self.chosen:
+            out.update(
+                chosen=self.chosen,
+                memory_budget=self.memory_budget,
+                considered=list(self.considered),
+            )
+        if self.solve is not None:
+            out.update(self.solve.as_dict())
         return out
 
 
@@ -101,11 +150,14 @@ class Strategy:
     # whether it differentiates through an inner step's gradient (double backward)
     second_order: ClassVar[bool] = True
 
-    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
+    def run(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> Outcome:
         """Run ``problem.steps`` inner steps from ``state0``.
 
         Args:
-            problem: the static problem.
+            problem: the problem.
+            rt: the call's runtime (counts, checks, the probe cache).
             state0: the initial state; ``state0.params`` are the model's own parameters.
             consts: non-adapted parameters, tensor hyper-parameters and θ₀.
 
@@ -117,6 +169,16 @@ class Strategy:
     def options(self) -> dict[str, Any]:
         """The strategy's options, for reports."""
         return {}
+
+    @classmethod
+    def auto_candidates(cls, device: torch.device) -> list[Strategy]:
+        """The configurations of this strategy that ``auto`` weighs on ``device``.
+
+        ``auto`` asks every registered exact strategy (in registration order, which breaks
+        ties); the default is none. A candidate with a free option (``segment=None``,
+        ``slots=None``) lets ``auto`` search that option under the budget.
+        """
+        return []
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
         """What this strategy would run on ``problem`` and its predicted cost.
@@ -139,7 +201,12 @@ STRATEGIES: dict[str, type[Strategy]] = {}
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: add ``cls`` to :data:`STRATEGIES` under ``cls.name``."""
+    """Class decorator: add ``cls`` to :data:`STRATEGIES` under ``cls.name``.
+
+    The registry is the one list of strategies: ``MAML(strategy=name)`` builds from it,
+    ``auto`` weighs :meth:`Strategy.auto_candidates` of each exact one, the bench labels
+    its runs with it, and a test checks that the package front exports every class in it.
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
     if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:

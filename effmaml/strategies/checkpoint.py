@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from ..engine import Schedule, Store
 from ..memory import Prediction, Probe, predict_seconds, schedule_peak
 from ..schedules import UniformSchedule
 from ..step import InnerProblem
-from .base import check_count, register_strategy
+from .base import Strategy, check_count, register_strategy
 from .scheduled import Scheduled
 
 __all__ = ["Checkpoint", "best_segment"]
@@ -84,6 +86,10 @@ class Checkpoint(Scheduled):
 
     def options(self) -> dict[str, Any]:
         return {"segment": self.segment, "pullback": self.pullback}
+
+    @classmethod
+    def auto_candidates(cls, device: torch.device) -> list[Strategy]:
+        return [cls(pullback="segment"), cls(pullback="step")]
 
     def store(self, problem: InnerProblem) -> Store:
         return Store()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from ..clip import clip_backward
 from ..engine import advance
 from ..memory import Prediction, Probe, first_order_peak, predict_seconds
-from ..step import Consts, InnerProblem, InnerState
+from ..state import InnerState
+from ..step import Consts, InnerProblem, Runtime
 from .base import Outcome, RunFacts, Strategy, register_strategy, warn_learned_hyper
 
 __all__ = ["FirstOrder"]
@@ -18,11 +21,11 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: the adapted value. Backward: hand the gradient to the initial parameter."""
 
     @staticmethod
-    def forward(ctx, value: Tensor, source: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, value: Tensor, source: Tensor) -> Tensor:  # type: ignore[override]
         return value.clone()
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
         return None, grad
 
 
@@ -44,9 +47,11 @@ class FirstOrder(Strategy):
     exact = False
     second_order = False
 
-    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
+    def run(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> Outcome:
         warn_learned_hyper(consts, self.name, "")
-        state, losses = advance(problem, state0.detached(False), 0, problem.steps, consts)
+        state, losses = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
         params = clip_backward(params, problem.clip)
         return Outcome(InnerState(params, state.opt, state.buffers), losses, RunFacts(self.name))

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checks import warn
 from ..engine import advance
 from ..memory import Prediction, Probe, implicit_peak, predict_seconds
+from ..notices import warn
 from ..replay import replay_autocast
 from ..step import (
     Consts,
@@ -29,11 +29,13 @@ from ..step import (
     InnerProblem,
     InnerState,
     RepeatedBatch,
+    Runtime,
     attention_kernels,
 )
 from .base import (
     Outcome,
     RunFacts,
+    SolveStats,
     Strategy,
     check_count,
     register_strategy,
@@ -126,19 +128,21 @@ class Implicit(Strategy):
             )
         return self.lam
 
-    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
+    def run(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> Outcome:
         lam = self.resolve_lam(problem.prox)
         warn_learned_hyper(consts, self.name, ": the inner solution does not depend on them")
         problem = dataclasses.replace(problem, prox=lam)
         theta0 = {k: v.detach() for k, v in state0.params.items()}
         consts = Consts(consts.fixed, consts.hyper, theta0)
-        final, losses = advance(problem, state0.detached(False), 0, problem.steps, consts)
-        info: dict[str, Any] = {"lam": lam, "cg_steps": self.cg_steps, "hvp_batch_passes": 0}
-        solver = _Solver(self, problem, final, consts.fixed, lam, info)
+        final, losses = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
+        stats = SolveStats(lam, self.cg_steps)
+        solver = _Solver(self, problem, final, consts.fixed, lam, stats)
         fixed = list(consts.fixed.values())
         out = _ImplicitGrad.apply(solver, *state0.params.values(), *fixed)
         params = dict(zip(state0.params, out))
-        facts = RunFacts(self.label(), self.options(), extra=info)
+        facts = RunFacts(self.label(), self.options(), solve=stats)
         return Outcome(InnerState(params, final.opt, final.buffers), losses, facts)
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
@@ -237,7 +241,7 @@ class _Solver:
         final: InnerState,
         fixed: dict[str, Tensor],
         lam: float,
-        info: dict[str, Any],
+        stats: SolveStats,
     ) -> None:
         self.strategy = strategy
         self.problem = problem
@@ -245,18 +249,18 @@ class _Solver:
         self.buffers = final.buffers
         self.fixed_names = tuple(fixed)
         self.lam = lam
-        self.info = info
+        self.stats = stats
         self.indices = _distinct_indices(problem.batches)
         if strategy.hvp_batches is not None:
             self.indices = self.indices[-strategy.hvp_batches :]
-        info["hvp_batches_used"] = len(self.indices)
+        stats.hvp_batches_used = len(self.indices)
 
     def _grad_terms(self, phi: dict[str, Tensor], fixed: dict[str, Tensor]) -> Iterator[Tensor]:
         """For each distinct batch, its loss / n_batches (a graph through phi and fixed)."""
         n = len(self.indices)
         for t in self.indices:
             module = FunctionalModel(self.problem.model, {**fixed, **phi}, self.buffers)
-            self.info["hvp_batch_passes"] += 1
+            self.stats.hvp_batch_passes += 1
             with replay_autocast(self.problem.autocast), attention_kernels(self.problem):
                 loss = self.problem.loss_fn(module, self.problem.batch(t)) / n
             yield loss
@@ -304,8 +308,8 @@ class _Solver:
             return [pi * (1.0 + s.cg_damping) + hi * scale for pi, hi in zip(p, hp)]
 
         x, residual, iters = conjugate_gradient(matvec, v, s.cg_steps, s.cg_tol)
-        self.info["cg_residual"] = residual
-        self.info["cg_iterations"] = iters
+        self.stats.cg_residual = residual
+        self.stats.cg_iterations = iters
         return x
 
     def cross_term(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..checks import check_double_backward
 from ..memory import Prediction, Probe, naive_peak, predict_seconds
-from ..step import Consts, InnerProblem, InnerState, inner_step
+from ..step import Consts, InnerProblem, InnerState, Runtime, inner_step
 from .base import Outcome, RunFacts, Strategy, register_strategy
 
 __all__ = ["Naive"]
@@ -27,11 +28,17 @@ class Naive(Strategy):
     name = "naive"
     exact = True
 
-    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
+    @classmethod
+    def auto_candidates(cls, device: torch.device) -> list[Strategy]:
+        return [cls()]
+
+    def run(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> Outcome:
         state = state0
         losses: list[Tensor] = []
         for t in range(problem.steps):
-            state, loss = inner_step(problem, state, t, consts, create_graph=True)
+            state, loss = inner_step(problem, rt, state, t, consts, create_graph=True)
             losses.append(loss)
             if t == 0:
                 check_double_backward(state.params.values())

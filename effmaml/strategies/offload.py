@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..engine import Schedule, Store
 from ..memory import Prediction, Probe, predict_seconds, schedule_peak
 from ..offload import make_store, pinned_high_water
 from ..schedules import UniformSchedule
 from ..step import InnerProblem
-from .base import register_strategy
+from .base import Strategy, register_strategy
 from .checkpoint import Checkpoint
 
 __all__ = ["Offload"]
@@ -37,12 +39,19 @@ class Offload(Checkpoint):
     def __init__(self, segment: int | None = None, pullback: str = "step") -> None:
         super().__init__(segment, pullback)
 
+    @classmethod
+    def auto_candidates(cls, device: torch.device) -> list[Strategy]:
+        # on a CPU offload is checkpoint, which auto weighs already
+        if device.type != "cuda":
+            return []
+        return [cls(pullback="step"), cls(pullback="segment")]
+
     def store(self, problem: InnerProblem) -> Store:
         return make_store(problem.device)
 
     def predict(self, schedule: Schedule, problem: InnerProblem, probe: Probe) -> Prediction:
         assert isinstance(schedule, UniformSchedule)
-        if type(schedule.store) is Store:  # CPU: exactly checkpoint
+        if not schedule.store.off_device:  # CPU: exactly checkpoint
             return super().predict(schedule, problem, probe)
         n, p = problem.steps, probe.state_bytes
         host = schedule.stored_states(n) * p

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..engine import Schedule
 from ..memory import Prediction, Probe, predict_seconds, schedule_peak
 from ..schedules import RevolveSchedule
 from ..step import InnerProblem
-from .base import check_count, register_strategy
+from .base import Strategy, check_count, register_strategy
 from .scheduled import Scheduled
 
 __all__ = ["Revolve"]
@@ -39,6 +41,10 @@ class Revolve(Scheduled):
 
     def options(self) -> dict[str, Any]:
         return {"slots": self.slots}
+
+    @classmethod
+    def auto_candidates(cls, device: torch.device) -> list[Strategy]:
+        return [cls()]
 
     def candidates(self, problem: InnerProblem, probe: Probe) -> list[Schedule]:
         n = problem.steps

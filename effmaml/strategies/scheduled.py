@@ -7,7 +7,7 @@ from typing import Any
 from ..engine import Schedule, run_schedule
 from ..memory import Prediction, Probe, available_host_bytes, format_bytes
 from ..probe import probe
-from ..step import Consts, InnerProblem, InnerState
+from ..step import Consts, InnerProblem, InnerState, Runtime
 from .base import Outcome, RunFacts, Strategy
 
 __all__ = ["HOST_BUDGET_FRACTION", "Scheduled", "host_budget"]
@@ -44,6 +44,10 @@ class Scheduled(Strategy):
         """Predicted peak memory, step evaluations, host bytes and seconds of ``schedule``."""
         raise NotImplementedError
 
+    def predictions(self, problem: InnerProblem, probe: Probe) -> list[tuple[Schedule, Prediction]]:
+        """Every candidate schedule with its prediction, the default first."""
+        return [(s, self.predict(s, problem, probe)) for s in self.candidates(problem, probe)]
+
     def choose(self, problem: InnerProblem, probe: Probe) -> tuple[Schedule, Prediction]:
         """The schedule to run: the default, or under ``problem.memory_budget`` the fastest
         candidate that fits. Host memory (``offload``) must fit the host budget too.
@@ -51,7 +55,7 @@ class Scheduled(Strategy):
         Raises:
             MemoryError: nothing fits (says the smallest budget that would, and why).
         """
-        options = [(s, self.predict(s, problem, probe)) for s in self.candidates(problem, probe)]
+        options = self.predictions(problem, probe)
         budget = problem.memory_budget
         if budget is None:
             options = options[:1]
@@ -65,7 +69,14 @@ class Scheduled(Strategy):
             raise MemoryError(self._no_fit(problem, probe, options, budget, host))
         return options[min(fits)[3]]
 
-    def _no_fit(self, problem, probe, options, budget, host) -> str:
+    def _no_fit(
+        self,
+        problem: InnerProblem,
+        probe: Probe,
+        options: list[tuple[Schedule, Prediction]],
+        budget: int | None,
+        host: int | None,
+    ) -> str:
         n = problem.steps
         sizes = (
             f"state P={format_bytes(probe.state_bytes)}, one step's graph "
@@ -88,14 +99,17 @@ class Scheduled(Strategy):
             f"strategy='auto'"
         )
 
-    def run(self, problem: InnerProblem, state0: InnerState, consts: Consts) -> Outcome:
-        pr = probe(problem, state0, consts, problem.probe_cache)
+    def run(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> Outcome:
+        pr = probe(problem, rt, state0, consts)
         schedule, prediction = self.choose(problem, pr)
-        return self.execute(problem, state0, consts, schedule, prediction, pr)
+        return self.execute(problem, rt, state0, consts, schedule, prediction, pr)
 
     def execute(
         self,
         problem: InnerProblem,
+        rt: Runtime,
         state0: InnerState,
         consts: Consts,
         schedule: Schedule,
@@ -103,7 +117,7 @@ class Scheduled(Strategy):
         pr: Probe,
     ) -> Outcome:
         """Run a chosen ``schedule`` on the engine (for :meth:`run` and ``auto``)."""
-        state, losses = run_schedule(problem, state0, consts, schedule)
+        state, losses = run_schedule(problem, rt, state0, consts, schedule)
         facts = RunFacts(self.label(schedule), self.resolved(schedule), pr, prediction, schedule)
         return Outcome(state, list(losses.unbind(0)), facts)
 

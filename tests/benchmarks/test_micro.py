@@ -7,9 +7,10 @@
 import torch
 
 import effmaml
-from effmaml.engine import Cotangent, pullback
+from effmaml.engine import pullback
 from effmaml.replay import capture_rng
-from effmaml.step import Consts, InnerProblem, InnerState, inner_step
+from effmaml.state import Consts, InnerState
+from effmaml.step import InnerProblem, Runtime, inner_step
 
 from ..helpers import ce_loss, make_batch, make_model
 
@@ -22,22 +23,23 @@ def _problem(steps=4):
     problem = InnerProblem(model, ce_loss, effmaml.SGD(0.1), batches, torch.device("cpu"))
     params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    return problem, InnerState(params, {}, buffers), Consts({}, {}, {})
+    return problem, InnerState(params, {}, buffers), Consts()
 
 
 def test_inner_step(benchmark):
     problem, state, consts = _problem()
     benchmark.extra_info["what"] = "one second-order inner step, MLP width 64, batch 8"
-    _out, loss = benchmark(inner_step, problem, state, 0, consts, True)
+    _out, loss = benchmark(inner_step, problem, Runtime(), state, 0, consts, True)
     assert torch.isfinite(loss)
 
 
 def test_segment_pullback(benchmark):
     problem, state, consts = _problem()
-    grad = Cotangent({k: torch.ones_like(v) for k, v in state.params.items()}, {})
+    grad = InnerState({k: torch.ones_like(v) for k, v in state.params.items()})
     rng = capture_rng(problem.device)
     benchmark.extra_info["what"] = "pullback through a 4-step segment"
-    g, _ = benchmark(pullback, problem, state, rng, 0, 4, consts, [], grad, torch.zeros(4))
+    rt = Runtime()
+    g, _ = benchmark(pullback, problem, rt, state, rng, 0, 4, consts, [], grad, torch.zeros(4))
     assert all(torch.isfinite(v).all() for v in g.params.values())
 
 
