@@ -27,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 lint: $(SETUP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 format: $(SETUP)
 	$(PY) -m ruff check --fix .

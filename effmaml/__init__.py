@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
+# public name -> the module that defines it (every registered strategy class is one)
 _EXPORTS = {
     "MAML": "maml",
     "Adapted": "maml",
@@ -44,6 +44,8 @@ _EXPORTS = {
 }
 _MODULES = ("distributed", "measure", "memory", "replay", "tasks")
 
+# the names the package exports; tests/test_api.py checks that this list, the lazy table
+# above, the imports for type checkers below and the strategy registry agree
 __all__ = [
     "MAML",
     "SGD",

@@ -35,7 +35,7 @@ def clip_scale(grads: tuple[Tensor, ...], max_norm: float) -> Tensor:
 
 class _ClipBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, max_norm: float, *tensors: Tensor):  # type: ignore[override]
+    def forward(ctx, max_norm: float, *tensors: Tensor):
         ctx.max_norm = max_norm
         # Note [Identity outputs of a custom Function]
         # Returning the inputs themselves would make autograd treat the outputs as views of
@@ -43,7 +43,7 @@ class _ClipBackward(torch.autograd.Function):
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+    def backward(ctx, *grads: Tensor):
         present = [g for g in grads if g is not None]
         if not present:
             return (None, *grads)

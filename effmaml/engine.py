@@ -282,7 +282,7 @@ class _Unroll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, run: _Run, *flat: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, run: _Run, *flat: Tensor) -> tuple[Tensor, ...]:
         state0, consts = run.unflatten(flat)
         rng0 = capture_rng(run.problem.device)
         state, losses, memo = run.schedule.forward(
@@ -301,7 +301,7 @@ class _Unroll(torch.autograd.Function):
         return (*out.flat(), torch.stack(losses))
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         run: _Run = ctx.run
         problem, rt, spec = run.problem, run.rt, run.state_spec
         flat = ctx.saved_tensors
@@ -336,7 +336,8 @@ class _Unroll(torch.autograd.Function):
 def _accumulate(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
     for i, g in enumerate(grads):
         if g is not None:
-            acc[i] = g if acc[i] is None else acc[i] + g
+            prev = acc[i]
+            acc[i] = g if prev is None else prev + g
 
 
 @dataclass

@@ -80,6 +80,7 @@ class InnerOptimizer:
             return hyper.get(f"lr.{name}", value) if isinstance(value, Tensor) else value
         if isinstance(self.lr, Tensor):
             return hyper.get("lr", self.lr)
+        assert isinstance(self.lr, (int, float))
         return self.lr
 
     # -- the optimizer ------------------------------------------------------------------
@@ -117,9 +118,9 @@ class InnerOptimizer:
     def _repr_args(self) -> str:
         lr = self.lr
         if isinstance(lr, Tensor):
-            lr = f"tensor(requires_grad={lr.requires_grad})"
-        elif isinstance(lr, dict):
-            lr = f"<{len(lr)} per-parameter rates>"
+            return f"lr=tensor(requires_grad={lr.requires_grad})"
+        if isinstance(lr, dict):
+            return f"lr=<{len(lr)} per-parameter rates>"
         return f"lr={lr}"
 
 

@@ -314,10 +314,15 @@ class MAML:
             label -> :class:`~effmaml.memory.Prediction` (labels like
             ``"checkpoint(segment=7, pullback='step')"``).
         """
-        given = {k: options.pop(k, None) for k in ("memory_budget", "host_memory_budget")}
-        budgets = {k: parse_bytes(v) for k, v in given.items() if v is not None}
+        budget, host_budget = (
+            options.pop("memory_budget", None),
+            options.pop("host_memory_budget", None),
+        )
         problem, _, _ = self.problem(batch, steps)
-        problem = dataclasses.replace(problem, **budgets)
+        if budget is not None:
+            problem = dataclasses.replace(problem, memory_budget=parse_bytes(budget))
+        if host_budget is not None:
+            problem = dataclasses.replace(problem, host_memory_budget=parse_bytes(host_budget))
         pr = self.measure(batch)
         if strategy is not None:
             chosen = [make_strategy(strategy, **options)]
@@ -356,7 +361,7 @@ class MAML:
             host_memory_budget=self.host_memory_budget,
             math_attention=self.math_attention,
         )
-        named = dict(self.model.named_parameters())
+        named: dict[str, Tensor] = dict(self.model.named_parameters())
         theta = {n: named[n] for n in self.adapted_names}
         fixed = {n: p for n, p in named.items() if n not in theta}
         with torch.no_grad():

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from .engine import Handle, Pull, Schedule, Store, advance, advance_to
 from .replay import RngState, capture_rng, replay_rng
-from .state import InnerState
+from .state import Consts, InnerState
+from .step import InnerProblem, Runtime
 
 __all__ = [
     "Action",
@@ -79,7 +80,14 @@ class UniformSchedule(Schedule):
         starts = len(self.starts(steps)) - 1
         return starts + (steps if self.pullback == "step" else 0)
 
-    def forward(self, problem, rt, state0, rng0, consts):
+    def forward(
+        self,
+        problem: InnerProblem,
+        rt: Runtime,
+        state0: InnerState,
+        rng0: RngState,
+        consts: Consts,
+    ) -> tuple[InnerState, list[Tensor], object]:
         steps = problem.steps
         stored: list[tuple[int, Handle, RngState]] = []
         losses: list[Tensor] = []
@@ -92,8 +100,18 @@ class UniformSchedule(Schedule):
             losses += seg_losses
         return state, losses, stored
 
-    def backward(self, problem, rt, memo, state0, rng0, consts, pull: Pull) -> None:
+    def backward(
+        self,
+        problem: InnerProblem,
+        rt: Runtime,
+        memo: object,
+        state0: InnerState,
+        rng0: RngState,
+        consts: Consts,
+        pull: Pull,
+    ) -> None:
         steps, store = problem.steps, self.store
+        assert isinstance(memo, list)
         stored: list[tuple[int, Handle, RngState]] = [(0, Store().put(state0), rng0), *memo]
         memo.clear()
         while stored:
@@ -234,7 +252,14 @@ class RevolveSchedule(Schedule):
     def stored_states(self, steps: int) -> int:
         return min(self.slots, steps)  # the slots besides the input, + the working state
 
-    def forward(self, problem, rt, state0, rng0, consts):
+    def forward(
+        self,
+        problem: InnerProblem,
+        rt: Runtime,
+        state0: InnerState,
+        rng0: RngState,
+        consts: Consts,
+    ) -> tuple[InnerState, list[Tensor], object]:
         steps = problem.steps
         plan = revolve_plan(0, steps, min(self.slots, steps), {0})
         stored: dict[int, tuple[InnerState, RngState]] = {0: (state0, rng0)}
@@ -262,7 +287,17 @@ class RevolveSchedule(Schedule):
         del stored[0]  # the input; backward gets it again from the Function's saved tensors
         return final, losses, _RevolveMemo(itertools.chain([first], plan), stored, working)
 
-    def backward(self, problem, rt, memo: _RevolveMemo, state0, rng0, consts, pull: Pull) -> None:
+    def backward(
+        self,
+        problem: InnerProblem,
+        rt: Runtime,
+        memo: object,
+        state0: InnerState,
+        rng0: RngState,
+        consts: Consts,
+        pull: Pull,
+    ) -> None:
+        assert isinstance(memo, _RevolveMemo)
         stored = memo.stored
         stored[0] = (state0, rng0)
         working = memo.working

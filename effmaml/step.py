@@ -151,7 +151,7 @@ class RepeatedBatch(Sequence):
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, t):  # type: ignore[override]
+    def __getitem__(self, t: Any) -> Any:
         if isinstance(t, slice):
             return [self.batch] * len(range(*t.indices(self.steps)))
         if not -self.steps <= t < self.steps:

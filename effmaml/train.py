@@ -156,10 +156,11 @@ class MetaTrainer:
                 loss.backward()
             loss_sum += loss.detach().to(loss_sum.dtype)
             del adapted, loss
+        grads: list[Tensor] = []
         for p in self._params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self._params]
+            grads.append(p.grad)
         stats = loss_sum.reshape(1)
         all_reduce_sum([*grads, stats], self.group)
         for g in grads:

@@ -1,7 +1,9 @@
 """The public front: registry, Adapted semantics, parameter selection, errors."""
 
+import ast
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,48 @@ def test_registry_lists_strategies():
     assert {"naive", "first_order", "checkpoint"} <= set(effmaml.STRATEGIES)
     for name, cls in effmaml.STRATEGIES.items():
         assert cls.name == name and issubclass(cls, effmaml.Strategy)
+
+
+def _type_checking_names() -> set[str]:
+    """The names effmaml/__init__.py imports under ``if TYPE_CHECKING`` (for editors)."""
+    tree = ast.parse(Path(effmaml.__file__).read_text())
+    (block,) = [
+        n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"
+    ]
+    return {a.asname or a.name for node in block.body for a in node.names}
+
+
+def test_the_package_front_matches_the_registry():
+    """Every registered strategy class is exported under its class name, and the three
+    places the front names things (the lazy table, __all__, the imports for type checkers)
+    agree; a strategy registered but not exported fails here."""
+    exported = set(effmaml.__all__)
+    for cls in effmaml.STRATEGIES.values():
+        assert cls.__name__ in exported, f"{cls.__name__} is registered but not exported"
+        assert getattr(effmaml, cls.__name__) is cls
+    assert _type_checking_names() == exported
+    assert exported == {*effmaml._EXPORTS, *effmaml._MODULES}
+    for name in exported:
+        assert getattr(effmaml, name) is not None
+
+
+def test_auto_weighs_every_registered_exact_strategy():
+    """auto's candidates come from the registry: a strategy registered with candidates is
+    weighed without any edit to auto."""
+    from effmaml.strategies.base import STRATEGIES
+
+    problem, _, _ = maml_for().problem(make_batch(0), 3)
+    names = [type(s).__name__ for s in effmaml.Auto.candidates(problem)]
+    assert names == ["Naive", "Checkpoint", "Checkpoint", "Revolve"]  # CPU: no offload
+
+    @effmaml.register_strategy
+    class Extra(effmaml.Naive):
+        name = "extra_for_test"
+
+    try:
+        assert type(effmaml.Auto.candidates(problem)[-1]) is Extra
+    finally:
+        del STRATEGIES["extra_for_test"]
 
 
 @pytest.mark.parametrize("strategy,kw", ALL)

@@ -1,14 +1,17 @@
 """Strategies: how to differentiate through the inner loop, and their registry."""
 
-from .auto import Auto, Decision
+# Registration order is import order, and auto breaks ties between candidates in that
+# order: the reference first, then the schedules from least to most recomputation.
+# ruff: noqa: I001
 from .base import STRATEGIES, Outcome, RunFacts, Strategy, make_strategy, register_strategy
-from .checkpoint import Checkpoint
-from .first_order import FirstOrder
-from .implicit import Implicit
 from .naive import Naive
-from .offload import Offload
-from .revolve import Revolve
+from .first_order import FirstOrder
 from .scheduled import Scheduled
+from .checkpoint import Checkpoint
+from .revolve import Revolve
+from .offload import Offload
+from .implicit import Implicit
+from .auto import Auto, Decision
 
 __all__ = [
     "STRATEGIES",

@@ -21,11 +21,11 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: the adapted value. Backward: hand the gradient to the initial parameter."""
 
     @staticmethod
-    def forward(ctx: Any, value: Tensor, source: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, value: Tensor, source: Tensor) -> Tensor:
         return value.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
         return None, grad
 
 

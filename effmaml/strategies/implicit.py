@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -161,7 +161,7 @@ class Implicit(Strategy):
 
 
 def conjugate_gradient(
-    matvec,
+    matvec: Callable[[list[Tensor]], list[Tensor]],
     b: list[Tensor],
     steps: int,
     tol: float = 0.0,
@@ -325,7 +325,8 @@ class _Solver:
             gw = torch.autograd.grad(dot, wanted, allow_unused=True)
             for i, h in enumerate(gw):
                 if h is not None:
-                    acc[i] = -h / self.lam if acc[i] is None else acc[i] - h / self.lam
+                    prev = acc[i]
+                    acc[i] = -h / self.lam if prev is None else prev - h / self.lam
         it = iter(acc)
         return [next(it) if n else None for n in need]
 
@@ -349,14 +350,14 @@ class _ImplicitGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, solver: _Solver, *flat: Tensor):  # type: ignore[override]
+    def forward(ctx: Any, solver: _Solver, *flat: Tensor) -> tuple[Tensor, ...]:
         ctx.solver = solver
         ctx.n_theta = len(solver.phi)
         ctx.save_for_backward(*flat[ctx.n_theta :])
         return tuple(v.clone() for v in solver.phi.values())
 
     @staticmethod
-    def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         solver: _Solver = ctx.solver
         fixed = dict(zip(solver.fixed_names, ctx.saved_tensors))
         v = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, solver.phi.values())]
