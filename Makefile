@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: setup test lint format bench bench-full bench-micro report fewshot fewshot-horizon scaling clean
+.PHONY: setup test test-slow lint format bench bench-full bench-micro report fewshot fewshot-horizon scaling clean
 
 setup: $(SETUP)
 
@@ -33,9 +33,13 @@ format: $(SETUP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-# lint, then the suite (GPU tests skip without CUDA; micro-benchmarks run once, untimed)
+# lint, then the suite without the slow tests (GPU tests skip without CUDA; micro-benchmarks
+# run once, untimed); `make test-slow` runs the slow ones (subprocess memory, ResNet18)
 test: lint
-	$(PY) -m pytest -q --benchmark-disable
+	$(PY) -m pytest -q --benchmark-disable -m "not slow"
+
+test-slow: $(SETUP)
+	$(PY) -m pytest -q --benchmark-disable -m slow
 
 # with a GPU: the resnet18-224 preset; without: cpu-quick (about 6 minutes on 2 cores).
 # Writes results/<preset>/ and prints its table; `make report` updates README.md.

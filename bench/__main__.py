@@ -16,13 +16,14 @@ plan -> run -> derive -> write:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from tqdm import tqdm
 import effmaml
 from effmaml.measure import MALLOC_FOR_MEASURING
 
-from . import report
+from . import child, report
 from .env import environment, timestamp
 from .presets import PRESETS, REFERENCE, RUNS, STAND_IN, Preset, RunSpec
 from .workload import LazyBatches, agreement, amp_context, build, make_maml
@@ -96,14 +97,34 @@ class Run:
     skip: str = ""
 
 
-def plan(preset: Preset, steps: list[int], labels: list[str] | None = None) -> list[Run]:
+@dataclass(frozen=True)
+class Target:
+    """Which preset variant the children run: the preset's name, its batch and autocast
+    overrides (``--batch``, ``--amp``), as :func:`bench.child.command` passes them on."""
+
+    preset: str
+    batch: int | None = None
+    amp: str = ""
+
+    def command(self, label: str, steps: list[int], mode: str, out_grad: str = "-") -> list[str]:
+        return child.command(self.preset, label, steps, mode, out_grad, self.batch, self.amp)
+
+
+def plan(
+    preset: Preset, steps: list[int], labels: list[str] | None = None, cuda: bool = False
+) -> list[Run]:
     """Every (N, label) in sweep order, with the runs the preset leaves out marked.
 
-    ``labels``: the runs at every N (``--strategies``); default the preset's at each N.
+    ``labels``: the runs at every N (``--strategies``); default the preset's at each N, and
+    on CUDA also ``naive_rerun`` where naive runs (the noise floor of agreement between two
+    runs of nondeterministic GPU kernels).
     """
     runs = []
     for n in steps:
-        for label in labels if labels is not None else preset.labels_at(n):
+        at_n = list(labels if labels is not None else preset.labels_at(n))
+        if cuda and labels is None and REFERENCE in at_n:
+            at_n.append("naive_rerun")
+        for label in at_n:
             spec, cap = RUNS[label], preset.cap(label)
             skip = ""
             if cap is not None and n > cap:
@@ -139,37 +160,129 @@ def timed(preset: Preset, steps: int) -> bool:
     return preset.time_max_steps is None or steps <= preset.time_max_steps
 
 
-def run_one(
-    run: Run, preset: Preset, child_args: list[str], grad_file: str, share: int = 1
-) -> dict:
+def run_one(run: Run, preset: Preset, target: Target, grad_file: str, share: int = 1) -> dict:
     """Measure one run in a child process; the raw row (status, memory, prediction, and on
     CUDA the time: there measuring memory costs nothing, so one process does both).
 
     ``share``: how many memory children run at once (CPU), each then with that share of
     the cores; a process's resident peak is its own, whatever runs beside it.
     """
-    args = [*child_args, run.spec.label, str(run.steps)]
     if torch.cuda.is_available():
         mode = ("once" if preset.single_run else "both") if timed(preset, run.steps) else "memory"
-        return _child([*args, mode, grad_file], dict(os.environ), preset.timeout_s)
+        args = target.command(run.spec.label, [run.steps], mode, grad_file)
+        return _child(args, dict(os.environ), preset.timeout_s)
     env = dict(os.environ, **MALLOC_FOR_MEASURING)
     if share > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // share))
-    return _child([*args, "memory", grad_file], env, preset.timeout_s)
+    args = target.command(run.spec.label, [run.steps], "memory", grad_file)
+    return _child(args, env, preset.timeout_s)
 
 
-def time_strategy(label: str, steps: list[int], preset: Preset, child_args: list[str]) -> dict:
+def time_strategy(label: str, steps: list[int], preset: Preset, target: Target) -> dict:
     """CPU: one child without the memory setting (it slows runs ~2x) times ``label`` at
     every N, after one warm-up: ``{N: {time_s, time_min_s, repeats}}``, or an error row."""
     timeout = preset.timeout_s * len(steps)
-    out = _child(
-        [*child_args, label, ",".join(map(str, steps)), "time", "-"], dict(os.environ), timeout
-    )
+    out = _child(target.command(label, steps, "time"), dict(os.environ), timeout)
     if "times" not in out:
         return {
             n: {"status": out.get("status", "error"), "error": out.get("error", "")} for n in steps
         }
     return {int(n): v for n, v in out["times"].items()}
+
+
+def base_row(run: Run, preset: Preset, env: dict) -> dict:
+    """The columns a run's row has before it is measured (configuration and environment)."""
+    spec, opts = run.spec, run.spec.opts()
+    return {
+        "preset": preset.name,
+        "model": preset.model,
+        "strategy": spec.label,
+        "peer": spec.peer,
+        "exact": effmaml.STRATEGIES[spec.strategy].exact,
+        "steps": run.steps,
+        "segment": opts.get("segment", ""),
+        "pullback": opts.get("pullback", ""),
+        "slots": opts.get("slots", ""),
+        "batch": preset.batch,
+        "image": preset.image,
+        "dtype": preset.dtype,
+        "amp": "" if spec.no_amp else preset.amp,
+        "clip": preset.clip,
+        **env,
+    }
+
+
+def execute(
+    runs: list[Run],
+    preset: Preset,
+    target: Target,
+    tmp: str,
+    env: dict,
+    on_rows: Callable[[list[dict]], None] = lambda rows: None,
+) -> tuple[list[dict], dict[tuple[str, int], str]]:
+    """Run a planned list: one memory child per run (several at once where the preset
+    allows, on CPU), then on CPU one timing child per strategy for all its N.
+
+    A strategy out of memory at some N is skipped at larger N. ``on_rows`` is called with
+    the rows so far whenever one is added or completed (the CSV is rewritten as runs end,
+    so an interrupted sweep keeps what it measured).
+
+    Returns:
+        ``(rows, grads)``: one row per run in plan order, and the file of each successful
+        run's meta-gradient by ``(label, N)`` (inside ``tmp``).
+    """
+    cpu = not torch.cuda.is_available()
+    to_time = sorted({r.spec.label for r in runs if timed(preset, r.steps) and not r.skip})
+    workers = preset.memory_workers if cpu else 1
+    rows: list[dict] = []
+    grads: dict[tuple[str, int], str] = {}
+    oom_at: dict[str, int] = {}
+
+    def grad_file(run: Run) -> str:
+        return os.path.join(tmp, f"{run.spec.label}-{run.steps}.pt")
+
+    bar = tqdm(total=len(runs) + (len(to_time) if cpu else 0), desc=preset.name, unit="run")
+    # the memory children are independent: with several workers, start them all at once
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        pending = {
+            i: pool.submit(run_one, run, preset, target, grad_file(run), workers)
+            for i, run in enumerate(runs)
+            if pool is not None and not run.skip
+        }
+        for i, run in enumerate(runs):
+            row = base_row(run, preset, env)
+            bar.set_postfix_str(f"N={run.steps} {run.spec.label}")
+            if run.skip:
+                row.update(status="skipped", error=run.skip)
+            elif run.spec.label in oom_at:
+                row.update(status="skipped", error=f"out of memory at N={oom_at[run.spec.label]}")
+            else:
+                got = pending.pop(i).result() if i in pending else None
+                row.update(got or run_one(run, preset, target, grad_file(run)))
+                row.setdefault("status", "ok")
+                if row["status"] == "oom":
+                    oom_at[run.spec.label] = run.steps
+                if row["status"] == "ok":
+                    grads[(run.spec.label, run.steps)] = grad_file(run)
+            row["timestamp"] = timestamp()
+            rows.append(row)
+            on_rows(rows)
+            bar.update(1)
+        for future in pending.values():
+            future.cancel()
+    if cpu:  # then the time, one child per strategy for all its N
+        for label in [x for x in dict.fromkeys(r.spec.label for r in runs) if x in to_time]:
+            mine = [r for r in rows if r["strategy"] == label and r["status"] == "ok"]
+            bar.set_postfix_str(f"timing {label}")
+            if mine:
+                ns = [r["steps"] for r in mine if timed(preset, r["steps"])]
+                times = time_strategy(label, ns, preset, target)
+                for r in mine:
+                    r.update(times.get(r["steps"], {}))
+                on_rows(rows)
+            bar.update(1)
+    bar.close()
+    return rows, grads
 
 
 def derive(rows: list[dict], grads: dict[tuple[str, int], str]) -> None:
@@ -246,8 +359,8 @@ def predictions(preset: Preset, steps: list[int], labels: list[str], path: Path)
     print(f"wrote {path}")
 
 
-def main(argv=None) -> None:
-    cuda = torch.cuda.is_available()
+def parser(cuda: bool) -> argparse.ArgumentParser:
+    """``python -m bench``'s command line."""
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--preset", default="resnet18-224" if cuda else "cpu-quick")
     ap.add_argument("--steps", help="comma-separated N values (default: the preset's)")
@@ -279,6 +392,12 @@ def main(argv=None) -> None:
         help="run adapt + query loss under autocast (results/<preset>-amp-<dtype>/; adds a "
         "float32 naive run as the reference for grad_cosine_fp32)",
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    cuda = torch.cuda.is_available()
+    ap = parser(cuda)
     a = ap.parse_args(argv)
     if a.list:
         for p in PRESETS.values():
@@ -291,18 +410,12 @@ def main(argv=None) -> None:
     if a.batch is not None and a.batch < 1:
         ap.error(f"--batch must be a positive integer, got {a.batch}")
     preset = PRESETS[a.preset].variant(a.batch, a.amp or "")
-    child_args = [a.preset]
-    if a.batch:
-        child_args += ["--batch", str(a.batch)]
-    if a.amp:
-        child_args += ["--amp", a.amp]
+    target = Target(a.preset, a.batch, a.amp or "")
     steps = [int(s) for s in a.steps.split(",")] if a.steps else list(preset.steps)
     labels = a.strategies.split(",") if a.strategies else None
     if a.amp:
         base = list(labels or preset.runs)
         labels = base + ([FP32_REFERENCE] if FP32_REFERENCE not in base else [])
-    if cuda and labels is None and REFERENCE in preset.runs:
-        preset = dataclasses.replace(preset, runs=(*preset.runs, "naive_rerun"))  # noise floor
     unknown = [x for x in (labels or []) if x not in RUNS]
     if unknown:
         ap.error(f"unknown strategies {unknown}; known: {', '.join(RUNS)}")
@@ -312,89 +425,20 @@ def main(argv=None) -> None:
         predictions(preset, steps, labels or list(preset.runs), out_dir / "predicted.csv")
         return
     csv_path = out_dir / "runs.csv"
-    env = environment("cuda" if cuda else "cpu")
-    runs = plan(preset, steps, labels)
     kept: list[dict] = []
     if a.append and csv_path.exists():
         with open(csv_path, newline="") as f:
             kept = [r for r in csv.DictReader(f) if int(r["steps"]) not in set(steps)]
-    rows: list[dict] = []
-    grads: dict[tuple[str, int], str] = {}
-    oom_at: dict[str, int] = {}
-    cpu_timing = not torch.cuda.is_available()
-    to_time = sorted({r.spec.label for r in runs if timed(preset, r.steps) and not r.skip})
+    runs = plan(preset, steps, labels, cuda)
     with tempfile.TemporaryDirectory() as tmp:
-        bar = tqdm(
-            total=len(runs) + (len(to_time) if cpu_timing else 0), desc=preset.name, unit="run"
+        rows, grads = execute(
+            runs,
+            preset,
+            target,
+            tmp,
+            environment("cuda" if cuda else "cpu"),
+            on_rows=lambda rows: write(csv_path, kept + rows),
         )
-        workers = preset.memory_workers if cpu_timing else 1
-        pool = ThreadPoolExecutor(workers) if workers > 1 else None
-        pending = {}
-        if pool is not None:  # the memory children are independent: start them all
-            for run in runs:
-                if not run.skip:
-                    grad_file = os.path.join(tmp, f"{run.spec.label}-{run.steps}.pt")
-                    pending[id(run)] = pool.submit(
-                        run_one, run, preset, child_args, grad_file, workers
-                    )
-        for run in runs:
-            spec, n = run.spec, run.steps
-            opts = spec.opts()
-            row = {
-                "preset": preset.name,
-                "model": preset.model,
-                "strategy": spec.label,
-                "peer": spec.peer,
-                "exact": effmaml.STRATEGIES[spec.strategy].exact,
-                "steps": n,
-                "segment": opts.get("segment", ""),
-                "pullback": opts.get("pullback", ""),
-                "slots": opts.get("slots", ""),
-                "batch": preset.batch,
-                "image": preset.image,
-                "dtype": preset.dtype,
-                "amp": "" if spec.no_amp else preset.amp,
-                "clip": preset.clip,
-                **env,
-            }
-            bar.set_postfix_str(f"N={n} {spec.label}")
-            if run.skip:
-                row.update(status="skipped", error=run.skip)
-            elif spec.label in oom_at:
-                row.update(status="skipped", error=f"out of memory at N={oom_at[spec.label]}")
-            else:
-                grad_file = os.path.join(tmp, f"{spec.label}-{n}.pt")
-                if id(run) in pending:
-                    row.update(pending.pop(id(run)).result())
-                else:
-                    row.update(run_one(run, preset, child_args, grad_file))
-                row.setdefault("status", "ok")
-                if row["status"] == "oom":
-                    oom_at[spec.label] = n
-                if row["status"] == "ok":
-                    grads[(spec.label, n)] = grad_file
-            row["timestamp"] = timestamp()
-            rows.append(row)
-            write(csv_path, kept + rows)  # as runs end: an interrupted sweep keeps its rows
-            bar.update(1)
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        if cpu_timing:  # then the time, one child per strategy for all its N
-            for label in [x for x in dict.fromkeys(r.spec.label for r in runs) if x in to_time]:
-                mine = [r for r in rows if r["strategy"] == label and r["status"] == "ok"]
-                bar.set_postfix_str(f"timing {label}")
-                if mine:
-                    times = time_strategy(
-                        label,
-                        [r["steps"] for r in mine if timed(preset, r["steps"])],
-                        preset,
-                        child_args,
-                    )
-                    for r in mine:
-                        r.update(times.get(r["steps"], {}))
-                    write(csv_path, kept + rows)
-                bar.update(1)
-        bar.close()
         derive(rows, grads)
     write(csv_path, kept + rows)
     if not a.no_report:

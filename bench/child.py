@@ -1,4 +1,5 @@
-"""One isolated run: ``python -m bench.child PRESET LABEL STEPS MODE OUT_GRAD``.
+"""One isolated run: ``python -m bench.child PRESET LABEL STEPS MODE OUT_GRAD [--batch B]
+[--amp DTYPE]``; :func:`command` builds that line and :func:`parser` reads it.
 
 Each child first asks effmaml for its prediction (``MAML.estimate``, whose probe
 the run then reuses: measured time and memory are the steady state of a meta-training
@@ -17,10 +18,12 @@ Prints one JSON line.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -28,6 +31,41 @@ from effmaml.measure import PeakMemory
 
 from .presets import PRESETS, RUNS
 from .workload import build, make_maml, meta_gradient, predict
+
+MODES = ("memory", "time", "both", "once")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The child's command line (the one parser :func:`command` builds lines for)."""
+    ap = argparse.ArgumentParser(prog="python -m bench.child", description=__doc__)
+    ap.add_argument("preset", help="a preset name (bench.presets.PRESETS)")
+    ap.add_argument("label", help="a run label (bench.presets.RUNS)")
+    ap.add_argument("steps", help="N; in mode 'time' several, comma-separated")
+    ap.add_argument("mode", choices=MODES)
+    ap.add_argument("out_grad", help="where mode memory/both/once saves the meta-gradient")
+    ap.add_argument("--batch", type=int, default=0, help="the preset at another batch size")
+    ap.add_argument("--amp", default="", help="the preset under autocast in this dtype")
+    return ap
+
+
+def command(
+    preset: str,
+    label: str,
+    steps: Sequence[int],
+    mode: str,
+    out_grad: str = "-",
+    batch: int | None = None,
+    amp: str = "",
+) -> list[str]:
+    """The arguments of ``python -m bench.child`` for one run (what :func:`parser` reads)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
+    argv = [preset, label, ",".join(str(n) for n in steps), mode, out_grad]
+    if batch:
+        argv += ["--batch", str(batch)]
+    if amp:
+        argv += ["--amp", amp]
+    return argv
 
 
 def _sync(device):
@@ -48,18 +86,10 @@ def timings(run, steps: int, repeats: int, device) -> dict:
 
 
 def main(argv: list[str]) -> dict:
-    # PRESET [--batch B] [--amp DTYPE] LABEL STEPS MODE OUT_GRAD (options anywhere)
-    argv = list(argv)
-    opts = {}
-    for flag in ("--batch", "--amp"):
-        if flag in argv:
-            i = argv.index(flag)
-            opts[flag] = argv[i + 1]
-            del argv[i : i + 2]
-    preset = PRESETS[argv[0]].variant(int(opts.get("--batch", 0)), opts.get("--amp", ""))
-    spec = RUNS[argv[1]]
-    argv = argv[2:]
-    steps_list, mode, out_grad = [int(n) for n in argv[0].split(",")], argv[1], argv[2]
+    a = parser().parse_args(argv)
+    preset = PRESETS[a.preset].variant(a.batch, a.amp)
+    spec = RUNS[a.label]
+    steps_list, mode, out_grad = [int(n) for n in a.steps.split(",")], a.mode, a.out_grad
     steps = steps_list[-1]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, dtype, query = build(preset, device)

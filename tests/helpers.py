@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,6 @@ class Opt:
     select: str = "all"  # all | head
     batches: str = "distinct"  # reused | distinct | lazy
     prox: float = 0.0
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def id(self) -> str:
         return (
@@ -111,17 +110,27 @@ class Opt:
 
 HEAD = ("6.weight", "6.bias")
 
+# the inner optimizers' settings: read by inner_for (effmaml) and reference_unroll (inline)
+SGD_LR, ADAM_LR = 0.3, 0.05
+WEIGHT_DECAY = 0.01  # plain SGD
+MOMENTUM = 0.9
+NESTEROV_MOMENTUM = 0.8
+ADAM_BETAS = (0.8, 0.95)
+ADAM_EPS = 1e-8  # enters as eps² under the square root (Note [Adam's eps inside ...])
+P_DROP = 0.3
+
 
 def build(opt: Opt, steps: int, dtype=F64, seed=0):
     """(model, MAML kwargs maker, batches, steps kw, learned tensors) for one grid row."""
-    model = make_model(seed, dtype, bn=opt.bn != "none", p_drop=0.3 if opt.dropout else 0.0)
+    model = make_model(seed, dtype, bn=opt.bn != "none", p_drop=P_DROP if opt.dropout else 0.0)
     model.train()
     names = [n for n, _ in model.named_parameters()]
     adapted = list(HEAD) if opt.select == "head" else names
+    base = ADAM_LR if opt.optim == "adam" else SGD_LR
     if opt.lr == "float":
-        lr = 0.3 if opt.optim != "adam" else 0.05
+        lr = base
     elif opt.lr == "learned":
-        lr = torch.tensor(0.3 if opt.optim != "adam" else 0.05, dtype=dtype, requires_grad=True)
+        lr = torch.tensor(base, dtype=dtype, requires_grad=True)
     else:
         lr = {
             n: torch.tensor(0.1 + 0.05 * i, dtype=dtype, requires_grad=True)
@@ -133,13 +142,13 @@ def build(opt: Opt, steps: int, dtype=F64, seed=0):
 
 def inner_for(opt: Opt, lr):
     if opt.optim == "sgd":
-        return effmaml.SGD(lr, weight_decay=0.01)
+        return effmaml.SGD(lr, weight_decay=WEIGHT_DECAY)
     if opt.optim == "momentum":
-        return effmaml.SGD(lr, momentum=0.9)
+        return effmaml.SGD(lr, momentum=MOMENTUM)
     if opt.optim == "nesterov":
-        return effmaml.SGD(lr, momentum=0.8, nesterov=True)
+        return effmaml.SGD(lr, momentum=NESTEROV_MOMENTUM, nesterov=True)
     if opt.optim == "adam":
-        return effmaml.Adam(lr, betas=(0.8, 0.95))
+        return effmaml.Adam(lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     raise ValueError(opt.optim)
 
 
@@ -160,6 +169,8 @@ def run_effmaml(
     pattern: the backward outside the autocast block).
     """
     model, lr, adapted_names, batches, steps_kw = build(opt, steps, dtype)
+    if strategy_kw.get("memory_budget") == BELOW_NAIVE:
+        strategy_kw = {**strategy_kw, "memory_budget": _below_naive(opt, steps, dtype)}
     maml = effmaml.MAML(
         model,
         ce_loss,
@@ -192,6 +203,23 @@ def run_effmaml(
     }
 
 
+# a memory budget for auto: halfway between the smallest predicted peak of an exact
+# schedule and naive's, so auto must recompute wherever a schedule fits below naive
+BELOW_NAIVE = "below_naive"
+
+
+def _below_naive(opt: Opt, steps: int, dtype) -> int:
+    model, lr, adapted_names, batches, steps_kw = build(opt, steps, dtype)
+    maml = effmaml.MAML(
+        model, ce_loss, inner_for(opt, lr), params=adapted_names, prox_lambda=opt.prox
+    )
+    batch = batches if steps_kw else batches[0]
+    preds = maml.estimate(batch, steps)
+    peaks = [p.peak_bytes for p in preds.values()]
+    naive = preds["naive"].peak_bytes
+    return (min(peaks) + naive) // 2 if min(peaks) < naive else naive
+
+
 # -- the hand-written reference -----------------------------------------------------------
 def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
     """Unrolled MAML with plain autograd and inline updates (no effmaml code)."""
@@ -217,19 +245,19 @@ def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
         for n, p in phi.items():
             r = lr[n] if isinstance(lr, dict) else lr
             if opt.optim == "sgd":
-                new[n] = p - r * (g[n] + 0.01 * p)
+                new[n] = p - r * (g[n] + WEIGHT_DECAY * p)
             elif opt.optim in ("momentum", "nesterov"):
-                mom = 0.9 if opt.optim == "momentum" else 0.8
+                mom = MOMENTUM if opt.optim == "momentum" else NESTEROV_MOMENTUM
                 st[n][0] = mom * st[n][0] + g[n]
                 d = g[n] + mom * st[n][0] if opt.optim == "nesterov" else st[n][0]
                 new[n] = p - r * d
             else:
-                b1, b2 = 0.8, 0.95
+                b1, b2 = ADAM_BETAS
                 st[n][0] = b1 * st[n][0] + (1 - b1) * g[n]
                 st[n][1] = b2 * st[n][1] + (1 - b2) * g[n] ** 2
                 mh = st[n][0] / (1 - b1 ** (t + 1))
                 vh = st[n][1] / (1 - b2 ** (t + 1))
-                new[n] = p - r * mh / torch.sqrt(vh + 1e-16)
+                new[n] = p - r * mh / torch.sqrt(vh + ADAM_EPS**2)
         phi = new
         if opt.bn != "fixed":
             bufs = b
@@ -348,7 +376,17 @@ GRID_FACTORS = {
 }
 
 GRID = [Opt(**row) for row in pairwise(GRID_FACTORS)]
-FULL_ROW = Opt("adam", "per_param", "update", True, 0.5, "head", "lazy", 0.3)
+# every option at its hardest value at once
+FULL_ROW = Opt(
+    optim="adam",
+    lr="per_param",
+    bn="update",
+    dropout=True,
+    clip=0.5,
+    select="head",
+    batches="lazy",
+    prox=0.3,
+)
 
 
 def compare_to_naive(opt: Opt, strategy: str, steps: int, **strategy_kw):

@@ -1,5 +1,6 @@
 """The bench's code path at tiny size: subprocess runs, CSV columns, agreement, report."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -245,3 +246,79 @@ def test_claims_and_readme_block_come_from_the_csvs(tmp_path):
     at = [out.index(f"\n### {h}\n") for h in order]
     assert at == sorted(at), at
     assert "old" not in out and out.startswith("intro\n") and out.endswith("after\n")
+
+
+def test_child_command_line_round_trips_through_the_one_parser():
+    """The bench builds each child's line with bench.child.command and the child reads it
+    with bench.child.parser: options given are options read, wherever they sit."""
+    from bench import child
+
+    argv = child.command("tiny", "checkpoint_k5", [2, 40], "time", "-", batch=3, amp="bfloat16")
+    a = child.parser().parse_args(argv)
+    assert (a.preset, a.label, a.steps, a.mode, a.out_grad) == (
+        "tiny",
+        "checkpoint_k5",
+        "2,40",
+        "time",
+        "-",
+    )
+    assert (a.batch, a.amp) == (3, "bfloat16")
+    plain = child.parser().parse_args(child.command("tiny", "naive", [5], "memory", "g.pt"))
+    assert (plain.batch, plain.amp) == (0, "")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        child.command("tiny", "naive", [5], "fast")
+
+
+def test_execute_runs_a_plan(monkeypatch, tmp_path):
+    """The run step on its own, with the children replaced: rows in plan order, a strategy
+    out of memory at some N skipped at larger N, skips from the plan kept, times merged into
+    the rows they belong to, and the CSV callback called as rows arrive."""
+    import bench.__main__ as bm
+    from bench.presets import PRESETS
+
+    preset = dataclasses.replace(PRESETS["tiny"], memory_workers=1, caps=(("revolve_s2", 4),))
+    monkeypatch.setattr(bm.torch.cuda, "is_available", lambda: False)
+    calls = []
+
+    def fake_run_one(run, preset, target, grad_file, share=1):
+        calls.append((run.spec.label, run.steps))
+        if run.spec.label == "naive" and run.steps >= 4:
+            return {"status": "oom", "error": "out of memory"}
+        return {"peak_mib": float(run.steps)}
+
+    def fake_time(label, steps, preset, target):
+        return {n: {"time_s": 0.5 * n} for n in steps}
+
+    monkeypatch.setattr(bm, "run_one", fake_run_one)
+    monkeypatch.setattr(bm, "time_strategy", fake_time)
+    runs = bm.plan(preset, [2, 4, 8], ["naive", "revolve_s2"])
+    seen = []
+    rows, grads = bm.execute(
+        runs, preset, bm.Target("tiny"), str(tmp_path), {}, on_rows=lambda r: seen.append(len(r))
+    )
+    got = [(r["strategy"], r["steps"], r["status"]) for r in rows]
+    assert got == [
+        ("naive", 2, "ok"),
+        ("revolve_s2", 2, "ok"),
+        ("naive", 4, "oom"),
+        ("revolve_s2", 4, "ok"),
+        ("naive", 8, "skipped"),
+        ("revolve_s2", 8, "skipped"),
+    ]
+    assert ("naive", 8) not in calls  # never started after its OOM
+    assert rows[4]["error"] == "out of memory at N=4" and "up to N=4" in rows[5]["error"]
+    assert set(grads) == {("naive", 2), ("revolve_s2", 2), ("revolve_s2", 4)}
+    assert rows[3]["time_s"] == 2.0 and "time_s" not in rows[2]
+    assert seen[:6] == [1, 2, 3, 4, 5, 6] and len(seen) == 8  # + one per timed strategy
+
+
+def test_plan_adds_the_noise_floor_run_on_cuda():
+    import bench.__main__ as bm
+    from bench.presets import PRESETS
+
+    preset = PRESETS["tiny"]
+    cpu = [r.spec.label for r in bm.plan(preset, [2])]
+    gpu = [r.spec.label for r in bm.plan(preset, [2], cuda=True)]
+    assert "naive_rerun" not in cpu and gpu == [*cpu, "naive_rerun"]
+    named = [r.spec.label for r in bm.plan(preset, [2], ["checkpoint_k5"], cuda=True)]
+    assert named == ["checkpoint_k5"]  # runs asked for by name: only those

@@ -8,12 +8,14 @@ A new schedule joins every check below by adding one line to :data:`SCHEDULES`: 
 full option row (Adam, per-parameter learned lr, BatchNorm updated, dropout, clipping,
 ANIL head, a lazy batch source, the proximal term), the pairwise grid of options (the
 schedule is one more factor, so each schedule meets every value of every other option),
-and unrolls of 1, 2 and 12 steps.
+and unrolls of 1, 2 and 12 steps. ``auto`` is in it twice: under the default budget and
+under one between the smallest exact schedule's predicted peak and naive's, where it must
+choose a recomputing schedule.
 """
 
 import pytest
 
-from .helpers import FULL_ROW, GRID_FACTORS, Opt, compare_to_naive, pairwise
+from .helpers import BELOW_NAIVE, FULL_ROW, GRID_FACTORS, Opt, compare_to_naive, pairwise
 
 STEPS = 7  # 3 does not divide it
 
@@ -33,6 +35,9 @@ SCHEDULES = [
     # on a CPU offload is checkpoint; on CUDA, through pinned memory: tests/test_resnet.py
     ("offload", {"segment": 3, "pullback": "step"}),
     ("offload", {"segment": 3, "pullback": "segment"}),
+    # auto under the default budget (naive fits) and under one that naive does not fit
+    ("auto", {}),
+    ("auto", {"memory_budget": BELOW_NAIVE}),
 ]
 
 
@@ -47,6 +52,10 @@ def _id(value) -> str:
 def _check_resolved(ours, kw, steps):
     """The options as run: given ones as given (capped at N), chosen ones in range."""
     info = ours["adapted"].info
+    if "chosen" in info:  # auto: what it ran is exact, and a budget below naive recomputes
+        if kw.get("memory_budget") == BELOW_NAIVE and steps > 1:
+            assert not info["chosen"].startswith("naive"), info["chosen"]
+        return
     for key, value in kw.items():
         if value is None:
             assert 1 <= info[key] <= steps, (key, info[key])

@@ -198,8 +198,20 @@ def test_task_randomness_depends_on_the_task_not_the_process(tmp_path):
     before = torch.get_rng_state()
     b.step()
     assert torch.equal(torch.get_rng_state(), before)  # tasks leave the global RNG alone
-    assert effmaml.train.task_seed(1, 2, 3) == effmaml.train.task_seed(1, 2, 3)
     assert len({effmaml.train.task_seed(1, i, j) for i in range(20) for j in range(20)}) == 400
+
+
+def test_task_seed_is_the_same_in_every_process():
+    """The seed is a function of (seed, iteration, index) alone: another interpreter, with
+    another hash seed (Python's hash() of a str would differ), computes the same values."""
+    code = "import effmaml.train as t; print([t.task_seed(1, i, 3) for i in range(4)])"
+    here = [effmaml.train.task_seed(1, i, 3) for i in range(4)]
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == str(here)
 
 
 def _truncate(path):
