@@ -36,12 +36,8 @@ def test_horizon_experiment_records_schedule_cost_and_accuracy(tmp_path):
     """make fewshot-horizon's path at toy size: under a budget naive exceeds at the longer
     N, MAML's auto runs a checkpoint schedule; the table names it with its cost."""
     toy = {"iterations": 2, "meta_batch": 2, "eval_tasks": 3, "memory_budget": "6MiB"}
-    p = dataclasses.replace(
-        PROBLEMS["characters"],
-        **{**HORIZON["problem"], **toy},
-        imaml_lams=(0.5,),
-    )
-    runs, values, lams = run([p], (0,), 1, HORIZON["methods"], (1, 8))
+    p = HORIZON.apply(PROBLEMS["characters"], **toy, imaml_lams=(0.5,))
+    runs, values, lams = run([p], (0,), 1, HORIZON.methods, (1, 8))
     write_horizon(tmp_path, runs, values, p, lams, (0,), 1.0)
     own = runs[runs.adapt == "own"].set_index(["method", "inner_steps"])
     assert own.schedule["maml", 1] == "auto -> naive"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.fewshot_data import (
+from bench.fewshot.data import (
     Characters,
     Episodes,
     MiniImageNetFolder,

@@ -37,6 +37,7 @@ __all__ = [
     "OmniglotFolder",
     "character_split",
     "load",
+    "quarter_turns",
 ]
 
 Split = dict[str, list[tuple[int, int]]]  # split -> [(source class, rotation)]
@@ -121,22 +122,37 @@ def _rotated(split: dict[str, list[int]]) -> Split:
     return {k: [(c, r) for c in v for r in range(4)] for k, v in split.items()}
 
 
+def quarter_turns(images: Tensor, turns: int) -> Tensor:
+    """``images`` (``(..., H, W)``) turned by ``turns`` x 90 degrees counter-clockwise (the
+    rotation classes of Omniglot and the procedural characters)."""
+    return torch.rot90(images, turns, dims=(-2, -1)).contiguous()
+
+
+def _rotation(angle: float) -> Tensor:
+    """The 2x2 rotation matrix by ``angle`` radians (float64)."""
+    c, s = math.cos(angle), math.sin(angle)
+    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+
+
 # -- the embedded procedural characters ---------------------------------------------------
 @dataclass
 class Characters(FewShotData):
     """A procedural character set standing in for Omniglot, rendered on demand.
 
-    Each character is 2-4 random strokes (quadratic Bézier curves with control points in
-    the middle 70% of the canvas), drawn from a generator seeded by the character's index.
-    Each of its ``per_class`` examples is the character under its own random variation:
-    an affine jitter (rotation ±12°, scale 0.85-1.1 per axis, shear ±0.15, shift ±1.7
-    pixels), each control point moved by N(0, 0.02), a stroke width of 1.0-1.7 pixels, an
-    ink level of 0.8-1, and pixel noise N(0, 0.05), clipped to [0, 1]. 28x28, ink 1.
+    Characters come in alphabets of :data:`ALPHABET`: an alphabet has 8 stroke shapes
+    (quadratic Bézier curves), and each of its characters is 2-4 of them, each placed,
+    scaled (0.5-0.9) and turned its own way, from generators seeded by the alphabet's and
+    the character's index. Each of its ``per_class`` examples is the character under its
+    own random variation (:meth:`_jitter`): every control point moved by N(0, 0.045), an
+    affine map (rotation ±15°, scale 0.8-1.15 per axis, shear ±0.25), a shift of ±0.1 of
+    the canvas (±2.8 pixels), a stroke width of 0.9-2.2 pixels, an ink level of 0.7-1, one
+    stroke left out with probability 0.2 (of characters with more than 2), a stray stroke
+    added with probability 0.25, and pixel noise N(0, 0.05), clipped to [0, 1]. 28x28, ink 1.
 
-    How it differs from Omniglot: no alphabets (characters are independent, not families
-    of related shapes), smooth strokes without pen dynamics, a fixed 2-4 strokes, and
-    variation that is only geometric jitter and noise where Omniglot has 20 different
-    people's handwriting. The split, the rotations and the episode sampler are Omniglot's.
+    How it differs from Omniglot: smooth strokes without pen dynamics, alphabets that share
+    exact stroke shapes rather than a style, and variation that is geometric jitter, dropped
+    and stray strokes and noise where Omniglot has 20 different people's handwriting. The
+    split, the rotations and the episode sampler are Omniglot's.
 
     Args:
         n_chars: characters (1623, as Omniglot).
@@ -163,30 +179,35 @@ class Characters(FewShotData):
         """The character's control points, ``(strokes, 3, 2)``: 2-4 of its alphabet's 8
         stroke shapes, each placed, scaled and turned its own way."""
         alphabet = char // ALPHABET
-        ga = torch.Generator().manual_seed(1_000_003 * self.seed + 31 * alphabet + 5)
+        ga = torch.Generator().manual_seed(self._seed(alphabet=alphabet))
         shapes = torch.rand(8, 3, 2, generator=ga, dtype=torch.float64) - 0.5  # centred
-        g = torch.Generator().manual_seed(1_000_003 * self.seed + 7919 * char + 1)
+        g = torch.Generator().manual_seed(self._seed(char=char))
         n = 2 + int(torch.randint(0, 3, (), generator=g))
         pick = torch.randperm(8, generator=g)[:n]
         out = []
         for s in pick.tolist():
-            angle = 2 * math.pi * float(torch.rand((), generator=g))
-            rot = torch.tensor(
-                [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
-                dtype=torch.float64,
-            )
+            rot = _rotation(2 * math.pi * float(torch.rand((), generator=g)))
             scale = 0.5 + 0.4 * float(torch.rand((), generator=g))
             centre = 0.3 + 0.4 * torch.rand(2, generator=g, dtype=torch.float64)
             out.append(shapes[s] @ rot.T * scale + centre)
         return torch.stack(out)
 
     def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
-        char, rot = cls
+        char, turns = cls
         if self._all is not None:
             out = self._all[char, list(indices)].float() / 255
         else:
             out = self._render(char, [int(i) for i in indices])
-        return torch.rot90(out, rot, dims=(-2, -1)).contiguous()
+        return quarter_turns(out, turns)
+
+    def _seed(self, alphabet: int = -1, char: int = -1, example: int = -1, part: int = 0) -> int:
+        """The one seed formula of the set: an alphabet's stroke shapes, a character's
+        strokes, or one example's variation (``part`` 0: its jitter, 1: its pixel noise)."""
+        if alphabet >= 0:
+            return 1_000_003 * self.seed + 31 * alphabet + 5
+        if example < 0:
+            return 1_000_003 * self.seed + 7919 * char + 1
+        return 1_000_003 * self.seed + 7919 * char + 104_729 * (example + 1) + 17 * part
 
     def materialize(self, cache_dir: str | Path | None = None) -> Characters:
         """Render every example once (about a minute on 2 cores) and keep them as uint8
@@ -210,19 +231,13 @@ class Characters(FewShotData):
     def _jitter(self, char: int, example: int) -> tuple:
         """Example ``example``'s variation: point noise, affine map, shift, width, ink, a
         stroke to leave out, a stray stroke."""
-        g = torch.Generator().manual_seed(
-            1_000_003 * self.seed + 7919 * char + 104_729 * (example + 1)
-        )
+        g = torch.Generator().manual_seed(self._seed(char=char, example=example))
 
         def u(lo, hi, *shape):
             return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
 
         noise = 0.045 * torch.randn(5, 3, 2, generator=g, dtype=torch.float64)
-        angle = math.radians(float(u(-15, 15)))
-        rot = torch.tensor(
-            [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
-            dtype=torch.float64,
-        )
+        rot = _rotation(math.radians(float(u(-15, 15))))
         shear = torch.tensor([[1.0, float(u(-0.25, 0.25))], [0.0, 1.0]], dtype=torch.float64)
         affine = rot @ shear @ torch.diag(u(0.8, 1.15, 2))
         # a stroke left out (p 0.2), a stray stroke added (p 0.25): the slot past the
@@ -245,7 +260,7 @@ class Characters(FewShotData):
             pts.append(torch.cat([p, stray]))
             widths.append(width / self.size)
             inks.append(ink)
-            seeds.append(1_000_003 * self.seed + 7919 * char + 104_729 * (e + 1) + 17)
+            seeds.append(self._seed(char=char, example=e, part=1))
         p = torch.stack(pts)  # (B, strokes, 3, 2)
         t = torch.linspace(0, 1, 40, dtype=torch.float64)[:, None]
         p0, p1, p2 = p[:, :, 0:1], p[:, :, 1:2], p[:, :, 2:3]
@@ -319,9 +334,8 @@ class OmniglotFolder(ImageFolderData):
         self.splits = _rotated(character_split(len(self.files)))
 
     def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
-        char, rot = cls
-        out = torch.stack([self._image(char, int(i)) for i in indices])
-        return torch.rot90(out, rot, dims=(-2, -1)).contiguous()
+        char, turns = cls
+        return quarter_turns(torch.stack([self._image(char, int(i)) for i in indices]), turns)
 
 
 # -- miniImageNet on disk -----------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""Evaluation on held-out episodes: the same tasks for every method, mean ± 95% CI."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from .methods import own_steps, tuner
+from .problems import EVAL_SEED, Problem, loss_of, tasks_for
+
+__all__ = ["ci95", "evaluate", "mean_ci"]
+
+
+def evaluate(
+    problem: Problem,
+    model,
+    method: str,
+    n_tasks: int | None = None,
+    eval_seed: int = EVAL_SEED,
+    split: str = "test",
+    lam: float | None = None,
+    inner_steps: int | None = None,
+    eval_steps: tuple[int, ...] | None = None,
+) -> dict:
+    """Per held-out task: the metric after k plain SGD steps (k in ``eval_steps``) and after
+    the method's own adaptation (key ``"own"``). The tasks are the same for every method
+    (drawn from ``eval_seed``)."""
+    n_tasks = problem.eval_tasks if n_tasks is None else n_tasks
+    eval_steps = problem.eval_steps if eval_steps is None else eval_steps
+    loss = loss_of(problem)
+    tasks = tasks_for(problem, split, 1).sample(torch.Generator().manual_seed(eval_seed), n_tasks)
+    plan = [(k, "sgd", k) for k in eval_steps]
+    plan.append(("own", "own", own_steps(problem, method, inner_steps)))
+    out: dict = {key: [] for key, _, _ in plan}
+    tuners = {how: tuner(problem, model, method, how, lam) for _, how, _ in plan}
+    for support, (xq, yq) in tasks:
+        for key, how, k in plan:
+            f = model if k == 0 else tuners[how].adapt(support, steps=k)
+            with torch.no_grad():
+                pred = f(xq)
+            if problem.kind == "image":
+                out[key].append(float((pred.argmax(-1) == yq).float().mean()))
+            else:
+                out[key].append(float(loss(lambda x, p=pred: p, (xq, yq))))
+    return out
+
+
+def ci95(values) -> float:
+    """Half-width of the 95% confidence interval of the mean: 1.96·sd/√n."""
+    values = pd.Series(values, dtype=float)
+    return float(1.96 * values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else 0.0
+
+
+def mean_ci(values: pd.Series, scale: float = 1.0) -> str:
+    return f"{scale * values.mean():.2f} ± {scale * ci95(values):.2f}"

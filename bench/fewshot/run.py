@@ -1,0 +1,107 @@
+"""Running the few-shot jobs: every (problem, method, seed[, N]) in a process pool."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pandas as pd
+import torch
+
+from .evaluation import ci95, evaluate
+from .methods import train_method
+from .problems import METHODS, VAL_SEED, Problem, data_for
+
+__all__ = ["run"]
+
+
+def _choose_lam(args) -> tuple[float, float]:
+    """iMAML's λ candidate ``lam``: a quarter budget on seed 0, accuracy on validation."""
+    problem, lam = args
+    torch.set_num_threads(1)
+    model, _ = train_method(problem, "implicit", 0, problem.iterations // 4, lam=lam)
+    res = evaluate(
+        problem, model, "implicit", n_tasks=100, split="val", lam=lam, eval_seed=VAL_SEED
+    )
+    return lam, sum(res["own"]) / len(res["own"])
+
+
+def _job(args):
+    problem, method, seed, lam, inner_steps = args
+    torch.set_num_threads(1)
+    model, cost = train_method(problem, method, seed, lam=lam, inner_steps=inner_steps)
+    res = evaluate(problem, model, method, lam=lam, inner_steps=inner_steps)
+    return problem.name, method, seed, inner_steps, cost, res
+
+
+def _pool(workers: int):
+    return mp.get_context("spawn").Pool(workers) if workers > 1 else None
+
+
+def _map(pool, fn, jobs):
+    return pool.map(fn, jobs, chunksize=1) if pool is not None else [fn(j) for j in jobs]
+
+
+def run(
+    problems: list[Problem],
+    seeds=(0, 1, 2),
+    workers: int = 2,
+    methods=METHODS,
+    horizon: tuple[int, ...] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Train and evaluate every (problem, method, seed[, inner steps]).
+
+    Returns:
+        ``(runs, values, lams)``: a row per job and metric key (mean, CI, cost), every
+        per-episode value, and the λ iMAML chose per problem.
+    """
+    for p in problems:
+        data_for(p)  # renders/caches the embedded characters once, before the workers
+    pool = _pool(workers)
+    try:
+        lams = {}
+        for p in problems:
+            if "implicit" in methods and len(p.imaml_lams) > 1:
+                scores = _map(pool, _choose_lam, [(p, lam) for lam in p.imaml_lams])
+                lams[p.name] = {"chosen": max(scores, key=lambda s: s[1])[0], "scores": scores}
+            else:
+                lams[p.name] = {"chosen": p.imaml_lams[0], "scores": []}
+        jobs = [
+            (p, m, s, lams[p.name]["chosen"] if m == "implicit" else None, n)
+            for p in problems
+            for n in (sorted(horizon, reverse=True) if horizon else (None,))  # longest first
+            for s in seeds
+            for m in methods
+        ]
+        results = _map(pool, _job, jobs)
+    finally:
+        if pool is not None:
+            pool.close()
+    rows, values = [], []
+    for name, method, seed, n, cost, res in results:
+        for key, vals in res.items():
+            series = pd.Series(vals, dtype=float)
+            rows.append(
+                {
+                    "problem": name,
+                    "method": method,
+                    "seed": seed,
+                    "inner_steps": n if n is not None else "",
+                    "adapt": key,
+                    "tasks": len(vals),
+                    "mean": series.mean(),
+                    "ci95": ci95(series),
+                    **cost,
+                }
+            )
+            values += [
+                {
+                    "problem": name,
+                    "method": method,
+                    "seed": seed,
+                    "inner_steps": n,
+                    "adapt": key,
+                    "value": v,
+                }
+                for v in vals
+            ]
+    return pd.DataFrame(rows), pd.DataFrame(values), lams
