@@ -3,29 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from torch import Tensor
 
-__all__ = ["check_double_backward", "raise_if_no_double_backward"]
+__all__ = ["find_no_double_backward", "is_no_double_backward", "raise_if_no_double_backward"]
 
 _MAX_NODES = 200_000
 
 
-def check_double_backward(tensors: Iterable[Tensor]) -> None:
-    """Raise now if the graph behind ``tensors`` contains a node that cannot be differentiated.
+def find_no_double_backward(tensors: Iterable[Tensor], every: bool = False) -> Any:
+    """The first node in the graph behind ``tensors`` that cannot be differentiated, or None
+    (with ``every``: the list of all of them).
 
     # Note [Detecting missing double backward early]
     # A custom Function marked @once_differentiable returns gradients whose grad_fn is a
-    # DelayedError node, and a built-in op without a derivative for its backward (the fused
-    # attention kernels' backward: flash attention on CPU and CUDA) a NotImplemented node:
-    # autograd only complains when the meta-gradient is computed, long after adapt()
-    # returned. Walking the first step's graph once finds either while the user can still be
-    # told which strategy avoids it.
-
-    Raises:
-        RuntimeError: a ``DelayedError`` node (an operation without double backward) was found.
+    # DelayedError node, and a built-in op without a derivative for its backward
+    # (hardsigmoid; the fused attention kernels' backward: flash attention on CPU and CUDA)
+    # a NotImplemented node: autograd only complains when the meta-gradient is computed,
+    # long after adapt() returned. Walking the first step's graph once finds either while
+    # the user can still be told which operation it is (effmaml.diagnose) and which
+    # strategy avoids it.
     """
     seen: set[int] = set()
+    found = []
     stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
     while stack and len(seen) < _MAX_NODES:
         fn = stack.pop()
@@ -33,15 +34,11 @@ def check_double_backward(tensors: Iterable[Tensor]) -> None:
             continue
         seen.add(id(fn))
         if type(fn).__name__ in ("DelayedError", "Error", "NotImplemented"):
-            raise RuntimeError(
-                f"an operation in the model or loss has no double backward ({type(fn).__name__} "
-                f"node: a custom autograd Function marked @once_differentiable, or an op whose "
-                f"backward is not differentiable, such as a fused attention kernel), which "
-                f"second-order MAML needs; replace it (for attention: MAML(..., "
-                f"math_attention=True), the default), or use strategy='first_order', which "
-                f"needs no second derivatives"
-            )
+            if not every:
+                return fn
+            found.append(fn)
         stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return found if every else None
 
 
 _NO_DOUBLE_BACKWARD = (
@@ -52,10 +49,15 @@ _NO_DOUBLE_BACKWARD = (
 )
 
 
+def is_no_double_backward(err: BaseException) -> bool:
+    """Whether an autograd error says that some derivative is missing."""
+    return any(s in str(err).lower() for s in _NO_DOUBLE_BACKWARD)
+
+
 def raise_if_no_double_backward(err: BaseException) -> None:
     """Re-raise an autograd error about missing second derivatives with a fix."""
     msg = str(err)
-    if any(s in msg.lower() for s in _NO_DOUBLE_BACKWARD):
+    if is_no_double_backward(err):
         raise RuntimeError(
             "an operation in the model or loss has no double backward, which exact "
             "(second-order) MAML needs; replace that operation, or use "

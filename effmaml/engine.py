@@ -73,15 +73,18 @@ def advance(
     Returns:
         ``(state_b, [loss_a, ..., loss_{b-1}])`` with every tensor detached.
 
-    Memory: one state and one first-order step graph at a time. Compute: ``b - a`` steps.
+    Memory: one state and one first-order step graph at a time (one second-order step
+    graph under ``problem.exact_states``, freed when the step is done). Compute: ``b - a``
+    steps.
     """
     consts = consts.detached()
     losses = []
+    graph = bool(problem.exact_states)  # Note [States bitwise naive's]
     for t in range(a, b):
         if keep is not None:
             keep(state, capture_rng(problem.device))
         new, loss = inner_step(
-            problem, rt, state.detached(requires_grad=True), t, consts, create_graph=False
+            problem, rt, state.detached(requires_grad=True), t, consts, create_graph=graph
         )
         state = new.detached(requires_grad=False)
         losses.append(loss.detach())

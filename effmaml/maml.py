@@ -22,6 +22,7 @@ from .step import (
     Runtime,
 )
 from .strategies import RunFacts, Strategy, make_strategy
+from .substitutes import needs_substitutes
 
 __all__ = ["MAML", "Adapted", "RepeatedBatch"]
 
@@ -134,6 +135,19 @@ class MAML:
             kernel, whose backward can be differentiated again (fused CUDA kernels' cannot;
             Note [Attention kernels and double backward]). Default None: on for every
             strategy that differentiates twice, off for ``first_order``.
+        substitute_ops: run the inner steps' operations that have no double backward
+            (``F.hardsigmoid``: MobileNetV3) as twice-differentiable stand-ins with the same
+            values (:mod:`effmaml.substitutes`). Default None: on for every strategy that
+            differentiates twice when the model holds a module that calls one
+            (``nn.Hardsigmoid``), off otherwise.
+        exact_states: make a recomputing strategy's first-order advances compute each
+            step's gradient as a step with graph does, so that its stored states, adapted
+            parameters, buffers and inner losses are bitwise naive's also on models whose
+            ops compute their first derivative differently when the graph is kept (SiLU,
+            Mish, GroupNorm); costs each advance the time of a step with graph. Default
+            None: the probe compares step 0 computed both ways and turns it on only where
+            they differ (Note [States bitwise naive's]); ``Adapted.info["exact_states"]``
+            says what ran.
         host_memory_budget: the pinned host memory ``offload`` may hold (bytes or a string);
             ``offload`` over it raises ``MemoryError`` before unrolling, ``auto`` skips it.
             Default: half of what the OS reports available when ``adapt`` starts.
@@ -159,6 +173,8 @@ class MAML:
         memory_budget: int | float | str | None = None,
         host_memory_budget: int | float | str | None = None,
         math_attention: bool | None = None,
+        substitute_ops: bool | None = None,
+        exact_states: bool | None = None,
         **strategy_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -190,6 +206,12 @@ class MAML:
         self.math_attention = (
             self.strategy.second_order if math_attention is None else bool(math_attention)
         )
+        self.substitute_ops = (
+            self.strategy.second_order and bool(needs_substitutes(model))
+            if substitute_ops is None
+            else bool(substitute_ops)
+        )
+        self.exact_states = None if exact_states is None else bool(exact_states)
         self.adapted_names = self._select(params)
         inner.check_names(self.adapted_names)
 
@@ -360,6 +382,8 @@ class MAML:
             memory_budget=self.memory_budget,
             host_memory_budget=self.host_memory_budget,
             math_attention=self.math_attention,
+            substitute_ops=self.substitute_ops,
+            exact_states=self.exact_states,
         )
         named: dict[str, Tensor] = dict(self.model.named_parameters())
         theta = {n: named[n] for n in self.adapted_names}

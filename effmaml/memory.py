@@ -169,6 +169,10 @@ class Probe:
         pin_bandwidth: bytes/s at which new pinned host memory is allocated (CUDA).
         seconds: what the probe itself took (0 when it came from the cache).
         evals: step evaluations the probe ran (0 when it came from the cache).
+        graph_step_seconds: one step with its second-order graph, without the pullback
+            (the cost of an advance under ``exact_states``); 0 if not measured.
+        first_order_exact: whether a first-order step gives bitwise the state a step with
+            graph gives (Note [States bitwise naive's]).
     """
 
     state_bytes: int
@@ -181,6 +185,8 @@ class Probe:
     pin_bandwidth: float = 0.0
     seconds: float = 0.0
     evals: int = 0
+    graph_step_seconds: float = 0.0
+    first_order_exact: bool = True
 
     def first_order_bytes(self) -> int:
         """The first-order graph, or A as its upper bound when it was not measured."""
@@ -270,6 +276,7 @@ def predict_seconds(
     pullbacks: int,
     moved_bytes: int = 0,
     pinned_bytes: int = 0,
+    graph_advances: bool = False,
 ) -> float:
     """Wall time of one meta-gradient from the probe's timings and a schedule's counts.
 
@@ -290,11 +297,15 @@ def predict_seconds(
         pullbacks: steps pulled back (recomputed with graph and differentiated).
         moved_bytes: bytes copied between host and device, both directions together.
         pinned_bytes: new pinned host memory to allocate.
+        graph_advances: the advances keep each step's graph (``exact_states``): each
+            costs a step with graph, not a first-order step.
 
     Returns:
         Seconds (0 when the probe measured no times).
     """
-    t = (advances + 1) * probe.advance_seconds + pullbacks * probe.pullback_seconds
+    step = probe.graph_step_seconds if graph_advances and probe.graph_step_seconds else 0.0
+    t = probe.advance_seconds + advances * (step or probe.advance_seconds)
+    t += pullbacks * probe.pullback_seconds
     if moved_bytes and probe.host_bandwidth:
         t += moved_bytes / probe.host_bandwidth
     if pinned_bytes and probe.pin_bandwidth:

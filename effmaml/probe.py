@@ -9,10 +9,13 @@ it was:
    graph for operations without double backward, and a real double backward, which fails
    here, before any work, if the model cannot be differentiated twice,
 3. the same pullback again, warm: t₂, a step with its graph plus its pullback,
-4. a first-order step again (t₁ = the faster of the two).
+4. a first-order step again (t₁ = the faster of the two),
+5. the inner loss's gradient without and with ``create_graph``, compared bitwise
+   (``Probe.first_order_exact``: whether advances may run first order).
 
 On CUDA it also uses the pinned host↔device bandwidth, measured once per process
-(:func:`effmaml.measure.host_link`). Cost: 4 step evaluations (:data:`PROBE_EVALS`), once
+(:func:`effmaml.measure.host_link`). Cost: 4 step evaluations (:data:`PROBE_EVALS`) and one
+forward with two backward passes of the inner loss (Note [States bitwise naive's]), once
 per ``MAML`` instance and batch signature (shapes, dtypes, train/eval mode, autocast): the
 result is cached, so a meta-training loop pays it once. Batch 0 is indexed once per call
 to read its signature (and reused by the probe's steps).
@@ -28,13 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checks import check_double_backward
+from .checks import find_no_double_backward, is_no_double_backward
+from .diagnose import NoDoubleBackwardError, no_double_backward_error
 from .engine import pullback
 from .measure import host_link
 from .memory import Probe, nbytes, saved_bytes
-from .replay import capture_rng
+from .replay import capture_rng, replay_autocast, replay_rng
 from .state import Consts, InnerState
-from .step import InnerProblem, Runtime, inner_step
+from .step import FunctionalModel, InnerProblem, Runtime, differentiable_ops, inner_step
 
 __all__ = ["PROBE_EVALS", "probe", "signature"]
 
@@ -103,36 +107,41 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     problem = dataclasses.replace(problem, batches=_First(problem.batches, batch0))
     start = _clock(device)
     with torch.random.fork_rng(devices=devices):
-        t_fo1, fo_bytes = _first_order(problem, rt, state0, consts)
-        rng = capture_rng(device)
+        rng = capture_rng(device)  # every probe step starts from it (dropout draws alike)
+        with replay_rng(rng):
+            t_fo1, fo_bytes = _first_order(problem, rt, state0, consts)
         need = [c.requires_grad for c in consts.flat()]
         ones = state0.map(lambda t, diff: torch.ones_like(t) if diff else t)
         cotangent = ones.spec().unflatten(ones.flat(True), differentiable_only=True)
         loss_grad = torch.ones(1, dtype=torch.float64, device=device)
 
-        def pull(check: bool) -> float:
+        seen: dict[str, Any] = {}
+
+        def inspect(state: InnerState) -> None:
+            seen["graph_step"] = _clock(device)  # the step with graph is done
+            if find_no_double_backward(state.params.values()) is not None:
+                raise no_double_backward_error(problem, state0, consts)
+
+        def pull() -> tuple[float, float]:
             t0 = _clock(device)
-            pullback(
-                problem,
-                rt,
-                state0,
-                rng,
-                0,
-                1,
-                consts,
-                need,
-                cotangent,
-                loss_grad,
-                inspect=_check_graph if check else None,
-            )
-            return _clock(device) - t0
+            try:
+                pullback(
+                    problem, rt, state0, rng, 0, 1, consts, need, cotangent, loss_grad, inspect
+                )
+            except (RuntimeError, NotImplementedError) as err:
+                if is_no_double_backward(err) and not isinstance(err, NoDoubleBackwardError):
+                    raise no_double_backward_error(problem, state0, consts, str(err)) from err
+                raise
+            return _clock(device) - t0, seen["graph_step"] - t0
 
         # the first pullback runs cold and counts what the step saves (its gradients are
         # not used: saved-tensor hooks hand back detached aliases); the second is timed
         with saved_bytes() as count:
-            pull(check=True)
-        t_pull = pull(check=False)
+            pull()
+        t_pull, t_graph = pull()
         t_fo2, _ = _first_order(problem, rt, state0, consts)
+        with replay_rng(rng):
+            same = _gradients_agree(problem, state0, consts)
     link = host_link(device) if device.type == "cuda" else (0.0, 0.0)
     result = Probe(
         state_bytes=state0.nbytes(),
@@ -145,6 +154,8 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         # per step.
         advance_seconds=min(t_fo1, t_fo2),
         pullback_seconds=t_pull,
+        graph_step_seconds=t_graph,
+        first_order_exact=same,
         host_bandwidth=link[0],
         pin_bandwidth=link[1],
         seconds=_clock(device) - start,
@@ -152,10 +163,6 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     )
     rt.probes[key] = result
     return result
-
-
-def _check_graph(state: InnerState) -> None:
-    check_double_backward(state.params.values())
 
 
 def _first_order(
@@ -170,6 +177,34 @@ def _first_order(
         # its peak is the forward's saved tensors
     del out, loss
     return _clock(problem.device) - t0, count.bytes
+
+
+def _gradients_agree(problem: InnerProblem, state0: InnerState, consts: Consts) -> bool:
+    """Whether the inner loss's gradient at step 0 is bitwise the same computed without
+    and with ``create_graph`` (one forward, two backward passes).
+
+    # Note [States bitwise naive's]
+    # Some ops compute their first derivative by another formula when the graph is kept
+    # (F.silu, mish, group_norm in PyTorch 2.14: 1e-16 apart in float64). Then a first-order
+    # advance does not reproduce naive's step: a schedule's stored states differ from
+    # naive's at rounding level, and an ill-conditioned unroll amplifies it (1e-8 relative
+    # on EfficientNet-B2). Where the gradients differ, the advances keep each step's graph
+    # until the step is done (exact_states), so the states are naive's. The gradients are
+    # compared, not the states after the step: a 1-ulp difference in a gradient can vanish
+    # in the update p - lr * g at one step and show at the next.
+    """
+    params = {k: v.detach().requires_grad_(True) for k, v in state0.params.items()}
+    buffers = {k: b.clone() for k, b in state0.buffers.items()}
+    module = FunctionalModel(problem.model, {**consts.fixed, **params}, buffers, False)
+    with replay_autocast(problem.autocast), differentiable_ops(problem), torch.enable_grad():
+        loss = problem.loss_fn(module, problem.batch(0))
+        wrt = list(params.values())
+        plain = torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)
+        graph = torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True)
+    return all(
+        (a is None) == (b is None) and (a is None or torch.equal(a, b.detach()))
+        for a, b in zip(plain, graph)
+    )
 
 
 def _clock(device: torch.device) -> float:

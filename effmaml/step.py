@@ -26,6 +26,7 @@ from .clip import clip_backward
 from .inner import InnerOptimizer
 from .replay import AutocastState, Witness, capture_autocast, replay_autocast
 from .state import Consts, InnerState
+from .substitutes import substituted
 
 __all__ = [
     "Consts",
@@ -36,6 +37,7 @@ __all__ = [
     "RepeatedBatch",
     "Runtime",
     "attention_kernels",
+    "differentiable_ops",
     "inner_step",
     "move_to",
 ]
@@ -94,6 +96,11 @@ class InnerProblem:
             (Note [Autocast under recomputation]).
         math_attention: run every inner step's scaled-dot-product attention with the math
             kernel (Note [Attention kernels and double backward]).
+        substitute_ops: run every inner step under the twice-differentiable stand-ins of
+            :mod:`effmaml.substitutes` (Note [Substitutes under recomputation]).
+        exact_states: whether the forward pass's first-order advances compute each step's
+            gradient as a step with graph does (Note [States bitwise naive's]); None: the
+            probe decides, and a recomputing strategy runs with the resolved bool.
     """
 
     model: nn.Module
@@ -109,6 +116,8 @@ class InnerProblem:
     host_memory_budget: int | None = None
     autocast: AutocastState = field(default_factory=capture_autocast)
     math_attention: bool = False
+    substitute_ops: bool = False
+    exact_states: bool | None = None
 
     @property
     def steps(self) -> int:
@@ -211,7 +220,7 @@ def inner_step(
     module = FunctionalModel(
         problem.model, {**consts.fixed, **state.params}, buffers, copy_buffers=False
     )
-    with replay_autocast(problem.autocast), attention_kernels(problem), torch.enable_grad():
+    with replay_autocast(problem.autocast), differentiable_ops(problem), torch.enable_grad():
         batch = problem.batch(t)
         if rt.witness is not None:
             rt.witness.batch(t, batch)
@@ -241,7 +250,17 @@ def inner_step(
     return InnerState(params, opt, buffers), loss
 
 
-def attention_kernels(problem: InnerProblem) -> contextlib.AbstractContextManager:
+def differentiable_ops(problem: InnerProblem) -> contextlib.AbstractContextManager[Any]:
+    """What an inner step runs under so that it can be differentiated twice: the math
+    attention kernel (:func:`attention_kernels`) and the stand-ins of
+    :mod:`effmaml.substitutes`, each where the problem asks for it."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(attention_kernels(problem))
+    stack.enter_context(substituted(problem.substitute_ops))
+    return stack
+
+
+def attention_kernels(problem: InnerProblem) -> contextlib.AbstractContextManager[None]:
     """The scaled-dot-product-attention kernels an inner step may use.
 
     # Note [Attention kernels and double backward]

@@ -23,17 +23,19 @@ F64 = torch.float64
 
 
 class MLP(nn.Sequential):
-    """Linear -> BatchNorm -> tanh -> Dropout -> Linear -> tanh -> Linear: smooth, so
-    second derivatives are not trivially zero."""
+    """Linear -> BatchNorm -> act -> Dropout -> Linear -> act -> Linear: smooth, so second
+    derivatives are not trivially zero. ``act="silu"``: an activation whose first
+    derivative PyTorch computes by another formula when the graph is kept."""
 
-    def __init__(self, d_in=5, width=12, d_out=3, bn=True, p_drop=0.0):
+    def __init__(self, d_in=5, width=12, d_out=3, bn=True, p_drop=0.0, act="tanh"):
+        act_cls = {"tanh": nn.Tanh, "silu": nn.SiLU}[act]
         super().__init__(
             nn.Linear(d_in, width),
             nn.BatchNorm1d(width) if bn else nn.Identity(),
-            nn.Tanh(),
+            act_cls(),
             nn.Dropout(p_drop),
             nn.Linear(width, width),
-            nn.Tanh(),
+            act_cls(),
             nn.Linear(width, d_out),
         )
 
@@ -100,11 +102,12 @@ class Opt:
     select: str = "all"  # all | head
     batches: str = "distinct"  # reused | distinct | lazy
     prox: float = 0.0
+    act: str = "tanh"  # tanh | silu
 
     def id(self) -> str:
         return (
             f"{self.optim}-lr_{self.lr}-bn_{self.bn}-drop{int(self.dropout)}-"
-            f"clip{self.clip}-{self.select}-{self.batches}-prox{self.prox}"
+            f"clip{self.clip}-{self.select}-{self.batches}-prox{self.prox}-{self.act}"
         )
 
 
@@ -122,7 +125,8 @@ P_DROP = 0.3
 
 def build(opt: Opt, steps: int, dtype=F64, seed=0):
     """(model, MAML kwargs maker, batches, steps kw, learned tensors) for one grid row."""
-    model = make_model(seed, dtype, bn=opt.bn != "none", p_drop=P_DROP if opt.dropout else 0.0)
+    p_drop = P_DROP if opt.dropout else 0.0
+    model = make_model(seed, dtype, bn=opt.bn != "none", p_drop=p_drop, act=opt.act)
     model.train()
     names = [n for n, _ in model.named_parameters()]
     adapted = list(HEAD) if opt.select == "head" else names
@@ -161,14 +165,26 @@ def learned_tensors(lr) -> list[torch.Tensor]:
 
 
 def run_effmaml(
-    opt: Opt, strategy: str, steps: int, dtype=F64, rng_seed=7, amp=None, **strategy_kw
+    opt: Opt,
+    strategy: str,
+    steps: int,
+    dtype=F64,
+    rng_seed=7,
+    amp=None,
+    theta_scale=None,
+    **strategy_kw,
 ):
     """Adapt + query loss + meta-gradient; returns a dict of everything to compare.
 
     ``amp``: a dtype to run ``adapt`` and the query loss under CPU autocast (the usual AMP
-    pattern: the backward outside the autocast block).
+    pattern: the backward outside the autocast block). ``theta_scale``: multiply the
+    model's parameters by it first.
     """
     model, lr, adapted_names, batches, steps_kw = build(opt, steps, dtype)
+    if theta_scale is not None:  # a perturbed problem, to measure its conditioning
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(theta_scale)
     if strategy_kw.get("memory_budget") == BELOW_NAIVE:
         strategy_kw = {**strategy_kw, "memory_budget": _below_naive(opt, steps, dtype)}
     maml = effmaml.MAML(
@@ -213,8 +229,16 @@ def _below_naive(opt: Opt, steps: int, dtype) -> int:
     maml = effmaml.MAML(
         model, ce_loss, inner_for(opt, lr), params=adapted_names, prox_lambda=opt.prox
     )
-    batch = batches if steps_kw else batches[0]
-    preds = maml.estimate(batch, steps)
+    return _midpoint(maml.estimate(batches if steps_kw else batches[0], steps))
+
+
+def below_naive_for(model, loss_fn, batches, inner=None) -> int:
+    """:data:`BELOW_NAIVE`'s budget for any model and batch source."""
+    maml = effmaml.MAML(model, loss_fn, inner or effmaml.SGD(0.01))
+    return _midpoint(maml.estimate(batches[0], len(batches)))
+
+
+def _midpoint(preds) -> int:
     peaks = [p.peak_bytes for p in preds.values()]
     naive = preds["naive"].peak_bytes
     return (min(peaks) + naive) // 2 if min(peaks) < naive else naive
@@ -373,6 +397,7 @@ GRID_FACTORS = {
     "select": ["all", "head"],
     "batches": ["reused", "distinct", "lazy"],
     "prox": [0.0, 0.3],
+    "act": ["tanh", "silu"],
 }
 
 GRID = [Opt(**row) for row in pairwise(GRID_FACTORS)]
@@ -401,3 +426,29 @@ def compare_to_naive(opt: Opt, strategy: str, steps: int, **strategy_kw):
     assert_results_match(ours, ref, grad_rel=1e-12, exact_values=True)
     assert ours["rng"].equal(ref["rng"]), "RNG after the query differs from naive's"
     return ours
+
+
+def run_model(model, loss_fn, batches, query, strategy, inner=None, rng_seed=7, **kw):
+    """Adapt any model on ``batches`` (one per step), the query loss and the meta-gradient
+    of every parameter that requires grad; everything the exactness rules compare."""
+    maml = effmaml.MAML(model, loss_fn, inner or effmaml.SGD(0.01), strategy, **kw)
+    torch.manual_seed(rng_seed)  # dropout, stochastic depth
+    adapted = maml.adapt(batches)
+    loss = loss_fn(adapted, query)
+    wrt = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return {
+        "grads": [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)],
+        "params": {k: v.detach() for k, v in adapted.params.items()},
+        "buffers": dict(adapted.buffers),
+        "losses": torch.stack([x.detach() for x in adapted.losses]),
+        "query_loss": loss.detach(),
+        "rng": torch.get_rng_state(),
+        "adapted": adapted,
+    }
+
+
+def assert_same_as_naive(ours, ref):
+    """The exactness rules: values bitwise, gradients to summation order, naive's RNG."""
+    assert_results_match(ours, ref, grad_rel=1e-12, exact_values=True)
+    assert torch.equal(ours["rng"], ref["rng"]), "RNG after the query differs from naive's"

@@ -11,7 +11,8 @@ import torch
 
 import effmaml
 
-from .helpers import assert_results_match
+from .helpers import assert_same_as_naive as assert_same
+from .helpers import run_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,27 +49,10 @@ def token_batches(n=STEPS, seed=1):
 def run(model, strategy, params=None, **kw):
     """Adapt with Adam on 6 distinct batches, query loss, meta-gradient of every parameter
     that requires grad; values to compare."""
-    maml = effmaml.MAML(model, lm_loss, effmaml.Adam(0.01), strategy, params=params, **kw)
-    torch.manual_seed(7)  # dropout
-    adapted = maml.adapt(token_batches())
     query = token_batches(1, seed=99)[0]
-    loss = lm_loss(adapted, query)
-    wrt = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-    return {
-        "grads": [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)],
-        "losses": torch.stack([x.detach() for x in adapted.losses]),
-        "params": {k: v.detach() for k, v in adapted.params.items()},
-        "buffers": dict(adapted.buffers),
-        "query_loss": loss.detach(),
-        "rng": torch.get_rng_state(),
-    }
-
-
-def assert_same(ours, ref):
-    """The exactness specification's comparison (tests/helpers.py), and the RNG."""
-    assert_results_match(ours, ref, grad_rel=1e-12, exact_values=True)
-    assert torch.equal(ours["rng"], ref["rng"])
+    return run_model(
+        model, lm_loss, token_batches(), query, strategy, effmaml.Adam(0.01), params=params, **kw
+    )
 
 
 def test_tiny_gpt2_ties_its_embeddings_and_uses_dropout():

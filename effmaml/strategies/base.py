@@ -78,6 +78,9 @@ class RunFacts:
         memory_budget: the budget ``auto``'s choice fits (bytes), else None.
         considered: every candidate ``auto`` weighed, with its prediction.
         solve: ``implicit``'s solve (:class:`SolveStats`, completed in backward), else None.
+        exact_states: whether the forward's advances kept each step's graph so that the
+            stored states are bitwise naive's (Note [States bitwise naive's]); None where
+            nothing advanced for a later pullback.
     """
 
     strategy: str
@@ -89,6 +92,7 @@ class RunFacts:
     memory_budget: int | None = None
     considered: tuple[tuple[str, Prediction], ...] = ()
     solve: SolveStats | None = None
+    exact_states: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The flat view ``Adapted.info`` shows (the keys earlier releases used)."""
@@ -117,6 +121,8 @@ class RunFacts:
             )
         if self.solve is not None:
             out.update(self.solve.as_dict())
+        if self.exact_states is not None:
+            out["exact_states"] = self.exact_states
         return out
 
 

@@ -109,7 +109,9 @@ class Checkpoint(Scheduled):
         return Prediction(
             schedule_peak(schedule.stored_states(n), schedule.graph_steps(n), probe),
             schedule.step_evals(n) + probe.evals,
-            seconds=predict_seconds(probe, schedule.advances(n), n),
+            seconds=predict_seconds(
+                probe, schedule.advances(n), n, graph_advances=bool(problem.exact_states)
+            ),
         )
 
     def resolved(self, schedule: Schedule) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from ..step import (
     InnerState,
     RepeatedBatch,
     Runtime,
-    attention_kernels,
+    differentiable_ops,
 )
 from .base import (
     Outcome,
@@ -261,7 +261,7 @@ class _Solver:
         for t in self.indices:
             module = FunctionalModel(self.problem.model, {**fixed, **phi}, self.buffers)
             self.stats.hvp_batch_passes += 1
-            with replay_autocast(self.problem.autocast), attention_kernels(self.problem):
+            with replay_autocast(self.problem.autocast), differentiable_ops(self.problem):
                 loss = self.problem.loss_fn(module, self.problem.batch(t)) / n
             yield loss
 
@@ -289,7 +289,7 @@ class _Solver:
         """
         leaves = list(phi.values())
         for loss in self._grad_terms(phi, fixed):
-            with replay_autocast(self.problem.autocast), attention_kernels(self.problem):
+            with replay_autocast(self.problem.autocast), differentiable_ops(self.problem):
                 g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 dot = sum((gi * vi).sum() for gi, vi in zip(g, vec) if gi is not None)
             if isinstance(dot, Tensor) and dot.requires_grad:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..checks import check_double_backward
+from ..checks import find_no_double_backward
+from ..diagnose import no_double_backward_error
 from ..memory import Prediction, Probe, naive_peak, predict_seconds
 from ..step import Consts, InnerProblem, InnerState, Runtime, inner_step
 from .base import Outcome, RunFacts, Strategy, register_strategy
@@ -40,8 +41,8 @@ class Naive(Strategy):
         for t in range(problem.steps):
             state, loss = inner_step(problem, rt, state, t, consts, create_graph=True)
             losses.append(loss)
-            if t == 0:
-                check_double_backward(state.params.values())
+            if t == 0 and find_no_double_backward(state.params.values()) is not None:
+                raise no_double_backward_error(problem, state0, consts)
         return Outcome(state, losses, RunFacts("naive"))
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:

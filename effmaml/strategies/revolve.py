@@ -59,7 +59,9 @@ class Revolve(Scheduled):
         n = problem.steps
         # + 1 state: the output φ_N, alive while backward walks the plan
         peak = schedule_peak(schedule.stored_states(n) + 1, 1, probe)
-        seconds = predict_seconds(probe, schedule.advances(n), n)
+        seconds = predict_seconds(
+            probe, schedule.advances(n), n, graph_advances=bool(problem.exact_states)
+        )
         return Prediction(peak, schedule.step_evals(n) + probe.evals, seconds=seconds)
 
     def resolved(self, schedule: Schedule) -> dict[str, Any]:

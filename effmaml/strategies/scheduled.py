@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..engine import Schedule, run_schedule
@@ -10,12 +11,21 @@ from ..probe import probe
 from ..step import Consts, InnerProblem, InnerState, Runtime
 from .base import Outcome, RunFacts, Strategy
 
-__all__ = ["HOST_BUDGET_FRACTION", "Scheduled", "host_budget"]
+__all__ = ["HOST_BUDGET_FRACTION", "Scheduled", "host_budget", "resolve_states"]
 
 # the share of the host's available memory that offload may pin when no
 # host_memory_budget is given: page-locked memory cannot be swapped, and pinning most of
 # the RAM can take the machine down
 HOST_BUDGET_FRACTION = 0.5
+
+
+def resolve_states(problem: InnerProblem, probe: Probe) -> InnerProblem:
+    """The problem with ``exact_states`` decided: the user's choice, or what the probe
+    found (Note [States bitwise naive's]): keep each advance's graph only where a
+    first-order step does not reproduce a step with graph."""
+    if problem.exact_states is not None:
+        return problem
+    return dataclasses.replace(problem, exact_states=not probe.first_order_exact)
 
 
 def host_budget(problem: InnerProblem) -> int:
@@ -46,6 +56,7 @@ class Scheduled(Strategy):
 
     def predictions(self, problem: InnerProblem, probe: Probe) -> list[tuple[Schedule, Prediction]]:
         """Every candidate schedule with its prediction, the default first."""
+        problem = resolve_states(problem, probe)
         return [(s, self.predict(s, problem, probe)) for s in self.candidates(problem, probe)]
 
     def choose(self, problem: InnerProblem, probe: Probe) -> tuple[Schedule, Prediction]:
@@ -117,8 +128,16 @@ class Scheduled(Strategy):
         pr: Probe,
     ) -> Outcome:
         """Run a chosen ``schedule`` on the engine (for :meth:`run` and ``auto``)."""
+        problem = resolve_states(problem, pr)
         state, losses = run_schedule(problem, rt, state0, consts, schedule)
-        facts = RunFacts(self.label(schedule), self.resolved(schedule), pr, prediction, schedule)
+        facts = RunFacts(
+            self.label(schedule),
+            self.resolved(schedule),
+            pr,
+            prediction,
+            schedule,
+            exact_states=problem.exact_states,
+        )
         return Outcome(state, list(losses.unbind(0)), facts)
 
     def resolved(self, schedule: Schedule) -> dict[str, Any]:
