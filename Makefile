@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: setup test test-slow lint format bench bench-full bench-micro report fewshot fewshot-horizon scaling clean
+.PHONY: setup test test-slow lint zoo format bench bench-full bench-micro report fewshot fewshot-horizon scaling clean
 
 setup: $(SETUP)
 
@@ -63,6 +63,11 @@ fewshot: $(SETUP)
 # (16 minutes on 2 cores)
 fewshot-horizon: $(SETUP)
 	$(PY) -m bench.fewshot --horizon --data $(DATA) --problems characters
+
+# every torchvision classification model up to 8 M parameters and six Hugging Face families
+# at tiny size, through every exact strategy against naive -> results/zoo/
+zoo: $(SETUP)
+	$(PY) -m bench.zoo
 
 # meta-iterations/s and memory for 1 and 2 processes (torchrun, gloo, one thread each)
 scaling: $(SETUP)
