@@ -24,6 +24,9 @@ _EXPORTS = {
     "Adam": "inner",
     "InnerOptimizer": "inner",
     "MetaTrainer": "train",
+    "PerStepBatchNorm": "perstep",
+    "msl_weights": "perstep",
+    "per_step_batchnorm": "perstep",
     **{
         name: "strategies"
         for name in (
@@ -60,6 +63,7 @@ __all__ = [
     "MetaTrainer",
     "Naive",
     "Offload",
+    "PerStepBatchNorm",
     "RepeatedBatch",
     "Revolve",
     "RunFacts",
@@ -68,6 +72,8 @@ __all__ = [
     "make_strategy",
     "measure",
     "memory",
+    "msl_weights",
+    "per_step_batchnorm",
     "register_strategy",
     "replay",
     "tasks",
@@ -93,6 +99,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from . import distributed, measure, memory, replay, tasks
     from .inner import SGD, Adam, InnerOptimizer
     from .maml import MAML, Adapted
+    from .perstep import PerStepBatchNorm, msl_weights, per_step_batchnorm
     from .step import RepeatedBatch
     from .strategies import (
         STRATEGIES,

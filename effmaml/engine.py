@@ -58,7 +58,7 @@ def advance(
     b: int,
     consts: Consts,
     keep: Callable[[InnerState, RngState], None] | None = None,
-) -> tuple[InnerState, list[Tensor]]:
+) -> tuple[InnerState, list[Tensor], list[Tensor]]:
     """Run steps ``a..b-1`` first-order, keeping no graph between steps.
 
     Args:
@@ -71,24 +71,26 @@ def advance(
         keep: if given, called with the state and RNG *before* each step.
 
     Returns:
-        ``(state_b, [loss_a, ..., loss_{b-1}])`` with every tensor detached.
+        ``(state_b, [loss_a, ..., loss_{b-1}], [query_a, ..., query_{b-1}])`` with every
+        tensor detached; a query loss is 0 where the multi-step loss does not weigh it.
 
     Memory: one state and one first-order step graph at a time (one second-order step
     graph under ``problem.exact_states``, freed when the step is done). Compute: ``b - a``
     steps.
     """
     consts = consts.detached()
-    losses = []
+    losses, queries = [], []
     graph = bool(problem.exact_states)  # Note [States bitwise naive's]
     for t in range(a, b):
         if keep is not None:
             keep(state, capture_rng(problem.device))
-        new, loss = inner_step(
+        new, loss, query = inner_step(
             problem, rt, state.detached(requires_grad=True), t, consts, create_graph=graph
         )
         state = new.detached(requires_grad=False)
         losses.append(loss.detach())
-    return state, losses
+        queries.append(torch.zeros_like(losses[-1]) if query is None else query.detach())
+    return state, losses, queries
 
 
 def pullback(
@@ -103,6 +105,7 @@ def pullback(
     grad_b: InnerState,
     grad_losses: Tensor,
     inspect: Callable[[InnerState], None] | None = None,
+    grad_queries: Tensor | None = None,
 ) -> tuple[InnerState, list[Tensor | None]]:
     """Recompute steps ``a..b-1`` from ``state`` with their graph and pull ``grad_b`` back.
 
@@ -120,6 +123,9 @@ def pullback(
         grad_losses: gradients w.r.t. ``loss_a .. loss_{b-1}`` (shape ``(b - a,)``).
         inspect: called with the recomputed state at ``b`` before it is differentiated
             (the probe walks its graph for operations without double backward).
+        grad_queries: gradients w.r.t. the multi-step loss's query losses after steps
+            ``a .. b-1`` (shape ``(b - a,)``); each is added into the cotangent as the
+            pullback passes its state (Note [The multi-step loss under recomputation]).
 
     Returns:
         ``(grad_a, grad_consts)``: the cotangent at ``state`` (same form as ``grad_b``)
@@ -133,10 +139,11 @@ def pullback(
     with replay_rng(rng), torch.enable_grad():
         s0 = state.detached(requires_grad=True)
         s = s0
-        losses = []
+        losses, queries = [], []
         for t in range(a, b):
-            s, loss = inner_step(problem, rt, s, t, c, create_graph=True)
+            s, loss, query = inner_step(problem, rt, s, t, c, create_graph=True)
             losses.append(loss)
+            queries.append(query)
     if inspect is not None:
         inspect(s)
     outputs: list[Tensor] = []
@@ -147,6 +154,11 @@ def pullback(
             cotangents.append(g)
     outputs += losses
     cotangents += [g.to(loss.dtype) for g, loss in zip(grad_losses.unbind(0), losses)]
+    if grad_queries is not None:
+        for g, query in zip(grad_queries.unbind(0), queries):
+            if query is not None:
+                outputs.append(query)
+                cotangents.append(g.to(query.dtype))
     inputs = s0.flat(differentiable_only=True)
     n_s = len(inputs)
     inputs += [leaf for leaf, need in zip(leaves, need_consts) if need]
@@ -179,7 +191,7 @@ def advance_to(
     if a == b:
         return state, rng
     with replay_rng(rng):
-        out, _ = advance(problem, rt, state, a, b, consts)
+        out, _, _ = advance(problem, rt, state, a, b, consts)
         return out, capture_rng(problem.device)
 
 
@@ -237,8 +249,9 @@ class Schedule:
         state0: InnerState,
         rng0: RngState,
         consts: Consts,
-    ) -> tuple[InnerState, list[Tensor], object]:
-        """Run steps ``0..N-1``; return the final state, the losses and a memo for backward."""
+    ) -> tuple[InnerState, list[Tensor], list[Tensor], object]:
+        """Run steps ``0..N-1``; return the final state, the inner losses, the query losses
+        (:func:`advance`'s) and a memo for backward."""
         raise NotImplementedError
 
     def backward(
@@ -281,14 +294,14 @@ class _Unroll(torch.autograd.Function):
 
     Flat inputs: the initial state's tensors, then the constants' (:class:`_Run`'s specs);
     outputs: the final state's tensors (non-differentiable groups marked so), then the
-    stacked inner losses.
+    stacked inner losses and the stacked query losses of a multi-step loss (zeros without).
     """
 
     @staticmethod
     def forward(ctx: Any, run: _Run, *flat: Tensor) -> tuple[Tensor, ...]:
         state0, consts = run.unflatten(flat)
         rng0 = capture_rng(run.problem.device)
-        state, losses, memo = run.schedule.forward(
+        state, losses, queries, memo = run.schedule.forward(
             run.problem, run.rt, state0.detached(requires_grad=False), rng0, consts
         )
         run.rt.host_peak_bytes = max(run.rt.host_peak_bytes, run.schedule.store.host_bytes())
@@ -301,7 +314,7 @@ class _Unroll(torch.autograd.Function):
         out = state.map(lambda t, diff: t if diff else t.detach())
         fixed = [t for t, diff in zip(out.flat(), run.state_spec.differentiable()) if not diff]
         ctx.mark_non_differentiable(*fixed)
-        return (*out.flat(), torch.stack(losses))
+        return (*out.flat(), torch.stack(losses), torch.stack(queries))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
@@ -311,7 +324,8 @@ class _Unroll(torch.autograd.Function):
         state0, consts = run.unflatten(flat)
         diff = [g for g, d in zip(grads[: spec.size], spec.differentiable()) if d]
         grad = [spec.unflatten(diff, differentiable_only=True)]
-        grad_losses = grads[-1]
+        grad_losses, grad_queries = grads[-2], grads[-1]
+        msl = bool(problem.step_weights)
         n_c = run.consts_spec.size
         need = list(ctx.needs_input_grad[1 + spec.size :])
         assert len(need) == n_c
@@ -322,7 +336,17 @@ class _Unroll(torch.autograd.Function):
             # the schedule must hand over consecutive ranges, last first
             assert b == expect[0], (a, b, expect[0])
             grad[0], g_c = pullback(
-                problem, rt, state_a, rng_a, a, b, consts, need, grad[0], grad_losses[a:b]
+                problem,
+                rt,
+                state_a,
+                rng_a,
+                a,
+                b,
+                consts,
+                need,
+                grad[0],
+                grad_losses[a:b],
+                grad_queries=grad_queries[a:b] if msl else None,
             )
             _accumulate(acc, g_c)
             expect[0] = a
@@ -364,7 +388,7 @@ def run_schedule(
     state0: InnerState,
     consts: Consts,
     schedule: Schedule,
-) -> tuple[InnerState, Tensor]:
+) -> tuple[InnerState, Tensor, Tensor]:
     """Run the unroll under ``schedule``; the result is differentiable w.r.t. the inputs.
 
     Args:
@@ -375,7 +399,7 @@ def run_schedule(
         schedule: the schedule.
 
     Returns:
-        ``(state_N, losses)`` with ``losses`` of shape ``(N,)``.
+        ``(state_N, losses, queries)``, the inner and query losses of shape ``(N,)``.
     """
     # Note [Checking that a recomputation saw the same batch]
     # The forward pass records each step's loss and batch fingerprint; every step run
@@ -384,5 +408,5 @@ def run_schedule(
     rt.witness = Witness(problem.steps, problem.device, problem.autocast)
     run = _Run(problem, rt, schedule, state0.spec(), consts.spec())
     out = _Unroll.apply(run, *state0.flat(), *consts.flat())
-    state, _ = run.state_spec.split(out[:-1])
-    return state, out[-1]
+    state, _ = run.state_spec.split(out[:-2])
+    return state, out[-2], out[-1]

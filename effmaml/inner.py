@@ -10,9 +10,10 @@ checkpoint engine can store, restore and differentiate it like the parameters.
 
 Learning rates may be a float, a tensor (learned: give it ``requires_grad=True`` and pass
 it to the outer optimizer) or a dict name -> float/tensor (one rate per adapted parameter,
-Meta-SGD). Tensor rates are exposed by :meth:`InnerOptimizer.hyperparameters`: every
-strategy passes them explicitly to :meth:`InnerOptimizer.step`, which is how the exact
-strategies route meta-gradients to them.
+Meta-SGD). With ``per_step=True`` every tensor rate has a leading step dimension and step t
+reads ``lr[t]`` (MAML++'s per-layer, per-step rates, "LSLR"). Tensor rates are exposed by
+:meth:`InnerOptimizer.hyperparameters`: every strategy passes them explicitly to
+:meth:`InnerOptimizer.step`, which is how the exact strategies route meta-gradients to them.
 """
 
 from __future__ import annotations
@@ -38,9 +39,16 @@ class InnerOptimizer:
         lr: step size: a float, a tensor (a learned rate when it requires grad) or a
             mapping from adapted-parameter name to a float or tensor (Meta-SGD). A mapping
             must name every adapted parameter.
+        per_step: every rate is a tensor whose first dimension is the inner step: step t
+            uses ``lr[t]`` (shape ``(N,)``, or ``(N, *param_shape)``), and ``adapt`` must
+            run exactly N steps. Default False.
+
+    Raises:
+        ValueError: a per-step rate that is not a tensor with a step dimension, or rates of
+            different lengths.
     """
 
-    def __init__(self, lr: LearningRate) -> None:
+    def __init__(self, lr: LearningRate, per_step: bool = False) -> None:
         if isinstance(lr, Mapping):
             for name, value in lr.items():
                 _check_lr(value, f"lr[{name!r}]")
@@ -48,6 +56,44 @@ class InnerOptimizer:
         else:
             _check_lr(lr, "lr")
             self.lr = lr
+        self.per_step = bool(per_step)
+        self.steps: int | None = None  # N of per-step rates
+        if self.per_step:
+            rates = self.lr.items() if isinstance(self.lr, dict) else [("lr", self.lr)]
+            lengths = {}
+            for name, value in rates:
+                if not isinstance(value, Tensor) or value.dim() == 0:
+                    raise ValueError(
+                        f"per_step=True needs every rate to be a tensor with a leading step "
+                        f"dimension; {name} is {value!r}. For N steps starting at 0.1: "
+                        f"torch.full((N,), 0.1, requires_grad=True)"
+                    )
+                lengths[name] = value.shape[0]
+            if len(set(lengths.values())) != 1:
+                raise ValueError(
+                    f"per-step rates must all have the same number of steps; got {lengths}"
+                )
+            self.steps = next(iter(lengths.values()))
+
+    def check_steps(self, steps: int) -> None:
+        """Raise if per-step rates do not have exactly ``steps`` entries.
+
+        Raises:
+            ValueError: says how many the rates have and what to do.
+        """
+        if self.steps is None or steps == self.steps:
+            return
+        if steps > self.steps:
+            how = (
+                f"e.g. repeat the last rate: torch.cat([lr, lr[-1:].expand({steps - self.steps})])"
+            )
+        else:
+            how = f"e.g. the first {steps}: lr[:{steps}]"
+        raise ValueError(
+            f"the per-step learning rates have {self.steps} steps but adapt got {steps}: each "
+            f"inner step has its own learned rate, so train and evaluate with the same number "
+            f"of steps, or give an inner optimizer with rates for {steps} steps ({how})"
+        )
 
     # -- learning rates -----------------------------------------------------------------
     def hyperparameters(self) -> dict[str, Tensor]:
@@ -74,14 +120,21 @@ class InnerOptimizer:
                     f"adapted_names}} or pass a single float/tensor lr"
                 )
 
-    def _lr(self, name: str, hyper: Mapping[str, Tensor]) -> float | Tensor:
+    def _lr(self, name: str, hyper: Mapping[str, Tensor], t: int) -> float | Tensor:
+        """The rate of parameter ``name`` at step ``t`` (``lr[t]`` for per-step rates:
+        every strategy passes the step index, so a recomputed step reads the same slice)."""
         if isinstance(self.lr, dict):
             value = self.lr[name]
-            return hyper.get(f"lr.{name}", value) if isinstance(value, Tensor) else value
-        if isinstance(self.lr, Tensor):
-            return hyper.get("lr", self.lr)
-        assert isinstance(self.lr, (int, float))
-        return self.lr
+            rate = hyper.get(f"lr.{name}", value) if isinstance(value, Tensor) else value
+        elif isinstance(self.lr, Tensor):
+            rate = hyper.get("lr", self.lr)
+        else:
+            assert isinstance(self.lr, (int, float))
+            rate = self.lr
+        if self.per_step:
+            assert isinstance(rate, Tensor)
+            return rate[t]
+        return rate
 
     # -- the optimizer ------------------------------------------------------------------
     def init(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -117,10 +170,11 @@ class InnerOptimizer:
 
     def _repr_args(self) -> str:
         lr = self.lr
+        step = f" x {self.steps} steps" if self.per_step else ""
         if isinstance(lr, Tensor):
-            return f"lr=tensor(requires_grad={lr.requires_grad})"
+            return f"lr=tensor(requires_grad={lr.requires_grad}{step})"
         if isinstance(lr, dict):
-            return f"lr=<{len(lr)} per-parameter rates>"
+            return f"lr=<{len(lr)} per-parameter rates{step}>"
         return f"lr={lr}"
 
 
@@ -149,6 +203,7 @@ class SGD(InnerOptimizer):
         momentum: momentum factor, default 0.0.
         nesterov: use Nesterov momentum (needs ``momentum > 0``), default False.
         weight_decay: L2 penalty coefficient, default 0.0.
+        per_step: rates indexed by the inner step (see :class:`InnerOptimizer`).
     """
 
     def __init__(
@@ -157,8 +212,9 @@ class SGD(InnerOptimizer):
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        per_step: bool = False,
     ) -> None:
-        super().__init__(lr)
+        super().__init__(lr, per_step)
         if momentum < 0:
             raise ValueError(f"momentum must be >= 0 (got {momentum})")
         if weight_decay < 0:
@@ -185,7 +241,7 @@ class SGD(InnerOptimizer):
                 buf = self.momentum * state[f"momentum.{name}"] + g
                 new_state[f"momentum.{name}"] = buf
                 g = g + self.momentum * buf if self.nesterov else buf
-            new_params[name] = p - self._lr(name, hyper) * g
+            new_params[name] = p - self._lr(name, hyper, t) * g
         return new_state, new_params
 
     def _repr_args(self) -> str:
@@ -214,6 +270,7 @@ class Adam(InnerOptimizer):
         lr: step size (float, tensor, or per-parameter dict; see :class:`InnerOptimizer`).
         betas: decay rates of the first and second moments, default (0.9, 0.999).
         eps: denominator floor, default 1e-8 (enters as eps² under the square root).
+        per_step: rates indexed by the inner step (see :class:`InnerOptimizer`).
     """
 
     def __init__(
@@ -221,8 +278,9 @@ class Adam(InnerOptimizer):
         lr: LearningRate,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        per_step: bool = False,
     ) -> None:
-        super().__init__(lr)
+        super().__init__(lr, per_step)
         b1, b2 = betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"betas must lie in [0, 1) (got {betas})")
@@ -252,7 +310,7 @@ class Adam(InnerOptimizer):
             new_state[f"exp_avg.{name}"] = m
             new_state[f"exp_avg_sq.{name}"] = v
             denom = torch.sqrt(v / c2 + eps2)
-            new_params[name] = p - self._lr(name, hyper) * (m / c1) / denom
+            new_params[name] = p - self._lr(name, hyper, t) * (m / c1) / denom
         return new_state, new_params
 
     def _repr_args(self) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import perstep
 from .inner import InnerOptimizer
 from .memory import Prediction, Probe, parse_bytes
 from .probe import probe
@@ -20,6 +22,7 @@ from .step import (
     LossFn,
     RepeatedBatch,
     Runtime,
+    at_step,
 )
 from .strategies import RunFacts, Strategy, make_strategy
 from .substitutes import needs_substitutes
@@ -46,6 +49,10 @@ class Adapted:
         fixed: the parameters that were not adapted (the model's own tensors).
         facts: what ran and what the cost model predicted (:class:`RunFacts`).
         strategy: the strategy that produced it.
+        query_loss: with ``adapt(..., query=...)``, the multi-step loss
+            Σ_t w_t · L_query(φ_{t+1}), differentiable: ``query_loss.backward()`` puts the
+            exact meta-gradient in the model's ``.grad``; else None.
+        query_losses: the N query losses (detached values; 0 where w_t = 0), or empty.
     """
 
     def __init__(
@@ -59,6 +66,8 @@ class Adapted:
         facts: RunFacts,
         runtime: Runtime,
         strategy: Strategy,
+        query_loss: Tensor | None = None,
+        query_losses: list[Tensor] | None = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -69,6 +78,8 @@ class Adapted:
         self.facts = facts
         self.strategy = strategy
         self._runtime = runtime
+        self.query_loss = query_loss
+        self.query_losses = [q.detach() for q in query_losses or []]
 
     @property
     def info(self) -> dict[str, Any]:
@@ -87,9 +98,11 @@ class Adapted:
         return self._runtime.step_evals
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return FunctionalModel(self.model, {**self.fixed, **self.params}, self.buffers)(
-            *args, **kwargs
-        )
+        # as after the last inner step: per-step modules use their last step's slice
+        with at_step(len(self.losses) - 1):
+            return FunctionalModel(self.model, {**self.fixed, **self.params}, self.buffers)(
+                *args, **kwargs
+            )
 
     def named_parameters(self) -> dict[str, Tensor]:
         """All parameters as the adapted model sees them (adapted and fixed)."""
@@ -252,7 +265,14 @@ class MAML:
         """The device of the model's first adapted parameter; batches are moved there."""
         return dict(self.model.named_parameters())[self.adapted_names[0]].device
 
-    def adapt(self, batches: Sequence[Any] | Any, steps: int | None = None) -> Adapted:
+    def adapt(
+        self,
+        batches: Sequence[Any] | Any,
+        steps: int | None = None,
+        *,
+        query: Any = None,
+        step_weights: Sequence[float] | Tensor | None = None,
+    ) -> Adapted:
         """Run the inner loop and return the adapted model.
 
         Args:
@@ -267,6 +287,16 @@ class MAML:
             steps: the number of inner steps when ``batches`` is a single batch. A tensor,
                 tuple or dict is always one batch; a list (or other source) given with
                 ``steps`` must hold exactly ``steps`` batches.
+            query: a query batch for the multi-step loss (MAML++'s "MSL"): the loss
+                ``loss_fn(model at φ_{t+1}, query)`` after every inner step t, weighted by
+                ``step_weights``, is ``Adapted.query_loss``. Recomputing strategies evaluate
+                it as their pullbacks pass each state (Note [The multi-step loss under
+                recomputation]): memory is the single-loss schedule's plus one query
+                forward/backward per step whose graph is alive (k for
+                ``pullback="segment"``, 1 for the others).
+            step_weights: w_0..w_{N-1} (zeros skip steps); default with a query: the last
+                step only, ``(0, ..., 0, 1)``. :func:`effmaml.msl_weights` gives MAML++'s
+                annealing from uniform to the last step.
 
         Returns:
             The :class:`Adapted` model; ``loss_fn(adapted, query).backward()`` puts the
@@ -274,13 +304,15 @@ class MAML:
 
         Raises:
             TypeError: a source that cannot be indexed by step (says what to pass).
-            ValueError: empty source, ``steps < 1``, or a length that disagrees with
-                ``steps``.
+            ValueError: empty source, ``steps < 1``, a length that disagrees with
+                ``steps``, ``step_weights`` without a query or of another length than N, or
+                per-step rates or per-step BatchNorm for another number of steps.
             FloatingPointError: a non-finite inner loss (names the step).
             MemoryError: the strategy cannot meet ``memory_budget`` (raised before
                 unrolling; says the smallest budget that would do).
         """
         problem, state0, consts = self.problem(batches, steps)
+        problem = _with_query(problem, query, step_weights)
         rt = self.runtime()
         out = self.strategy.run(problem, rt, state0, consts)
         return Adapted(
@@ -293,6 +325,8 @@ class MAML:
             out.facts,
             rt,
             self.strategy,
+            out.query_loss,
+            out.queries,
         )
 
     def measure(self, batch: Any) -> Probe:
@@ -300,7 +334,7 @@ class MAML:
         second-order graph), t₁ and t₂ (:class:`~effmaml.memory.Probe`). Cached: a later
         ``adapt`` or ``estimate`` with batches like it does not probe again (the result is
         returned with ``evals=0`` and ``seconds=0`` then, as such a call would see it)."""
-        problem, state0, consts = self.problem(batch, 1)
+        problem, state0, consts = self.problem(batch, 1, check_steps=False)  # probes step 0
         pr = probe(problem, self.runtime(), state0, consts)
         return dataclasses.replace(pr, evals=0, seconds=0.0)
 
@@ -361,14 +395,18 @@ class MAML:
         return out
 
     def problem(
-        self, batches: Sequence[Any] | Any, steps: int | None = None
+        self, batches: Sequence[Any] | Any, steps: int | None = None, check_steps: bool = True
     ) -> tuple[InnerProblem, InnerState, Consts]:
         """The inner problem ``adapt`` would run, its initial state and constants.
 
         For tools built on the engine (:meth:`estimate`); arguments as for
-        :meth:`adapt`.
+        :meth:`adapt`. ``check_steps=False``: do not hold the number of steps against
+        per-step rates (the probe's one-step problem).
         """
         seq = self._batches(batches, steps)
+        if check_steps:
+            self.inner.check_steps(len(seq))
+            perstep.check_steps(self.model, len(seq))
         problem = InnerProblem(
             model=self.model,
             loss_fn=self.loss_fn,
@@ -438,6 +476,37 @@ class MAML:
             f"MAML({type(self.model).__name__}, inner={self.inner!r}, "
             f"strategy={self.strategy!r}, adapted={len(self.adapted_names)} params)"
         )
+
+
+def _with_query(
+    problem: InnerProblem, query: Any, weights: Sequence[float] | Tensor | None
+) -> InnerProblem:
+    """The problem with a multi-step loss, after checking its weights."""
+    if query is None:
+        if weights is not None:
+            raise ValueError(
+                "step_weights given without a query batch: pass adapt(..., query=batch, "
+                "step_weights=w) for the multi-step loss"
+            )
+        return problem
+    n = problem.steps
+    if weights is None:
+        w = (0.0,) * (n - 1) + (1.0,)
+    else:
+        if isinstance(weights, Tensor):
+            if weights.requires_grad:
+                raise ValueError("step_weights are constants; pass them detached")
+            weights = weights.tolist()
+        w = tuple(float(x) for x in weights)
+        if len(w) != n:
+            raise ValueError(
+                f"step_weights has {len(w)} entries but adapt runs {n} inner steps; give one "
+                f"weight per step (w[t] weighs the query loss after step t, w[N-1] the final "
+                f"one), e.g. effmaml.msl_weights({n}, progress)"
+            )
+        if not all(math.isfinite(x) for x in w) or not any(w):
+            raise ValueError(f"step_weights must be finite and not all zero (got {list(w)})")
+    return dataclasses.replace(problem, query=query, step_weights=w)
 
 
 def _indexable(source: Any) -> bool:

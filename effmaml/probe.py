@@ -172,7 +172,7 @@ def _first_order(
     t0 = _clock(problem.device)
     s = state0.detached(requires_grad=True)
     with saved_bytes() as count:
-        out, loss = inner_step(problem, rt, s, 0, consts.detached(), create_graph=False)
+        out, loss, _ = inner_step(problem, rt, s, 0, consts.detached(), create_graph=False)
         # a first-order step frees its graph inside autograd.grad; what it keeps alive at
         # its peak is the forward's saved tensors
     del out, loss

@@ -87,18 +87,20 @@ class UniformSchedule(Schedule):
         state0: InnerState,
         rng0: RngState,
         consts: Consts,
-    ) -> tuple[InnerState, list[Tensor], object]:
+    ) -> tuple[InnerState, list[Tensor], list[Tensor], object]:
         steps = problem.steps
         stored: list[tuple[int, Handle, RngState]] = []
         losses: list[Tensor] = []
+        queries: list[Tensor] = []
         state = state0
         for a in self.starts(steps):
             b = min(a + self.segment, steps)
             if a > 0:
                 stored.append((a, self.store.put(state), capture_rng(problem.device)))
-            state, seg_losses = advance(problem, rt, state, a, b, consts)
+            state, seg_losses, seg_queries = advance(problem, rt, state, a, b, consts)
             losses += seg_losses
-        return state, losses, stored
+            queries += seg_queries
+        return state, losses, queries, stored
 
     def backward(
         self,
@@ -130,7 +132,7 @@ class UniformSchedule(Schedule):
                 keep.append((store.put(s), r))
 
             with replay_rng(rng_a):
-                last, _ = advance(problem, rt, state_a, a, b - 1, consts, keep=put)
+                last, _, _ = advance(problem, rt, state_a, a, b - 1, consts, keep=put)
                 put(last, capture_rng(problem.device))
             del state_a, last
             for t in reversed(range(a, b)):
@@ -259,11 +261,12 @@ class RevolveSchedule(Schedule):
         state0: InnerState,
         rng0: RngState,
         consts: Consts,
-    ) -> tuple[InnerState, list[Tensor], object]:
+    ) -> tuple[InnerState, list[Tensor], list[Tensor], object]:
         steps = problem.steps
         plan = revolve_plan(0, steps, min(self.slots, steps), {0})
         stored: dict[int, tuple[InnerState, RngState]] = {0: (state0, rng0)}
         losses: list[Tensor] = []
+        queries: list[Tensor] = []
         state, pos = state0, 0
         first: Action | None = None
         for action in plan:
@@ -271,21 +274,25 @@ class RevolveSchedule(Schedule):
                 first = action
                 break
             assert action.src == pos, "the first descent advances from where it stands"
-            state, seg = advance(problem, rt, state, pos, action.dst, consts)
+            state, seg, seg_q = advance(problem, rt, state, pos, action.dst, consts)
             losses += seg
+            queries += seg_q
             pos = action.dst
             if action.kind == "store":
                 stored[pos] = (state, capture_rng(problem.device))
         assert first is not None and pos <= first.src == steps - 1
-        state, seg = advance(problem, rt, state, pos, steps - 1, consts)
+        state, seg, seg_q = advance(problem, rt, state, pos, steps - 1, consts)
         losses += seg
+        queries += seg_q
         # the global RNG is where step N-1 starts: run it in place, so that it moves on
         # exactly as naive's forward would leave it
         working = (steps - 1, state, capture_rng(problem.device))
-        final, seg = advance(problem, rt, state, steps - 1, steps, consts)
+        final, seg, seg_q = advance(problem, rt, state, steps - 1, steps, consts)
         losses += seg
+        queries += seg_q
         del stored[0]  # the input; backward gets it again from the Function's saved tensors
-        return final, losses, _RevolveMemo(itertools.chain([first], plan), stored, working)
+        memo = _RevolveMemo(itertools.chain([first], plan), stored, working)
+        return final, losses, queries, memo
 
     def backward(
         self,

@@ -14,7 +14,8 @@ alive through its outputs; without, it keeps nothing beyond the new state ``P``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable, Mapping, Sequence
+import contextvars
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +37,13 @@ __all__ = [
     "LossFn",
     "RepeatedBatch",
     "Runtime",
+    "at_step",
     "attention_kernels",
+    "current_step",
     "differentiable_ops",
     "inner_step",
     "move_to",
+    "query_loss",
 ]
 
 LossFn = Callable[[Callable[..., Any], Any], Tensor]
@@ -101,6 +105,9 @@ class InnerProblem:
         exact_states: whether the forward pass's first-order advances compute each step's
             gradient as a step with graph does (Note [States bitwise naive's]); None: the
             probe decides, and a recomputing strategy runs with the resolved bool.
+        query: the query batch of a multi-step loss, or None.
+        step_weights: the multi-step loss's weights w_0..w_{N-1} (empty: none); the query
+            loss after step t counts w_t times.
     """
 
     model: nn.Module
@@ -118,6 +125,12 @@ class InnerProblem:
     math_attention: bool = False
     substitute_ops: bool = False
     exact_states: bool | None = None
+    query: Any = None
+    step_weights: tuple[float, ...] = ()
+
+    def weight(self, t: int) -> float:
+        """The multi-step loss's weight of the query loss after step ``t`` (0 without one)."""
+        return self.step_weights[t] if self.step_weights else 0.0
 
     @property
     def steps(self) -> int:
@@ -188,8 +201,9 @@ def inner_step(
     t: int,
     consts: Consts,
     create_graph: bool,
-) -> tuple[InnerState, Tensor]:
-    """Run inner step ``t``: loss on batch ``t``, its gradient, one optimizer update.
+) -> tuple[InnerState, Tensor, Tensor | None]:
+    """Run inner step ``t``: loss on batch ``t``, its gradient, one optimizer update, and
+    with a multi-step loss the query loss at the state it produced.
 
     Args:
         problem: the problem.
@@ -201,9 +215,11 @@ def inner_step(
         create_graph: keep the second-order graph (exact strategies) or not (first order).
 
     Returns:
-        ``(state_{t+1}, loss_t)`` where ``loss_t`` is the user's loss before the update
-        (without the proximal term). Buffers of the new state are fresh tensors; the ones
-        in ``state`` are left untouched.
+        ``(state_{t+1}, loss_t, query_t)`` where ``loss_t`` is the user's loss before the
+        update (without the proximal term) and ``query_t`` the query loss at
+        ``state_{t+1}`` when ``problem.step_weights[t]`` is not 0 (with its graph when
+        ``create_graph``), else None. Buffers of the new state are fresh tensors; the ones
+        in ``state`` are left untouched; the query's forward updates none.
 
     Raises:
         ValueError: the loss is not a scalar tensor.
@@ -220,7 +236,12 @@ def inner_step(
     module = FunctionalModel(
         problem.model, {**consts.fixed, **state.params}, buffers, copy_buffers=False
     )
-    with replay_autocast(problem.autocast), differentiable_ops(problem), torch.enable_grad():
+    with (
+        replay_autocast(problem.autocast),
+        differentiable_ops(problem),
+        at_step(t),
+        torch.enable_grad(),
+    ):
         batch = problem.batch(t)
         if rt.witness is not None:
             rt.witness.batch(t, batch)
@@ -245,9 +266,57 @@ def inner_step(
         opt, params = problem.inner.step(state.opt, state.params, grads_d, t, consts.hyper)
         if create_graph:
             params = clip_backward(params, problem.clip)
-    if not problem.update_running_stats:
-        buffers = state.buffers
-    return InnerState(params, opt, buffers), loss
+        if not problem.update_running_stats:
+            buffers = state.buffers
+        new = InnerState(params, opt, buffers)
+        query = None
+        if problem.weight(t):
+            # with grad on, as naive computes it (no_grad may pick other kernels); a
+            # first-order caller detaches it, which frees its graph at once
+            query = query_loss(problem, new, consts)
+    return new, loss, query
+
+
+def query_loss(problem: InnerProblem, state: InnerState, consts: Consts) -> Tensor:
+    """The query loss at ``state`` (the multi-step loss's term), under the contexts the
+    caller entered (the step's autocast, stand-ins and step index). The module's buffers
+    are copied: the query's forward never updates running statistics.
+
+    # Note [The multi-step loss under recomputation]
+    # Naive evaluates L_query(φ_{t+1}) right after step t, so the query's dropout draws
+    # come between step t's and step t+1's. Every strategy evaluates it at the same place
+    # (inside the step), in the forward pass and in every recomputation, so a replayed RNG
+    # state reproduces both, and a pullback adds w_t · ∂L_query/∂φ_{t+1} to the cotangent
+    # as it passes state t+1: no query graph outlives its step's pullback.
+    """
+    module = FunctionalModel(problem.model, {**consts.fixed, **state.params}, state.buffers)
+    loss = problem.loss_fn(module, move_to(problem.query, problem.device))
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ValueError("loss_fn must return a scalar tensor on the query batch too")
+    return loss
+
+
+_STEP: contextvars.ContextVar[int | None] = contextvars.ContextVar("effmaml_step", default=None)
+
+
+def current_step() -> int | None:
+    """The index of the inner step running now (in the forward pass or a recomputation),
+    or the one :func:`at_step` set; None outside. What per-step modules select from."""
+    return _STEP.get()
+
+
+@contextlib.contextmanager
+def at_step(t: int | None) -> Iterator[None]:
+    """Run the body as inner step ``t`` (:func:`current_step`), restoring the previous one.
+
+    A context variable, set and reset around each step: two ``MAML`` objects, or a step
+    and its recomputation in backward, never see each other's index.
+    """
+    token = _STEP.set(t)
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
 
 
 def differentiable_ops(problem: InnerProblem) -> contextlib.AbstractContextManager[Any]:

@@ -95,7 +95,7 @@ class Opt:
     """One row of the option grid."""
 
     optim: str = "sgd"  # sgd | momentum | nesterov | adam
-    lr: str = "float"  # float | learned | per_param
+    lr: str = "float"  # float | learned | per_param | per_step (per parameter and step)
     bn: str = "update"  # update | fixed | none
     dropout: bool = False
     clip: float | None = None
@@ -135,24 +135,31 @@ def build(opt: Opt, steps: int, dtype=F64, seed=0):
         lr = base
     elif opt.lr == "learned":
         lr = torch.tensor(base, dtype=dtype, requires_grad=True)
-    else:
+    elif opt.lr == "per_param":
         lr = {
             n: torch.tensor(0.1 + 0.05 * i, dtype=dtype, requires_grad=True)
             for i, n in enumerate(adapted)
         }
+    else:  # MAML++'s LSLR: a rate per parameter and per step
+        lr = {
+            n: (0.1 + 0.05 * i) * (1 + 0.1 * torch.arange(steps, dtype=dtype))
+            for i, n in enumerate(adapted)
+        }
+        lr = {n: v.requires_grad_(True) for n, v in lr.items()}
     batches, steps_kw = batches_for(opt.batches, steps, dtype)
     return model, lr, adapted, batches, steps_kw
 
 
 def inner_for(opt: Opt, lr):
+    step = opt.lr == "per_step"
     if opt.optim == "sgd":
-        return effmaml.SGD(lr, weight_decay=WEIGHT_DECAY)
+        return effmaml.SGD(lr, weight_decay=WEIGHT_DECAY, per_step=step)
     if opt.optim == "momentum":
-        return effmaml.SGD(lr, momentum=MOMENTUM)
+        return effmaml.SGD(lr, momentum=MOMENTUM, per_step=step)
     if opt.optim == "nesterov":
-        return effmaml.SGD(lr, momentum=NESTEROV_MOMENTUM, nesterov=True)
+        return effmaml.SGD(lr, momentum=NESTEROV_MOMENTUM, nesterov=True, per_step=step)
     if opt.optim == "adam":
-        return effmaml.Adam(lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+        return effmaml.Adam(lr, betas=ADAM_BETAS, eps=ADAM_EPS, per_step=step)
     raise ValueError(opt.optim)
 
 
@@ -268,6 +275,8 @@ def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
         new = {}
         for n, p in phi.items():
             r = lr[n] if isinstance(lr, dict) else lr
+            if opt.lr == "per_step":
+                r = r[t]
             if opt.optim == "sgd":
                 new[n] = p - r * (g[n] + WEIGHT_DECAY * p)
             elif opt.optim in ("momentum", "nesterov"):
@@ -390,7 +399,7 @@ def pairwise(factors: dict[str, list]) -> list[dict]:
 
 GRID_FACTORS = {
     "optim": ["sgd", "momentum", "nesterov", "adam"],
-    "lr": ["float", "learned", "per_param"],
+    "lr": ["float", "learned", "per_param", "per_step"],
     "bn": ["update", "fixed", "none"],
     "dropout": [False, True],
     "clip": [None, 0.5],

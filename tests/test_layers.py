@@ -28,6 +28,7 @@ ORDER = [
     "state",
     "substitutes",
     "step",
+    "perstep",
     "diagnose",
     "engine",
     "schedules",

@@ -138,4 +138,4 @@ class Auto(Strategy):
             memory_budget=d.budget,
             considered=d.considered,
         )
-        return Outcome(out.state, out.losses, facts)
+        return Outcome(out.state, out.losses, facts, out.queries, out.query_loss)

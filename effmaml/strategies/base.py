@@ -22,6 +22,7 @@ __all__ = [
     "Strategy",
     "check_count",
     "make_strategy",
+    "multi_step_loss",
     "register_strategy",
     "warn_learned_hyper",
 ]
@@ -134,11 +135,28 @@ class Outcome:
         state: φ_N, the optimizer state and buffers after N steps.
         losses: the N inner losses, differentiable under exact strategies.
         facts: what ran and what was predicted (:class:`RunFacts`).
+        queries: with a multi-step loss, the N query losses L_query(φ_{t+1}) (0 where the
+            weight is 0); else empty.
+        query_loss: with a multi-step loss, Σ_t w_t · L_query(φ_{t+1}), differentiable
+            w.r.t. the initial parameters (the meta-objective); else None.
     """
 
     state: InnerState
     losses: list[Tensor]
     facts: RunFacts
+    queries: list[Tensor] = field(default_factory=list)
+    query_loss: Tensor | None = None
+
+
+def multi_step_loss(problem: InnerProblem, queries: list[Tensor]) -> Tensor | None:
+    """Σ_t w_t · queries[t] for the problem's step weights (None without a multi-step loss)."""
+    if not problem.step_weights:
+        return None
+    terms = [w * q for w, q in zip(problem.step_weights, queries) if w]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 class Strategy:

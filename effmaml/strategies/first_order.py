@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -10,8 +11,17 @@ from torch import Tensor
 from ..clip import clip_backward
 from ..engine import advance
 from ..memory import Prediction, Probe, first_order_peak, predict_seconds
+from ..replay import replay_autocast
 from ..state import InnerState
-from ..step import Consts, InnerProblem, Runtime
+from ..step import (
+    Consts,
+    InnerProblem,
+    Runtime,
+    at_step,
+    differentiable_ops,
+    inner_step,
+    query_loss,
+)
 from .base import Outcome, RunFacts, Strategy, register_strategy, warn_learned_hyper
 
 __all__ = ["FirstOrder"]
@@ -27,6 +37,21 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
         return None, grad
+
+
+class _Precomputed(torch.autograd.Function):
+    """Forward: a value. Backward: gradients computed in the forward pass, times the
+    incoming one (the first-order multi-step loss)."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, n: int, *tensors: Tensor) -> Tensor:
+        ctx.grads = tensors[:n]
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        grads = ctx.grads
+        return (None, None, *([None] * len(grads)), *(grad * g for g in grads))
 
 
 @register_strategy
@@ -51,10 +76,61 @@ class FirstOrder(Strategy):
         self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     ) -> Outcome:
         warn_learned_hyper(consts, self.name, "")
-        state, losses = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
+        if problem.step_weights:
+            return self._multi_step(problem, rt, state0, consts)
+        state, losses, _ = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
         params = clip_backward(params, problem.clip)
         return Outcome(InnerState(params, state.opt, state.buffers), losses, RunFacts(self.name))
+
+    def _multi_step(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> Outcome:
+        """The first-order multi-step loss: each weighted query loss's gradient at φ_{t+1}
+        is handed to θ unchanged (and to the non-adapted parameters), as first-order MAML
+        does for the final one. Memory: one state and one summed query gradient (P)."""
+        quiet = dataclasses.replace(problem, step_weights=())  # the query is evaluated here
+        fixed = consts.detached()
+        names = [*state0.params, *fixed.fixed]
+        acc: list[Tensor | None] = [None] * len(names)
+        state = state0.detached(False)
+        losses, queries = [], []
+        for t in range(problem.steps):
+            new, loss, _ = inner_step(quiet, rt, state.detached(True), t, fixed, False)
+            state = new.detached(False)
+            losses.append(loss.detach())
+            w = problem.weight(t)
+            if not w:
+                queries.append(torch.zeros_like(losses[-1]))
+                continue
+            leaves = state.detached(True)
+            consts_t = Consts(
+                {k: v.requires_grad_(True) for k, v in fixed.detached().fixed.items()},
+                fixed.hyper,
+                fixed.theta0,
+            )
+            with (
+                replay_autocast(problem.autocast),
+                differentiable_ops(problem),
+                at_step(t),
+                torch.enable_grad(),
+            ):
+                q = query_loss(problem, leaves, consts_t)
+                wrt = [*leaves.params.values(), *consts_t.fixed.values()]
+                grads = torch.autograd.grad(q, wrt, allow_unused=True)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    prev = acc[i]
+                    acc[i] = w * g if prev is None else prev + w * g
+            queries.append(q.detach())
+        inputs = [*state0.params.values(), *consts.fixed.values()]
+        total = sum(problem.weight(t) * q for t, q in enumerate(queries))
+        summed = [torch.zeros_like(x) if g is None else g for g, x in zip(acc, inputs)]
+        query = _Precomputed.apply(torch.as_tensor(total), len(summed), *summed, *inputs)
+        params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
+        params = clip_backward(params, problem.clip)
+        out = InnerState(params, state.opt, state.buffers)
+        return Outcome(out, losses, RunFacts(self.name), queries, query)
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
         # the working state, its successor and the output; one first-order step's graph

@@ -131,12 +131,18 @@ class Implicit(Strategy):
     def run(
         self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     ) -> Outcome:
+        if problem.step_weights:
+            raise ValueError(
+                "strategy='implicit' has no multi-step loss: its meta-gradient is taken at the "
+                "inner solution φ_N only. Use an exact strategy (naive, checkpoint, revolve, "
+                "auto) or first_order with step_weights, or adapt without step_weights"
+            )
         lam = self.resolve_lam(problem.prox)
         warn_learned_hyper(consts, self.name, ": the inner solution does not depend on them")
         problem = dataclasses.replace(problem, prox=lam)
         theta0 = {k: v.detach() for k, v in state0.params.items()}
         consts = Consts(consts.fixed, consts.hyper, theta0)
-        final, losses = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
+        final, losses, _ = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
         stats = SolveStats(lam, self.cg_steps)
         solver = _Solver(self, problem, final, consts.fixed, lam, stats)
         fixed = list(consts.fixed.values())

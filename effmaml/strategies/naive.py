@@ -9,7 +9,7 @@ from ..checks import find_no_double_backward
 from ..diagnose import no_double_backward_error
 from ..memory import Prediction, Probe, naive_peak, predict_seconds
 from ..step import Consts, InnerProblem, InnerState, Runtime, inner_step
-from .base import Outcome, RunFacts, Strategy, register_strategy
+from .base import Outcome, RunFacts, Strategy, multi_step_loss, register_strategy
 
 __all__ = ["Naive"]
 
@@ -19,8 +19,8 @@ class Naive(Strategy):
     """Full unroll: trades nothing; keeps every step's second-order graph.
 
     Every inner step runs with ``create_graph=True`` and the query loss backpropagates
-    through all of them with plain autograd. This is the reference every other strategy is
-    checked against.
+    through all of them with plain autograd; a multi-step loss keeps every query's graph too.
+    This is the reference every other strategy is checked against.
 
     Memory: N·A (A one step's second-order graph) plus N states. Compute: N steps forward,
     one backward through N steps.
@@ -38,12 +38,15 @@ class Naive(Strategy):
     ) -> Outcome:
         state = state0
         losses: list[Tensor] = []
+        queries: list[Tensor] = []
         for t in range(problem.steps):
-            state, loss = inner_step(problem, rt, state, t, consts, create_graph=True)
+            state, loss, query = inner_step(problem, rt, state, t, consts, create_graph=True)
             losses.append(loss)
+            queries.append(torch.zeros_like(loss) if query is None else query)
             if t == 0 and find_no_double_backward(state.params.values()) is not None:
                 raise no_double_backward_error(problem, state0, consts)
-        return Outcome(state, losses, RunFacts("naive"))
+        qs = queries if problem.step_weights else []
+        return Outcome(state, losses, RunFacts("naive"), qs, multi_step_loss(problem, qs))
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
         n = problem.steps

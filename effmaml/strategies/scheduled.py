@@ -9,7 +9,7 @@ from ..engine import Schedule, run_schedule
 from ..memory import Prediction, Probe, available_host_bytes, format_bytes
 from ..probe import probe
 from ..step import Consts, InnerProblem, InnerState, Runtime
-from .base import Outcome, RunFacts, Strategy
+from .base import Outcome, RunFacts, Strategy, multi_step_loss
 
 __all__ = ["HOST_BUDGET_FRACTION", "Scheduled", "host_budget", "resolve_states"]
 
@@ -129,7 +129,7 @@ class Scheduled(Strategy):
     ) -> Outcome:
         """Run a chosen ``schedule`` on the engine (for :meth:`run` and ``auto``)."""
         problem = resolve_states(problem, pr)
-        state, losses = run_schedule(problem, rt, state0, consts, schedule)
+        state, losses, queries = run_schedule(problem, rt, state0, consts, schedule)
         facts = RunFacts(
             self.label(schedule),
             self.resolved(schedule),
@@ -138,7 +138,8 @@ class Scheduled(Strategy):
             schedule,
             exact_states=problem.exact_states,
         )
-        return Outcome(state, list(losses.unbind(0)), facts)
+        qs = list(queries.unbind(0)) if problem.step_weights else []
+        return Outcome(state, list(losses.unbind(0)), facts, qs, multi_step_loss(problem, qs))
 
     def resolved(self, schedule: Schedule) -> dict[str, Any]:
         """The options as run (for ``Adapted.info``)."""
