@@ -25,6 +25,7 @@ _EXPORTS = {
     "InnerOptimizer": "inner",
     "MetaTrainer": "train",
     "PerStepBatchNorm": "perstep",
+    "at_step": "step",
     "msl_weights": "perstep",
     "per_step_batchnorm": "perstep",
     **{
@@ -68,6 +69,7 @@ __all__ = [
     "Revolve",
     "RunFacts",
     "Strategy",
+    "at_step",
     "distributed",
     "make_strategy",
     "measure",
@@ -100,7 +102,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .inner import SGD, Adam, InnerOptimizer
     from .maml import MAML, Adapted
     from .perstep import PerStepBatchNorm, msl_weights, per_step_batchnorm
-    from .step import RepeatedBatch
+    from .step import RepeatedBatch, at_step
     from .strategies import (
         STRATEGIES,
         Auto,

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from .checks import find_no_double_backward
 from .replay import replay_autocast
 from .state import Consts, InnerState
-from .step import FunctionalModel, InnerProblem, differentiable_ops
+from .step import FunctionalModel, InnerProblem, at_step, differentiable_ops
 from .substitutes import NODES
 
 __all__ = ["NoDoubleBackwardError", "culprit", "no_double_backward_error"]
@@ -105,6 +105,7 @@ def culprit(problem: InnerProblem, state: InnerState, consts: Consts) -> list[tu
             _Trace(stack, created),
             replay_autocast(problem.autocast),
             differentiable_ops(problem),
+            at_step(0),
         ):
             params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
             buffers = {k: b.clone() for k, b in state.buffers.items()}

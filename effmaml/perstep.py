@@ -93,7 +93,7 @@ class PerStepBatchNorm(nn.Module):
             raise RuntimeError(
                 "PerStepBatchNorm needs the inner step's index: run the model through "
                 "effmaml (MAML.adapt, or the Adapted model it returns), or set one with "
-                "`with effmaml.step.at_step(t): model(x)`"
+                "`with effmaml.at_step(t): model(x)`"
             )
         if not 0 <= t < self.steps:
             raise ValueError(

@@ -38,7 +38,14 @@ from .measure import host_link
 from .memory import Probe, nbytes, saved_bytes
 from .replay import capture_rng, replay_autocast, replay_rng
 from .state import Consts, InnerState
-from .step import FunctionalModel, InnerProblem, Runtime, differentiable_ops, inner_step
+from .step import (
+    FunctionalModel,
+    InnerProblem,
+    Runtime,
+    at_step,
+    differentiable_ops,
+    inner_step,
+)
 
 __all__ = ["PROBE_EVALS", "probe", "signature"]
 
@@ -47,8 +54,10 @@ PROBE_EVALS = 4  # step evaluations of a probe that runs (0 when cached)
 
 def signature(problem: InnerProblem, batch0: Any) -> Hashable:
     """What the probe's results depend on besides the MAML instance: batch 0's structure
-    (types, shapes, dtypes, devices), the model's train/eval mode and the autocast state."""
-    return (_structure(batch0), problem.model.training, problem.autocast)
+    (types, shapes, dtypes, devices), the model's train/eval mode, the autocast state and
+    whether a multi-step loss adds a query to each step."""
+    msl = _structure(problem.query) if problem.step_weights else None
+    return (_structure(batch0), problem.model.training, problem.autocast, msl)
 
 
 class _First(Sequence[Any]):
@@ -105,6 +114,10 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     if key in rt.probes:
         return dataclasses.replace(rt.probes[key], evals=0, seconds=0.0)
     problem = dataclasses.replace(problem, batches=_First(problem.batches, batch0))
+    if problem.step_weights and not problem.step_weights[0]:
+        # A is measured on step 0: with a multi-step loss it holds the query's graph too
+        weights = (1.0, *problem.step_weights[1:])
+        problem = dataclasses.replace(problem, step_weights=weights)
     start = _clock(device)
     with torch.random.fork_rng(devices=devices):
         rng = capture_rng(device)  # every probe step starts from it (dropout draws alike)
@@ -196,7 +209,12 @@ def _gradients_agree(problem: InnerProblem, state0: InnerState, consts: Consts) 
     params = {k: v.detach().requires_grad_(True) for k, v in state0.params.items()}
     buffers = {k: b.clone() for k, b in state0.buffers.items()}
     module = FunctionalModel(problem.model, {**consts.fixed, **params}, buffers, False)
-    with replay_autocast(problem.autocast), differentiable_ops(problem), torch.enable_grad():
+    with (
+        replay_autocast(problem.autocast),
+        differentiable_ops(problem),
+        at_step(0),
+        torch.enable_grad(),
+    ):
         loss = problem.loss_fn(module, problem.batch(0))
         wrt = list(params.values())
         plain = torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)

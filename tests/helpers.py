@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 import effmaml
+from effmaml.step import at_step
 
 F64 = torch.float64
 
@@ -96,18 +97,20 @@ class Opt:
 
     optim: str = "sgd"  # sgd | momentum | nesterov | adam
     lr: str = "float"  # float | learned | per_param | per_step (per parameter and step)
-    bn: str = "update"  # update | fixed | none
+    bn: str = "update"  # update | fixed | none | per_step (MAML++'s per-step BatchNorm)
     dropout: bool = False
     clip: float | None = None
     select: str = "all"  # all | head
     batches: str = "distinct"  # reused | distinct | lazy
     prox: float = 0.0
     act: str = "tanh"  # tanh | silu
+    msl: bool = False  # MAML++'s multi-step loss (MSL_WEIGHTS), else the final query loss
 
     def id(self) -> str:
         return (
             f"{self.optim}-lr_{self.lr}-bn_{self.bn}-drop{int(self.dropout)}-"
             f"clip{self.clip}-{self.select}-{self.batches}-prox{self.prox}-{self.act}"
+            f"{'-msl' if self.msl else ''}"
         )
 
 
@@ -127,6 +130,11 @@ def build(opt: Opt, steps: int, dtype=F64, seed=0):
     """(model, MAML kwargs maker, batches, steps kw, learned tensors) for one grid row."""
     p_drop = P_DROP if opt.dropout else 0.0
     model = make_model(seed, dtype, bn=opt.bn != "none", p_drop=p_drop, act=opt.act)
+    if opt.bn == "per_step":
+        with torch.no_grad():  # slices that differ, so that a wrong slice shows
+            effmaml.per_step_batchnorm(model, steps)
+            model[1].weight.add_(0.1 * torch.arange(steps, dtype=dtype)[:, None])
+            model[1].running_mean.add_(0.05 * torch.arange(steps, dtype=dtype)[:, None])
     model.train()
     names = [n for n, _ in model.named_parameters()]
     adapted = list(HEAD) if opt.select == "head" else names
@@ -208,9 +216,13 @@ def run_effmaml(
     torch.manual_seed(rng_seed)
     amp_ctx = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
     with amp_ctx:
-        adapted = maml.adapt(batches, steps=steps_kw) if steps_kw else maml.adapt(batches)
         query = make_batch(999, dtype=dtype)
-        loss = ce_loss(adapted, query)
+        msl = {"query": query, "step_weights": msl_weights_for(steps)} if opt.msl else {}
+        if steps_kw:
+            adapted = maml.adapt(batches, steps=steps_kw, **msl)
+        else:
+            adapted = maml.adapt(batches, **msl)
+        loss = adapted.query_loss if opt.msl else ce_loss(adapted, query)
     wrt = [*model.parameters(), *learned_tensors(lr)]
     grads = torch.autograd.grad(loss, wrt, allow_unused=True)
     rng_after = torch.get_rng_state()
@@ -224,6 +236,17 @@ def run_effmaml(
         "adapted": adapted,
         "model": model,
     }
+
+
+def dict_clone(tensors: dict) -> dict:
+    return {n: v.clone() for n, v in tensors.items()}
+
+
+def msl_weights_for(steps: int) -> list[float]:
+    """The grid's multi-step loss weights: uneven, with zeros (skipped steps), the last 1."""
+    w = [(0.5, 0.0, 0.25)[t % 3] for t in range(steps)]
+    w[-1] = 1.0
+    return w
 
 
 # a memory budget for auto: halfway between the smallest predicted peak of an exact
@@ -262,12 +285,23 @@ def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
     bufs = {n: b.clone() for n, b in model.named_buffers()}
     st = {n: [torch.zeros_like(p), torch.zeros_like(p)] for n, p in phi.items()}
     losses = []
+    query = make_batch(999, dtype=dtype)
+    weights = msl_weights_for(steps) if opt.msl else []
+    total = 0.0
+
+    def query_at(params, buffers, t):  # per-step BatchNorm reads the step index
+        with at_step(t):
+            out = functional_call(model, {**fixed, **params, **buffers}, (query[0],))
+        return F.cross_entropy(out, query[1])
+
     torch.manual_seed(rng_seed)
     for t in range(steps):
         batch = batches if steps_kw else batches[t]
         b = {n: v.clone() for n, v in bufs.items()}
         x, y = batch
-        loss = F.cross_entropy(functional_call(model, {**fixed, **phi, **b}, (x,)), y)
+        with at_step(t):
+            out = functional_call(model, {**fixed, **phi, **b}, (x,))
+        loss = F.cross_entropy(out, y)
         obj = loss
         if opt.prox:
             obj = obj + 0.5 * opt.prox * sum(((phi[n] - theta[n]) ** 2).sum() for n in phi)
@@ -295,11 +329,9 @@ def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
         if opt.bn != "fixed":
             bufs = b
         losses.append(loss)
-    query = make_batch(999, dtype=dtype)
-    qbufs = {n: v.clone() for n, v in bufs.items()}  # the query must not touch bufs
-    qloss = F.cross_entropy(
-        functional_call(model, {**fixed, **phi, **qbufs}, (query[0],)), query[1]
-    )
+        if weights and weights[t]:  # the query must not touch bufs: a copy
+            total = total + weights[t] * query_at(phi, dict_clone(bufs), t)
+    qloss = total if weights else query_at(phi, dict_clone(bufs), steps - 1)
     wrt = [*model.parameters(), *learned_tensors(lr)]
     grads = torch.autograd.grad(qloss, wrt, allow_unused=True)
     return {
@@ -400,13 +432,14 @@ def pairwise(factors: dict[str, list]) -> list[dict]:
 GRID_FACTORS = {
     "optim": ["sgd", "momentum", "nesterov", "adam"],
     "lr": ["float", "learned", "per_param", "per_step"],
-    "bn": ["update", "fixed", "none"],
+    "bn": ["update", "fixed", "none", "per_step"],
     "dropout": [False, True],
     "clip": [None, 0.5],
     "select": ["all", "head"],
     "batches": ["reused", "distinct", "lazy"],
     "prox": [0.0, 0.3],
     "act": ["tanh", "silu"],
+    "msl": [False, True],
 }
 
 GRID = [Opt(**row) for row in pairwise(GRID_FACTORS)]

@@ -348,3 +348,18 @@ def test_hugging_face_families_equal_naive(build, strategy, kw):
     ref = run_model(build(), lm_loss, batches, query, "naive", adam)
     ours = run_model(build(), lm_loss, batches, query, strategy, effmaml.Adam(0.01), **kw)
     assert_same_as_naive(ours, ref)
+
+
+def test_make_zoo_path_at_toy_size(tmp_path):
+    """``python -m bench.zoo`` on one small torchvision model: the CSV rows and summary."""
+    import pandas as pd
+
+    from bench.zoo import main
+
+    main(["--models", "squeezenet1_1", "--no-hf", "--size", "32", "--workers", "1",
+          "--out", str(tmp_path)])  # fmt: skip
+    df = pd.read_csv(tmp_path / "zoo.csv")
+    assert set(df.strategy) >= {"naive", "checkpoint_segment1", "auto_below_naive"}
+    assert (df[df.strategy != "naive"].result == "bitwise").all()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "1 bitwise, 0 summation order, 0 rounding, 0 failed" in summary

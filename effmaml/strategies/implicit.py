@@ -30,6 +30,7 @@ from ..step import (
     InnerState,
     RepeatedBatch,
     Runtime,
+    at_step,
     differentiable_ops,
 )
 from .base import (
@@ -267,7 +268,12 @@ class _Solver:
         for t in self.indices:
             module = FunctionalModel(self.problem.model, {**fixed, **phi}, self.buffers)
             self.stats.hvp_batch_passes += 1
-            with replay_autocast(self.problem.autocast), differentiable_ops(self.problem):
+            # at φ_N: per-step modules use the last step's slice, as the adapted model does
+            with (
+                replay_autocast(self.problem.autocast),
+                differentiable_ops(self.problem),
+                at_step(self.problem.steps - 1),
+            ):
                 loss = self.problem.loss_fn(module, self.problem.batch(t)) / n
             yield loss
 
@@ -295,7 +301,11 @@ class _Solver:
         """
         leaves = list(phi.values())
         for loss in self._grad_terms(phi, fixed):
-            with replay_autocast(self.problem.autocast), differentiable_ops(self.problem):
+            with (
+                replay_autocast(self.problem.autocast),
+                differentiable_ops(self.problem),
+                at_step(self.problem.steps - 1),
+            ):
                 g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 dot = sum((gi * vi).sum() for gi, vi in zip(g, vec) if gi is not None)
             if isinstance(dot, Tensor) and dot.requires_grad:
