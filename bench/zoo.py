@@ -23,6 +23,7 @@ import multiprocessing as mp
 import re
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,9 @@ def vision_models(max_params: float) -> list[str]:
 
     sizes = []
     for name in torchvision.models.list_models(module=torchvision.models):
-        try:  # counted without allocating: on the meta device
-            with torch.device("meta"):
+        try:  # counted without allocating: on the meta device (builders' notices muted)
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 model = torchvision.models.get_model(name, num_classes=CLASSES)
         except NotImplementedError:
             # RegNets compute their widths with tensors: build the small ones for real
@@ -84,7 +86,9 @@ def vision_models(max_params: float) -> list[str]:
             flops = re.search(r"_(\d+)gf$", name)
             if flops and int(flops.group(1)) >= 8:
                 continue
-            model = torchvision.models.get_model(name, num_classes=CLASSES)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = torchvision.models.get_model(name, num_classes=CLASSES)
         n = sum(p.numel() for p in model.parameters())
         if n <= max_params:
             sizes.append((n, name))
