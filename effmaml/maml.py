@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -216,17 +217,32 @@ class MAML:
             None if host_memory_budget is None else parse_bytes(host_memory_budget)
         )
         self._probes: dict[Hashable, Probe] = {}  # probe results by batch signature
-        self.math_attention = (
-            self.strategy.second_order if math_attention is None else bool(math_attention)
-        )
-        self.substitute_ops = (
-            self.strategy.second_order and bool(needs_substitutes(model))
-            if substitute_ops is None
-            else bool(substitute_ops)
-        )
+        self._given = {"math_attention": math_attention, "substitute_ops": substitute_ops}
+        self._resolve_ops()
         self.exact_states = None if exact_states is None else bool(exact_states)
         self.adapted_names = self._select(params)
         inner.check_names(self.adapted_names)
+
+    def _resolve_ops(self) -> None:
+        """The kernel and stand-in switches for this front's strategy (given or default)."""
+        attention, substitutes = self._given["math_attention"], self._given["substitute_ops"]
+        second = self.strategy.second_order
+        self.math_attention = second if attention is None else bool(attention)
+        self.substitute_ops = (
+            second and bool(needs_substitutes(self.model))
+            if substitutes is None
+            else bool(substitutes)
+        )
+
+    def with_strategy(self, strategy: str | Strategy, **strategy_options: Any) -> MAML:
+        """The same front (model, loss, inner optimizer, every setting) with another
+        strategy, e.g. ``first_order`` for MAML++'s derivative-order annealing. Its own
+        probe cache; the kernel and stand-in defaults follow the new strategy."""
+        new = copy.copy(self)
+        new.strategy = make_strategy(strategy, **strategy_options)
+        new._probes = {}
+        new._resolve_ops()
+        return new
 
     def _select(self, params: ParamSelector) -> tuple[str, ...]:
         named = dict(self.model.named_parameters())

@@ -15,7 +15,10 @@ import contextlib
 import csv
 import hashlib
 import os
+import signal
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,9 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"  # the one before, kept in case the newest is damaged
-LOG_COLUMNS = ["iteration", "meta_loss", "seconds", "tasks_per_s"]
+LOG_COLUMNS = ["iteration", "meta_loss", "seconds", "tasks_per_s", "order", "outer_lr"]
+EVENTS_NAME = "events.log"  # pre-emption and other notes, one line each
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and cloud pre-emption send
 _FORMAT = 1
 
 Task = tuple[Any, Any]
@@ -78,6 +83,20 @@ class MetaTrainer:
         checkpoint_dir: where ``checkpoint.pt`` and ``log.csv`` go; None: neither.
         checkpoint_every: also checkpoint every this many iterations (0: only at the end).
         progress: show a progress bar (rank 0).
+        scheduler: a ``torch.optim.lr_scheduler`` on ``outer_optimizer`` (MAML++'s cosine
+            annealing, "CA"), stepped after every outer step and saved in checkpoints.
+        first_order_iterations: derivative-order annealing (MAML++'s "DA"): the first this
+            many iterations adapt with ``first_order``, the rest with ``maml``'s own
+            strategy; the log's ``order`` column says which ran. Learned inner rates get no
+            meta-gradient in those iterations (first order has none for them; the warning
+            saying so is silenced there). Default 0.
+        step_weights: the multi-step loss (MAML++'s "MSL"): weights for every step, or a
+            function ``iteration -> weights`` (e.g. ``lambda i: effmaml.msl_weights(N,
+            i / anneal)``); each task's loss is then ``adapt(support, query=query,
+            step_weights=w).query_loss``. Default None: the query loss after the last step.
+        stop_signals: signals on which :meth:`train` finishes the current iteration,
+            writes a checkpoint and exits (SIGTERM, SIGUSR1: what SLURM and cloud
+            pre-emption send); ``()`` leaves the process's handlers alone.
         config: extra plain values that define the run (learning rates, data set ...);
             stored in the checkpoint and checked on resume.
         group: the process group (default: the default group when torch.distributed is
@@ -102,6 +121,10 @@ class MetaTrainer:
         progress: bool = True,
         config: dict[str, Any] | None = None,
         group: dist.ProcessGroup | None = None,
+        scheduler: Any = None,
+        first_order_iterations: int = 0,
+        step_weights: Sequence[float] | Callable[[int], Sequence[float]] | None = None,
+        stop_signals: Sequence[int] = STOP_SIGNALS,
     ) -> None:
         if isinstance(meta_batch, bool) or not isinstance(meta_batch, int) or meta_batch < 1:
             raise ValueError(f"meta_batch must be an int >= 1 (got {meta_batch!r})")
@@ -109,6 +132,15 @@ class MetaTrainer:
             raise ValueError(f"checkpoint_every must be >= 0 (got {checkpoint_every})")
         if checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs checkpoint_dir= to know where to write")
+        if first_order_iterations < 0:
+            raise ValueError(f"first_order_iterations must be >= 0 (got {first_order_iterations})")
+        if scheduler is not None and getattr(scheduler, "optimizer", None) is not outer_optimizer:
+            raise ValueError("scheduler must schedule outer_optimizer (built on it)")
+        if step_weights is not None and query_loss_fn is not None:
+            raise ValueError(
+                "step_weights evaluates the query with maml.loss_fn at every step; give "
+                "query_loss_fn or step_weights, not both"
+            )
         self.maml = maml
         self.model = maml.model
         self.optimizer = outer_optimizer
@@ -125,6 +157,12 @@ class MetaTrainer:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
+        self.scheduler = scheduler
+        self.first_order_iterations = first_order_iterations
+        self._first_order = maml.with_strategy("first_order") if first_order_iterations else None
+        self.step_weights = step_weights
+        self.stop_signals = tuple(stop_signals)
+        self._stop: int | None = None
         self.config = {
             "meta_batch": meta_batch,
             "inner_steps": inner_steps,
@@ -132,9 +170,15 @@ class MetaTrainer:
             "strategy": repr(maml.strategy),
             "inner": repr(maml.inner),
             "world_size": self.world_size,
+            "first_order_iterations": first_order_iterations,
+            "scheduler": type(scheduler).__name__ if scheduler is not None else None,
             **(config or {}),
         }
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        # the outer parameters: the model's, and learned inner rates (LSLR), averaged over
+        # the meta-batch and all-reduced alike, and checkpointed
+        self._hyper = {k: v for k, v in maml.inner.hyperparameters().items() if v.requires_grad}
+        self._params: list[Tensor] = [p for p in self.model.parameters() if p.requires_grad]
+        self._params += list(self._hyper.values())
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> float:
@@ -146,16 +190,16 @@ class MetaTrainer:
                 f"{self.meta_batch}; make it return exactly meta_batch (support, query) pairs"
             )
         self.optimizer.zero_grad(set_to_none=True)
+        for h in self._hyper.values():
+            h.grad = None
         p0 = self._params[0]
         loss_sum = torch.zeros((), dtype=p0.dtype, device=p0.device)
-        for i in self.share:
-            support, query = tasks[i]
-            with task_rng(task_seed(self.seed, self.iteration, i), p0.device):
-                adapted = self.maml.adapt(support, steps=self.inner_steps)
-                loss = self.query_loss_fn(adapted, query)
-                loss.backward()
-            loss_sum += loss.detach().to(loss_sum.dtype)
-            del adapted, loss
+        maml = self.maml_at(self.iteration)
+        weights = self.weights_at(self.iteration)
+        with warnings.catch_warnings():
+            if maml is not self.maml:  # derivative-order annealing: expected, said above
+                warnings.filterwarnings("ignore", message="strategy='first_order' gives no")
+            self._tasks(maml, weights, tasks, loss_sum)
         grads: list[Tensor] = []
         for p in self._params:
             if p.grad is None:
@@ -166,8 +210,45 @@ class MetaTrainer:
         for g in grads:
             g.div_(self.meta_batch)
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.iteration += 1
         return stats.item() / self.meta_batch
+
+    def _tasks(
+        self, maml: MAML, weights: list[float] | None, tasks: list[Task], loss_sum: Tensor
+    ) -> None:
+        """This rank's share of the meta-batch: adapt, query loss, backward (summed)."""
+        device = self._params[0].device
+        for i in self.share:
+            support, query = tasks[i]
+            with task_rng(task_seed(self.seed, self.iteration, i), device):
+                if weights is None:
+                    adapted = maml.adapt(support, steps=self.inner_steps)
+                    loss = self.query_loss_fn(adapted, query)
+                else:
+                    adapted = maml.adapt(
+                        support, steps=self.inner_steps, query=query, step_weights=weights
+                    )
+                    assert adapted.query_loss is not None
+                    loss = adapted.query_loss
+                loss.backward()
+            loss_sum += loss.detach().to(loss_sum.dtype)
+            del adapted, loss
+
+    def maml_at(self, iteration: int) -> MAML:
+        """The front iteration ``iteration`` adapts with (first order during the
+        derivative-order annealing's first iterations, then ``maml``)."""
+        if self._first_order is not None and iteration < self.first_order_iterations:
+            return self._first_order
+        return self.maml
+
+    def weights_at(self, iteration: int) -> list[float] | None:
+        """The multi-step loss's weights at ``iteration``, or None without one."""
+        if self.step_weights is None:
+            return None
+        w = self.step_weights(iteration) if callable(self.step_weights) else self.step_weights
+        return [float(x) for x in w]
 
     def train(self, iterations: int, resume: bool = False) -> list[float]:
         """Run outer steps until ``iterations`` have been done in total.
@@ -184,6 +265,7 @@ class MetaTrainer:
             self.load_latest()
         self._sync_parameters()
         self._open_log(resume)
+        previous = self._catch_signals()
         losses: list[float] = []
         bar = None
         if self.progress and self.rank == 0:
@@ -201,22 +283,63 @@ class MetaTrainer:
                     bar.update(1)
                     bar.set_postfix(meta_loss=f"{loss:.4g}")
                 every = self.checkpoint_every
+                if self._stopping() and self.iteration < iterations:
+                    self._preempted(iterations)
                 if every and self.iteration % every == 0 and self.iteration < iterations:
                     self.save()
         finally:
             if bar is not None:
                 bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if self.dir is not None:
             self.save()
         return losses
 
     def _sync_parameters(self) -> None:
-        """Start every rank from rank 0's parameters."""
+        """Start every rank from rank 0's parameters (and learned inner rates)."""
         if self.world_size == 1:
             return
         with torch.no_grad():
-            for p in self.model.parameters():
+            for p in [*self.model.parameters(), *self._hyper.values()]:
                 dist.broadcast(p.data, src=0, group=self.group)
+
+    # -- pre-emption -----------------------------------------------------------------------
+    def _catch_signals(self) -> dict[int, Any]:
+        """Install the stop handlers (main thread only); return the ones they replace."""
+        import threading
+
+        if not self.stop_signals or threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def stop(signum: int, frame: Any) -> None:
+            self._stop = signum
+
+        return {sig: signal.signal(sig, stop) for sig in self.stop_signals}
+
+    def _stopping(self) -> bool:
+        """Whether a stop signal arrived here or, under torchrun, on any rank."""
+        flag = torch.tensor([0.0 if self._stop is None else 1.0])
+        if self.world_size > 1:
+            all_reduce_sum([flag], self.group)
+        return bool(flag.item() > 0)
+
+    def _preempted(self, iterations: int) -> None:
+        """Checkpoint, say so in the log, and leave the process (exit status 0)."""
+        self.save()
+        name = signal.Signals(self._stop).name if self._stop is not None else "a stop signal"
+        where = self.dir / CHECKPOINT_NAME if self.dir is not None else "nowhere (no dir)"
+        line = (
+            f"effmaml: {name} received; stopped after iteration {self.iteration} of "
+            f"{iterations}, checkpoint written to {where}; resume with "
+            f"train({iterations}, resume=True)"
+        )
+        if self.rank == 0:
+            print(line, file=sys.stderr, flush=True)
+            if self.dir is not None:
+                with open(self.dir / EVENTS_NAME, "a") as f:
+                    f.write(line + "\n")
+        raise SystemExit(0)
 
     # -- log -------------------------------------------------------------------------------
     def _log_path(self) -> Path | None:
@@ -248,6 +371,10 @@ class MetaTrainer:
                     "meta_loss": repr(loss),
                     "seconds": f"{seconds:.4f}",
                     "tasks_per_s": f"{self.meta_batch / seconds:.3f}",
+                    "order": "first"
+                    if self.maml_at(self.iteration - 1) is not self.maml
+                    else "second",
+                    "outer_lr": repr(self.optimizer.param_groups[0]["lr"]),
                 }
             )
 
@@ -263,6 +390,8 @@ class MetaTrainer:
             "iteration": self.iteration,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "inner": {k: v.detach().clone() for k, v in self._hyper.items()},
             "generator": self.generator.get_state(),
             "rng": [self._rng_state()],
             "config": self.config,
@@ -367,7 +496,18 @@ class MetaTrainer:
                 f"with the same settings, or start a new run in another checkpoint_dir"
             )
         self.model.load_state_dict(state["model"])
+        inner = state.get("inner", {})
+        if set(inner) != set(self._hyper):
+            raise ValueError(
+                f"{source} holds learned inner rates {sorted(inner)} but this run learns "
+                f"{sorted(self._hyper)}; build the inner optimizer as the run that wrote it"
+            )
+        with torch.no_grad():
+            for k, v in self._hyper.items():
+                v.copy_(inner[k])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         rng = state["rng"][self.rank]
         torch.set_rng_state(rng["cpu"])

@@ -12,7 +12,7 @@ from torch import nn
 import effmaml
 from effmaml.tasks import SineTasks, mlp, mse_loss
 
-from .dist.setup import make_trainer
+from .dist.setup import make_mamlpp_trainer, make_trainer
 
 
 def _trainer(tmp_path, strategy="naive", dropout=False, meta_batch=3, **kw):
@@ -252,3 +252,115 @@ def test_no_loadable_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint.prev.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match=r"no checkpoint in .* can be loaded.*resume=False"):
         _trainer(tmp_path).train(3, resume=True)
+
+
+# -- the MAML++ recipe in the outer loop --------------------------------------------------------
+def _state(trainer):
+    out = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    out.update({f"lr.{k}": v.detach().clone() for k, v in trainer._hyper.items()})
+    return out
+
+
+def test_mamlpp_recipe_resumes_bitwise(tmp_path):
+    """Per-step learned rates, the annealed multi-step loss, derivative-order annealing and
+    cosine annealing, interrupted after 3 of 6 iterations and resumed: identical to a run
+    never interrupted; the log says which order ran and the outer rate."""
+    full = make_mamlpp_trainer(tmp_path / "full")
+    full.train(6)
+    part = make_mamlpp_trainer(tmp_path / "part")
+    part.train(3)
+    again = make_mamlpp_trainer(tmp_path / "part")
+    again.train(6, resume=True)
+    ref, got = _state(full), _state(again)
+    assert ref.keys() == got.keys() and any(k.startswith("lr.") for k in ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    assert again.scheduler.state_dict() == full.scheduler.state_dict()
+    with open(tmp_path / "part" / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["order"] for r in rows] == ["first", "first", "second", "second", "second", "second"]
+    lrs = [float(r["outer_lr"]) for r in rows]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-2  # cosine: falling every step
+
+
+def test_learned_inner_rates_are_outer_parameters(tmp_path):
+    """Their gradient is the meta-batch's mean, like the model's, and they move."""
+    trainer = make_mamlpp_trainer()
+    trainer.first_order_iterations = 0  # second order from the start: rates get gradients
+    trainer._first_order = None
+    before = {k: v.detach().clone() for k, v in trainer._hyper.items()}
+    trainer.train(1)
+    moved = [k for k, v in trainer._hyper.items() if not torch.equal(v, before[k])]
+    assert moved == list(before)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_stop_signal_checkpoints_and_resumes_bitwise(tmp_path, sig):
+    """A real signal to a training process (what SLURM and cloud pre-emption send): it
+    finishes its iteration, writes a checkpoint, logs a line and exits 0; resuming then
+    gives what an uninterrupted run gives."""
+    import signal
+    import time
+
+    ckpt = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen(
+        [sys.executable, "tests/dist/preempt.py", str(ckpt)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = ckpt / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"{sig} received; stopped after iteration" in err
+    assert sig in (ckpt / "events.log").read_text()
+    done = torch.load(ckpt / "checkpoint.pt", weights_only=True)["iteration"]
+    assert done >= 3
+    resumed = make_mamlpp_trainer(ckpt)
+    resumed.train(done + 2, resume=True)
+    ref = make_mamlpp_trainer(tmp_path / "ref")
+    ref.train(done + 2)
+    for k, v in _state(ref).items():
+        assert torch.equal(_state(resumed)[k], v), k
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_by_c10d_rendezvous_equal_one_process(tmp_path):
+    """``torchrun --nnodes 2 --nproc-per-node 1`` twice, meeting at a c10d rendezvous on
+    127.0.0.1 (two "nodes" on this machine), trains what one process trains, dropout on."""
+    out = tmp_path / "nodes.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+        cmd += ["--nproc-per-node", "1", "--node-rank", str(node), "--rdzv-backend", "c10d"]
+        cmd += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "effmaml-test"]
+        cmd += ["tests/dist/worker.py", str(out), "5", "0.2"]
+        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+    dist = torch.load(out, weights_only=True)
+    single = make_trainer(5, dropout=0.2)
+    losses = single.train(3)
+    ref = _params(single)
+    scale = max(v.abs().max().item() for v in ref.values())
+    for k, v in ref.items():
+        torch.testing.assert_close(dist["params"][k], v, rtol=1e-12, atol=1e-12 * scale)
+        assert torch.equal(dist["all"][0][k], dist["all"][1][k])
+    torch.testing.assert_close(
+        torch.tensor(dist["losses"]), torch.tensor(losses), rtol=1e-12, atol=0
+    )
