@@ -317,7 +317,7 @@ def predictions(preset: Preset, steps: list[int], labels: list[str], path: Path)
     one MAML front, whose cached probe every ``estimate`` reuses; peers are left out (effmaml
     has no model of their memory). Prints a table and writes ``path``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, dtype, _ = build(preset, device)
+    model, dtype, query = build(preset, device)
     maml = make_maml(model, preset, RUNS["naive"])
     batch = LazyBatches(preset, 1, device, dtype)[0]
     with amp_context(preset, RUNS["naive"], device):
@@ -328,7 +328,9 @@ def predictions(preset: Preset, steps: list[int], labels: list[str], path: Path)
                 spec = RUNS[label]
                 if spec.peer:
                     continue
-                ((chosen, pred),) = maml.estimate(batch, n, spec.strategy, **spec.opts()).items()
+                msl = {"query": query, "step_weights": [1.0 / n] * n} if preset.msl else {}
+                opts = {**spec.opts(), **msl}
+                ((chosen, pred),) = maml.estimate(batch, n, spec.strategy, **opts).items()
                 rows.append(
                     {
                         "preset": preset.name,

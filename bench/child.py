@@ -94,7 +94,7 @@ def main(argv: list[str]) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, dtype, query = build(preset, device)
     maml = make_maml(model, preset, spec)
-    predicted, probe = predict(maml, preset, spec, steps, device, dtype) or (None, None)
+    predicted, probe = predict(maml, preset, spec, steps, device, dtype, query) or (None, None)
     row: dict = {}
     if probe is not None:
         row.update(
@@ -143,7 +143,7 @@ def main(argv: list[str]) -> dict:
             # the time model's prediction from this process's probe (before the timed runs,
             # which reuse it): the memory child's ran under the allocator setting that
             # slows everything down
-            pred = predict(maml, preset, spec, n, device, dtype)
+            pred = predict(maml, preset, spec, n, device, dtype, query)
             times[n] = timings(run, n, preset.repeats, device)
             if pred is not None:
                 times[n]["predicted_s"] = pred[0].seconds

@@ -139,6 +139,9 @@ class Preset:
     model_options: tuple[tuple[str, object], ...] = ()
     # the inner optimizer: "sgd" or "adam", learning rate ``lr``
     inner: str = "sgd"
+    # the multi-step loss (MAML++'s MSL): the query loss after every inner step, weighted
+    # uniformly, is the meta-objective (adapt(..., query=, step_weights=)); else the final
+    msl: bool = False
 
     def describe(self) -> str:
         """``"resnet18, 16x3x224x224, float32, clip 100.0"`` (for titles and tables)."""
@@ -245,6 +248,27 @@ PRESETS: dict[str, Preset] = {
                 "higher",
             ),
             targets=("auto_vs_named", "memory_model", "time_model"),
+        ),
+        # The multi-step loss on cpu-quick's model: the query after every step, uniform
+        # weights. naive keeps every step's and every query's graph; the schedules keep
+        # one segment's (or one step's) with its queries, evaluated as the pullbacks pass.
+        Preset(
+            "cpu-quick-msl",
+            image=40,
+            batch=8,
+            steps=(5, 20, 100),
+            clip=None,
+            repeats=1,
+            msl=True,
+            time_max_steps=20,
+            runs=(
+                "naive",
+                "checkpoint_auto_segment",
+                "checkpoint_auto_step",
+                "revolve_s4",
+                "auto_800MiB",
+            ),
+            targets=("memory_model", "time_model"),
         ),
         # Same model and code path, scaled to 2 CPU cores (75 minutes measured here): peers and the
         # slowest schedule stop early, and N = 160 is measured for memory only.

@@ -78,14 +78,15 @@ def amp_context(preset: Preset, spec: RunSpec, device: torch.device):
     return torch.autocast(device.type, dtype=getattr(torch, preset.amp))
 
 
-def predict(maml, preset: Preset, spec: RunSpec, steps: int, device, dtype):
+def predict(maml, preset: Preset, spec: RunSpec, steps: int, device, dtype, query=None):
     """effmaml's prediction for this run and the probe it came from (None for peers)."""
     if maml is None:
         return None
     batches = LazyBatches(preset, steps, device, dtype)
+    msl = {"query": query, "step_weights": [1.0 / steps] * steps} if preset.msl else {}
     with amp_context(preset, spec, device):
-        (pred,) = maml.estimate(batches[0], steps, maml.strategy).values()
-        probe = maml.measure(batches[0])
+        (pred,) = maml.estimate(batches[0], steps, maml.strategy, **msl).values()
+        probe = maml.measure(batches[0], msl.get("query"))
     maml.model.zero_grad(set_to_none=True)
     return pred, probe
 
@@ -103,8 +104,14 @@ def meta_gradient(model, maml, preset: Preset, spec: RunSpec, steps: int, device
     if spec.peer == "higher":
         return _higher(model, preset, batches, query)
     with amp_context(preset, spec, device):
-        adapted = maml.adapt(batches)
-        loss = loss_for(preset.model)(adapted, query)
+        if preset.msl:  # every step's query loss, weighted uniformly
+            w = [1.0 / steps] * steps
+            adapted = maml.adapt(batches, query=query, step_weights=w)
+            assert adapted.query_loss is not None
+            loss = adapted.query_loss
+        else:
+            adapted = maml.adapt(batches)
+            loss = loss_for(preset.model)(adapted, query)
     loss.backward()
     facts = {**adapted.info, "host_peak_bytes": adapted.host_peak_bytes()}
     return _flat(model), adapted.step_evals, facts

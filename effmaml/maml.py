@@ -345,12 +345,14 @@ class MAML:
             out.queries,
         )
 
-    def measure(self, batch: Any) -> Probe:
+    def measure(self, batch: Any, query: Any = None) -> Probe:
         """What the probe measures on ``batch``: P (one inner state's bytes), A (one step's
-        second-order graph), t₁ and t₂ (:class:`~effmaml.memory.Probe`). Cached: a later
-        ``adapt`` or ``estimate`` with batches like it does not probe again (the result is
-        returned with ``evals=0`` and ``seconds=0`` then, as such a call would see it)."""
+        second-order graph; with a multi-step loss's ``query``, the query's graph too), t₁
+        and t₂ (:class:`~effmaml.memory.Probe`). Cached: a later ``adapt`` or ``estimate``
+        with batches like it does not probe again (the result is returned with ``evals=0``
+        and ``seconds=0`` then, as such a call would see it)."""
         problem, state0, consts = self.problem(batch, 1, check_steps=False)  # probes step 0
+        problem = _with_query(problem, query, None)
         pr = probe(problem, self.runtime(), state0, consts)
         return dataclasses.replace(pr, evals=0, seconds=0.0)
 
@@ -377,7 +379,8 @@ class MAML:
             strategy: a name or instance to predict for alone (with ``options``); default
                 all: ``naive``, ``checkpoint`` (both pullbacks, segment chosen), ``revolve``
                 with 2, 4 and 8 slots, ``offload`` on CUDA.
-            **options: the strategy's options, and ``memory_budget`` /
+            **options: the strategy's options; ``query`` and ``step_weights`` to predict an
+                ``adapt`` with the multi-step loss; ``memory_budget`` /
                 ``host_memory_budget`` to predict under budgets other than this front's
                 (what ``auto`` would choose under 3 GiB: ``estimate(batch, n, "auto",
                 memory_budget="3GiB")``).
@@ -390,12 +393,14 @@ class MAML:
             options.pop("memory_budget", None),
             options.pop("host_memory_budget", None),
         )
+        query, weights = options.pop("query", None), options.pop("step_weights", None)
         problem, _, _ = self.problem(batch, steps)
+        problem = _with_query(problem, query, weights)
         if budget is not None:
             problem = dataclasses.replace(problem, memory_budget=parse_bytes(budget))
         if host_budget is not None:
             problem = dataclasses.replace(problem, host_memory_budget=parse_bytes(host_budget))
-        pr = self.measure(batch)
+        pr = self.measure(batch, query)
         if strategy is not None:
             chosen = [make_strategy(strategy, **options)]
         else:

@@ -322,3 +322,24 @@ def test_plan_adds_the_noise_floor_run_on_cuda():
     assert "naive_rerun" not in cpu and gpu == [*cpu, "naive_rerun"]
     named = [r.spec.label for r in bm.plan(preset, [2], ["checkpoint_k5"], cuda=True)]
     assert named == ["checkpoint_k5"]  # runs asked for by name: only those
+
+
+def test_multi_step_loss_presets_path_at_tiny_size():
+    """cpu-quick-msl's path: the bench's meta-gradient under the multi-step loss, naive and
+    the schedules agree; the prediction knows the query (more than without it)."""
+    tiny = dataclasses.replace(PRESETS["tiny"], msl=True, dtype="float64")
+    device = torch.device("cpu")
+    grads = {}
+    for label in ("naive", "checkpoint_auto_step", "revolve_s4"):
+        model, dtype, query = build(tiny, device)
+        maml = make_maml(model, tiny, RUNS[label])
+        pred, _ = predict(maml, tiny, RUNS[label], 6, device, dtype, query)
+        grads[label], _, _ = meta_gradient(model, maml, tiny, RUNS[label], 6, device, dtype, query)
+        if label == "naive":
+            plain, _ = predict(
+                make_maml(model, tiny, RUNS[label]), PRESETS["tiny"], RUNS[label], 6, device, dtype
+            )
+            assert pred.peak_bytes > plain.peak_bytes
+    for label in ("checkpoint_auto_step", "revolve_s4"):
+        torch.testing.assert_close(grads[label], grads["naive"], rtol=1e-10, atol=1e-13)
+    assert PRESETS["cpu-quick-msl"].msl and PRESETS["cpu-quick-msl"].steps == (5, 20, 100)

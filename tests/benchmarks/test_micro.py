@@ -29,7 +29,7 @@ def _problem(steps=4):
 def test_inner_step(benchmark):
     problem, state, consts = _problem()
     benchmark.extra_info["what"] = "one second-order inner step, MLP width 64, batch 8"
-    _out, loss = benchmark(inner_step, problem, Runtime(), state, 0, consts, True)
+    _out, loss, _query = benchmark(inner_step, problem, Runtime(), state, 0, consts, True)
     assert torch.isfinite(loss)
 
 
