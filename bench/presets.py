@@ -29,7 +29,7 @@ class RunSpec:
     label: str
     strategy: str
     options: tuple[tuple[str, object], ...] = ()
-    peer: str = ""  # "", "torch_maml", "higher"
+    peer: str = ""  # "", "torch_maml", "higher", "torchopt"
     needs_no_clip: bool = False  # higher has no grad-of-grad clipping
     no_amp: bool = False  # run in float32 even when the preset runs under autocast
 
@@ -56,6 +56,8 @@ RUNS: dict[str, RunSpec] = {
         RunSpec("torch_maml_naive", "naive", peer="torch_maml"),
         RunSpec("torch_maml_checkpoint", "checkpoint", (("segment", 5),), peer="torch_maml"),
         RunSpec("higher", "naive", peer="higher", needs_no_clip=True),
+        # TorchOpt's MetaSGD: naive second-order MAML, no grad-of-grad clipping
+        RunSpec("torchopt", "naive", peer="torchopt", needs_no_clip=True),
         # the fastest exact schedule predicted to fit a budget (cpu-small at N=40: 400 MiB
         # is ~half of torch_maml_checkpoint's peak, 800 MiB about all of it, 3 GiB fits naive)
         RunSpec("auto_400MiB", "auto", (("memory_budget", "400MiB"),)),
@@ -237,7 +239,7 @@ PRESETS: dict[str, Preset] = {
             clip=None,
             repeats=1,
             memory_workers=2,
-            caps=(("torch_maml_checkpoint", 20), ("higher", 20)),
+            caps=(("torch_maml_checkpoint", 20), ("higher", 20), ("torchopt", 20)),
             runs=(
                 "naive",
                 "first_order",
@@ -246,6 +248,7 @@ PRESETS: dict[str, Preset] = {
                 "auto_800MiB",
                 "torch_maml_checkpoint",
                 "higher",
+                "torchopt",
             ),
             targets=("auto_vs_named", "memory_model", "time_model"),
         ),

@@ -103,6 +103,8 @@ def meta_gradient(model, maml, preset: Preset, spec: RunSpec, steps: int, device
         return _torch_maml(model, preset, spec, batches, query)
     if spec.peer == "higher":
         return _higher(model, preset, batches, query)
+    if spec.peer == "torchopt":
+        return _torchopt(model, preset, batches, query)
     with amp_context(preset, spec, device):
         if preset.msl:  # every step's query loss, weighted uniformly
             w = [1.0 / steps] * steps
@@ -162,6 +164,26 @@ def _higher(model, preset, batches, query):
         for t in range(len(batches)):
             diffopt.step(loss_fn(fmodel, batches[t]))
         loss_fn(fmodel, query).backward()
+    return _flat(model), len(batches), {}
+
+
+def _torchopt(model, preset, batches, query):
+    """TorchOpt's MAML: ``torchopt.MetaSGD`` steps the module's parameters in place,
+    differentiably; the state is saved before and restored after (its documented pattern).
+    BatchNorm buffers are restored by value: its forward updates them in place."""
+    import torchopt
+
+    loss_fn = loss_for(preset.model)
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    state = torchopt.extract_state_dict(model, by="reference")
+    inner = torchopt.MetaSGD(model, lr=preset.lr)
+    for t in range(len(batches)):
+        inner.step(loss_fn(model, batches[t]))
+    loss_fn(model, query).backward()
+    torchopt.recover_state_dict(model, state)
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
     return _flat(model), len(batches), {}
 
 

@@ -343,3 +343,19 @@ def test_multi_step_loss_presets_path_at_tiny_size():
     for label in ("checkpoint_auto_step", "revolve_s4"):
         torch.testing.assert_close(grads[label], grads["naive"], rtol=1e-10, atol=1e-13)
     assert PRESETS["cpu-quick-msl"].msl and PRESETS["cpu-quick-msl"].steps == (5, 20, 100)
+
+
+def test_torchopt_peer_agrees_with_effmaml_naive():
+    """TorchOpt's MetaSGD in the sweep: the same meta-gradient as effmaml's naive (float64),
+    and the model left as it was (parameters and BatchNorm buffers)."""
+    pytest.importorskip("torchopt")
+    tiny = dataclasses.replace(PRESETS["tiny"], dtype="float64", clip=None, batch=2)
+    device = torch.device("cpu")
+    model, dtype, query = build(tiny, device)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peer, _, _ = meta_gradient(model, None, tiny, RUNS["torchopt"], 2, device, dtype, query)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    maml = make_maml(model, tiny, RUNS["naive"])
+    ours, _, _ = meta_gradient(model, maml, tiny, RUNS["naive"], 2, device, dtype, query)
+    torch.testing.assert_close(peer, ours, rtol=1e-10, atol=1e-12)

@@ -69,7 +69,7 @@ def _ratio(df: pd.DataFrame, predicted: str, measured: str) -> pd.Series:
     return pd.to_numeric(df[predicted], errors="coerce") / df[measured] - 1
 
 
-_PEER_MARKERS = {"torch_maml": "s", "higher": "D"}
+_PEER_MARKERS = {"torch_maml": "s", "higher": "D", "torchopt": "v"}
 # matplotlib's ten, then six more of distinct hues: sixteen strategies, none alike
 _COLOURS = [
     *plt.get_cmap("tab10").colors,
