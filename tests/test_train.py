@@ -286,17 +286,6 @@ def test_mamlpp_recipe_resumes_bitwise(tmp_path):
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-2  # cosine: falling every step
 
 
-def test_learned_inner_rates_are_outer_parameters(tmp_path):
-    """Their gradient is the meta-batch's mean, like the model's, and they move."""
-    trainer = make_mamlpp_trainer()
-    trainer.first_order_iterations = 0  # second order from the start: rates get gradients
-    trainer._first_order = None
-    before = {k: v.detach().clone() for k, v in trainer._hyper.items()}
-    trainer.train(1)
-    moved = [k for k, v in trainer._hyper.items() if not torch.equal(v, before[k])]
-    assert moved == list(before)
-
-
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_stop_signal_checkpoints_and_resumes_bitwise(tmp_path, sig):
     """A real signal to a training process (what SLURM and cloud pre-emption send): it
