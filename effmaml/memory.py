@@ -21,7 +21,7 @@ import contextlib
 import math
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -78,9 +78,16 @@ def storage_bytes(tensors: Iterable[Any]) -> int:
 
 @dataclass
 class SavedBytes:
-    """Result of :func:`saved_bytes`: ``bytes`` saved for backward inside the block."""
+    """Result of :func:`saved_bytes`: ``bytes`` saved for backward inside the block, and
+    the distinct storages they are in (``(device, data_ptr) -> bytes``)."""
 
     bytes: int = 0
+    storages: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def without(self, tensors: Iterable[Tensor]) -> int:
+        """``bytes`` less the storages of ``tensors`` that were saved (counted elsewhere)."""
+        keys = {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors}
+        return self.bytes - sum(n for k, n in self.storages.items() if k in keys)
 
 
 @contextlib.contextmanager
@@ -99,13 +106,12 @@ def saved_bytes() -> Iterator[SavedBytes]:
         A :class:`SavedBytes` whose ``bytes`` is final when the block exits.
     """
     result = SavedBytes()
-    seen: set[tuple[str, int]] = set()
 
     def pack(t: Tensor) -> Tensor:
         st = t.untyped_storage()
         key = (str(t.device), st.data_ptr())
-        if key not in seen and st.data_ptr() != 0:
-            seen.add(key)
+        if key not in result.storages and st.data_ptr() != 0:
+            result.storages[key] = st.nbytes()
             result.bytes += st.nbytes()
         # Note [Saved-tensor hooks and reference cycles]
         # Returning ``t`` itself would store a saved output inside its own grad_fn, a cycle
@@ -124,6 +130,12 @@ _UNITS.update({"M": 2**20, "G": 2**30, "T": 2**40})
 
 def parse_bytes(value: int | float | str) -> int:
     """``"6GiB"``, ``"512 MiB"``, ``"1.5GB"`` or a number of bytes -> bytes.
+
+    Args:
+        value: a size with an SI or IEC unit (case-insensitive), or a number of bytes.
+
+    Returns:
+        Bytes.
 
     Raises:
         ValueError: not a size, or not positive.
@@ -146,7 +158,11 @@ def parse_bytes(value: int | float | str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    """Bytes as a short human string (``1.50 GiB``)."""
+    """Bytes as a short human string (``1.50 GiB``).
+
+    Args:
+        n: bytes.
+    """
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"

@@ -157,3 +157,25 @@ def test_per_step_batchnorm_is_a_batchnorm_at_each_slice():
     with effmaml.at_step(1):
         out = converted(x)
     torch.testing.assert_close(out, F.batch_norm(x, None, None, bn.weight, bn.bias, True))
+
+
+def test_the_probe_counts_a_query_graph_without_the_state_it_is_evaluated_at():
+    """With a multi-step loss, A (one step's graph) holds the query's graph at φ_1, but not
+    φ_1's parameters, which the query's layers save (a linear layer saves its weight): they
+    are the next step's input state, which naive's next graph and the schedules' stored
+    states already count (Note [A with a multi-step loss])."""
+    from effmaml.memory import saved_bytes
+
+    model = make_model()
+    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1), "checkpoint")
+    batch, query = make_batch(1), make_batch(2)
+    plain = maml.measure(batch).step_graph_bytes
+    with_query = maml.measure(batch, query).step_graph_bytes
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
+    with saved_bytes() as count:
+        ce_loss(lambda x: torch.func.functional_call(model, params, (x,)), query)
+    query_graph = count.without(params.values())
+    weights = count.bytes - query_graph  # the query saved its weights too
+    assert weights > 0.1 * (plain + query_graph)  # counting them would fail below
+    # (within a few bytes: the two graphs may share a small storage, counted once)
+    assert with_query == pytest.approx(plain + query_graph, rel=0.03)
