@@ -42,7 +42,7 @@ def main(argv=None) -> None:
         default="characters",
         help="characters (embedded), omniglot:/path or miniimagenet:/path",
     )
-    ap.add_argument("--problems", default="characters,sine")
+    ap.add_argument("--problems", default="characters,characters-5shot,sine")
     ap.add_argument("--seeds", help="default 0,1,2 (the horizon experiment: 0,1)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--iterations", type=int, help="outer steps (default: the problem's)")
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
         p = PROBLEMS[name]
         if p.kind == "image" and a.data != "characters":
             kind = a.data.partition(":")[0]
-            p = dataclasses.replace(p, name=kind, data=a.data)
+            p = dataclasses.replace(p, name=p.name.replace("characters", kind), data=a.data)
             if kind == "miniimagenet":  # Finn et al.: 32 filters, 5 inner steps of 0.01
                 p = dataclasses.replace(p, inner_lr=0.01, inner_steps=5)
         if a.iterations:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pandas as pd
 import torch
+
+import effmaml
 
 from .methods import own_steps, tuner
 from .problems import EVAL_SEED, Problem, loss_of, tasks_for
@@ -24,19 +28,22 @@ def evaluate(
 ) -> dict:
     """Per held-out task: the metric after k plain SGD steps (k in ``eval_steps``) and after
     the method's own adaptation (key ``"own"``). The tasks are the same for every method
-    (drawn from ``eval_seed``)."""
+    (drawn from ``eval_seed``). MAML++'s per-step BatchNorm has a slice per step it was
+    trained for: its plain-SGD curve stops there, and k=0 normalises with slice 0."""
     n_tasks = problem.eval_tasks if n_tasks is None else n_tasks
     eval_steps = problem.eval_steps if eval_steps is None else eval_steps
     loss = loss_of(problem)
     tasks = tasks_for(problem, split, 1).sample(torch.Generator().manual_seed(eval_seed), n_tasks)
-    plan = [(k, "sgd", k) for k in eval_steps]
+    most = problem.mamlpp.steps if method == "mamlpp" else max(eval_steps, default=0)
+    plan = [(k, "sgd", k) for k in eval_steps if k <= most]
     plan.append(("own", "own", own_steps(problem, method, inner_steps)))
     out: dict = {key: [] for key, _, _ in plan}
     tuners = {how: tuner(problem, model, method, how, lam) for _, how, _ in plan}
     for support, (xq, yq) in tasks:
         for key, how, k in plan:
             f = model if k == 0 else tuners[how].adapt(support, steps=k)
-            with torch.no_grad():
+            step0 = effmaml.at_step(0) if k == 0 and method == "mamlpp" else None
+            with torch.no_grad(), step0 or contextlib.nullcontext():
                 pred = f(xq)
             if problem.kind == "image":
                 out[key].append(float((pred.argmax(-1) == yq).float().mean()))

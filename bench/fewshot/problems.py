@@ -21,6 +21,7 @@ __all__ = [
     "TRAIN_SEED_OFFSET",
     "VAL_SEED",
     "Horizon",
+    "MamlPP",
     "Problem",
     "ce_loss",
     "data_for",
@@ -29,7 +30,7 @@ __all__ = [
     "tasks_for",
 ]
 
-METHODS = ("maml", "first_order", "implicit", "transfer", "random")
+METHODS = ("maml", "mamlpp", "first_order", "implicit", "transfer", "random")
 
 # a training run of seed s draws its tasks (and transfer its pooled batches) from
 # TRAIN_SEED_OFFSET + s; the test episodes come from EVAL_SEED for every method and seed,
@@ -37,6 +38,25 @@ METHODS = ("maml", "first_order", "implicit", "transfer", "random")
 TRAIN_SEED_OFFSET = 10_000
 EVAL_SEED = 777
 VAL_SEED = 5
+
+
+@dataclass(frozen=True)
+class MamlPP:
+    """MAML++'s recipe (Antoniou et al. 2019; their Omniglot configuration where it has
+    one): ``steps`` inner SGD steps at train and test with per-layer, per-step learned
+    rates starting at ``lr`` (LSLR); per-step BatchNorm weights, learned by the outer loop
+    only (BNWB; the Conv-4 normalises with batch statistics, so there are no running
+    statistics to keep per step); the multi-step loss annealed from uniform to the last
+    step over the first ``msl_fraction`` of the iterations, then the last step's loss only
+    (MSL); first order for the first ``first_order_fraction`` (DA); cosine annealing of the
+    outer rate down to ``min_outer_lr`` (CA).
+    """
+
+    steps: int = 5
+    lr: float = 0.1
+    msl_fraction: float = 0.1
+    first_order_fraction: float = 1 / 3
+    min_outer_lr: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,8 @@ class Problem:
         strategy, memory_budget: how MAML differentiates its inner loop (``auto`` under a
             budget for long horizons).
         clip: MAML's grad-of-grad clipping (for long horizons), or None.
+        methods: the methods this problem runs (``mamlpp`` on images only).
+        mamlpp: MAML++'s recipe (:class:`MamlPP`).
     """
 
     name: str
@@ -81,6 +103,8 @@ class Problem:
     strategy: str = "naive"
     memory_budget: str | None = None
     clip: float | None = None
+    methods: tuple[str, ...] = METHODS
+    mamlpp: MamlPP = MamlPP()
 
     def metric(self) -> str:
         return "accuracy" if self.kind == "image" else "loss"
@@ -104,6 +128,21 @@ PROBLEMS = {
         imaml_lr=0.1,
         imaml_lams=(0.5, 2.0),
     ),
+    # 5-shot: MAML and MAML++ only (the 1-shot problem compares every method), two thirds
+    # of the 1-shot budget to fit make fewshot's time
+    "characters-5shot": Problem(
+        "characters-5shot",
+        "image",
+        data="characters",
+        width=16,
+        k_shot=5,
+        inner_lr=0.4,
+        inner_steps=1,
+        iterations=200,
+        meta_batch=8,
+        eval_tasks=100,
+        methods=("maml", "mamlpp"),
+    ),
     "sine": Problem(
         "sine",
         "sine",
@@ -115,6 +154,7 @@ PROBLEMS = {
         imaml_lr=0.01,
         imaml_lams=(2.0,),
         eval_steps=(0, 1, 5, 10),
+        methods=tuple(m for m in METHODS if m != "mamlpp"),
     ),
 }
 

@@ -60,7 +60,7 @@ def run(
     try:
         lams = {}
         for p in problems:
-            if "implicit" in methods and len(p.imaml_lams) > 1:
+            if "implicit" in methods and "implicit" in p.methods and len(p.imaml_lams) > 1:
                 scores = _map(pool, _choose_lam, [(p, lam) for lam in p.imaml_lams])
                 lams[p.name] = {"chosen": max(scores, key=lambda s: s[1])[0], "scores": scores}
             else:
@@ -71,6 +71,7 @@ def run(
             for n in (sorted(horizon, reverse=True) if horizon else (None,))  # longest first
             for s in seeds
             for m in methods
+            if m in p.methods
         ]
         results = _map(pool, _job, jobs)
     finally:
