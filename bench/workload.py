@@ -14,6 +14,7 @@ from .models import batch_for, build_model, loss_for
 from .presets import Preset, RunSpec
 
 __all__ = [
+    "PEER_STATUS",
     "LazyBatches",
     "agreement",
     "amp_context",
@@ -185,6 +186,23 @@ def _torchopt(model, preset, batches, query):
         for k, b in model.named_buffers():
             b.copy_(buffers[k])
     return _flat(model), len(batches), {}
+
+
+# Every peer the bench knows, and what became of it here (the summaries print the line of
+# each peer a preset ran, and learn2learn's, which none can run).
+PEER_STATUS = {
+    "torch_maml": "torch_maml 1.0 (NaiveMAML, GradientCheckpointMAML)",
+    "higher": "higher 0.2.1 (innerloop_ctx, second order)",
+    "torchopt": (
+        "TorchOpt 0.7.3 (MetaSGD; its C++ extension does not load against torch 2.14, "
+        "`undefined symbol` at torchopt._C, and its pure-Python path runs)"
+    ),
+    "learn2learn": (
+        "learn2learn 0.2.0: not run, it does not install on Python >= 3.11 (its sdist "
+        "ships generated C files that include longintrepr.h, which CPython 3.11 moved: "
+        "`fatal error: longintrepr.h: No such file or directory`)"
+    ),
+}
 
 
 def agreement(grad: torch.Tensor, ref: torch.Tensor) -> dict:

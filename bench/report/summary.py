@@ -191,6 +191,16 @@ def reference_note(df: pd.DataFrame) -> str:
     return text
 
 
+def peers_note(df: pd.DataFrame) -> str:
+    """The peers this preset ran, their versions and state, and learn2learn's status."""
+    from ..workload import PEER_STATUS
+
+    ran = [p for p in PEER_STATUS if "peer" in df and (df.peer.astype(str) == p).any()]
+    if not ran:
+        return ""
+    return "Peers: " + "; ".join(PEER_STATUS[p] for p in [*ran, "learn2learn"]) + "."
+
+
 def pivot(df: pd.DataFrame, column: str, spec: str) -> str:
     """strategy x N table of ``column`` (blank where the run did not finish)."""
     ok = df[df.status == "ok"]
@@ -267,6 +277,7 @@ def write_report(out_dir: Path | str) -> None:
         "",
         reference_note(df),
         "",
+        *([peers_note(df), ""] if peers_note(df) else []),
         "Peak MiB at each N:",
         "",
         pivot(df, "peak_mib", ".0f"),
