@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: setup test test-slow lint zoo format bench bench-full bench-micro report fewshot fewshot-horizon scaling clean
+.PHONY: setup test test-slow lint docs zoo format bench bench-full bench-micro report fewshot fewshot-horizon fewshot-speed scaling clean
 
 setup: $(SETUP)
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q $(TORCH_PINS)
-	$(VENV)/bin/python -m pip install -q -e '.[dev,peers,bench,transformers]'
+	$(VENV)/bin/python -m pip install -q -e '.[dev,peers,bench,transformers,docs]'
 	touch $@
 
 lint: $(SETUP)
@@ -33,9 +33,13 @@ format: $(SETUP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-# lint, then the suite without the slow tests (GPU tests skip without CUDA; micro-benchmarks
+# the documentation site -> site/ (warnings are errors: a broken link or docstring fails)
+docs: $(SETUP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+# lint and the docs build, then the suite without the slow tests (GPU tests skip without CUDA; micro-benchmarks
 # run once, untimed); `make test-slow` runs the slow ones (subprocess memory, ResNet18)
-test: lint
+test: lint docs
 	$(PY) -m pytest -q --benchmark-disable -m "not slow"
 
 test-slow: $(SETUP)
@@ -63,6 +67,11 @@ fewshot: $(SETUP)
 # (16 minutes on 2 cores)
 fewshot-horizon: $(SETUP)
 	$(PY) -m bench.fewshot --horizon --data $(DATA) --problems characters
+
+# the daily workload (Conv-4 64 filters, 5-way 1-shot, N = 1, 5, 10; meta-batch 32 on a
+# GPU, 8 on a CPU): effmaml, higher, TorchOpt and a torch.func loop, alternated in one run
+fewshot-speed: $(SETUP)
+	$(PY) -m bench.fewshot_speed
 
 # every torchvision classification model up to 8 M parameters and six Hugging Face families
 # at tiny size, through every exact strategy against naive -> results/zoo/
