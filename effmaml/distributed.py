@@ -27,7 +27,11 @@ __all__ = ["all_reduce_sum", "init_from_env", "rank_slice", "world"]
 
 
 def world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` when torch.distributed is not initialised."""
+    """``(rank, world_size)``; ``(0, 1)`` when torch.distributed is not initialised.
+
+    Args:
+        group: the process group (default: the world).
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
@@ -38,6 +42,9 @@ def init_from_env(device: torch.device | str | None = None) -> tuple[int, int]:
 
     Picks NCCL for a CUDA device (and sets this rank's device from ``LOCAL_RANK``), gloo
     otherwise. Without ``WORLD_SIZE`` in the environment it does nothing.
+
+    Args:
+        device: the device this process trains on (its type picks the backend).
 
     Returns:
         ``(rank, world_size)``.
@@ -58,6 +65,14 @@ def rank_slice(n: int, rank: int, world_size: int) -> range:
 
     The first ``n % world_size`` ranks hold one task more.
 
+    Args:
+        n: the meta-batch size.
+        rank: this rank.
+        world_size: the number of ranks.
+
+    Returns:
+        The task indices of ``rank``.
+
     Raises:
         ValueError: fewer tasks than ranks (a rank would sit idle).
     """
@@ -76,6 +91,10 @@ def all_reduce_sum(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = 
     """Sum ``tensors`` over all ranks in place, with one coalesced all-reduce.
 
     No-op in a single process. Memory: one flat copy of the tensors.
+
+    Args:
+        tensors: same dtype and device, summed in place.
+        group: the process group (default: the world).
     """
     if world(group)[1] == 1 or not tensors:
         return

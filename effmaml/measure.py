@@ -146,7 +146,10 @@ class PeakMemory:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Memory free for new work now: ``cuda.mem_get_info`` on CUDA, else MemAvailable."""
+    """Memory free for new work now: ``cuda.mem_get_info`` on CUDA, else MemAvailable.
+
+    Args:
+        device: the device whose memory is asked about."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return available_host_bytes()

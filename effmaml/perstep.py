@@ -49,7 +49,10 @@ class PerStepBatchNorm(nn.Module):
         num_features: C.
         steps: slices, the most inner steps ``adapt`` may run.
         dims: 1 (``(B, C)`` or ``(B, C, L)``), 2 (``(B, C, H, W)``) or 3.
-        eps, momentum, affine, track_running_stats: as :class:`torch.nn.BatchNorm2d`.
+        eps: as :class:`torch.nn.BatchNorm2d`.
+        momentum: as :class:`torch.nn.BatchNorm2d`.
+        affine: as :class:`torch.nn.BatchNorm2d` (a weight and bias per slice).
+        track_running_stats: as :class:`torch.nn.BatchNorm2d` (running statistics per slice).
 
     Raises (in forward):
         RuntimeError: called outside an inner step (no step index; says how to set one).
@@ -126,7 +129,15 @@ def per_step_batchnorm(module: nn.Module, steps: int) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a :class:`PerStepBatchNorm`
     with ``steps`` slices, each starting as a copy of the original (weight, bias, running
     statistics). Modifies ``module`` in place and returns it (a BatchNorm itself: its
-    replacement), as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does."""
+    replacement), as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does.
+
+    Args:
+        module: the model (or one BatchNorm).
+        steps: slices per layer: the most inner steps ``adapt`` may run.
+
+    Returns:
+        ``module``, converted (or the replacement of a BatchNorm given alone).
+    """
     kinds: dict[type, int] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
     dims = kinds.get(type(module))
     if dims is not None:
@@ -161,7 +172,14 @@ def per_step_batchnorm(module: nn.Module, steps: int) -> nn.Module:
 
 
 def per_step_modules(model: nn.Module) -> list[tuple[str, PerStepBatchNorm]]:
-    """The per-step modules of ``model`` (checked against the number of inner steps)."""
+    """The per-step modules of ``model`` (checked against the number of inner steps).
+
+    Args:
+        model: any module.
+
+    Returns:
+        ``(name, module)`` for every :class:`PerStepBatchNorm` in it.
+    """
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PerStepBatchNorm)]
 
 
@@ -189,7 +207,15 @@ def msl_weights(steps: int, progress: float, floor: float = 0.03) -> list[float]
 
 
 def check_steps(model: nn.Module, steps: int) -> None:
-    """Raise if a per-step module of ``model`` has fewer slices than ``steps``."""
+    """Raise if a per-step module of ``model`` has fewer slices than ``steps``.
+
+    Args:
+        model: the model ``adapt`` runs.
+        steps: the inner steps it is about to run.
+
+    Raises:
+        ValueError: naming the first short module, its slices, and what to build instead.
+    """
     short: Sequence[tuple[str, PerStepBatchNorm]] = [
         (n, m) for n, m in per_step_modules(model) if m.steps < steps
     ]

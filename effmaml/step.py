@@ -164,7 +164,12 @@ class Runtime:
 
 
 class RepeatedBatch(Sequence):
-    """One batch presented as a sequence of ``steps`` identical batches."""
+    """One batch presented as a sequence of ``steps`` identical batches
+    (``adapt(batch, steps=N)`` builds one).
+
+    Args:
+        batch: the batch every step gets.
+        steps: N."""
 
     def __init__(self, batch: Any, steps: int) -> None:
         self.batch = batch
@@ -311,6 +316,13 @@ def at_step(t: int | None) -> Iterator[None]:
 
     A context variable, set and reset around each step: two ``MAML`` objects, or a step
     and its recomputation in backward, never see each other's index.
+
+    Args:
+        t: the step index (``None``: outside any step).
+
+    Example:
+        >>> with effmaml.at_step(0):  # a per-step BatchNorm model outside adapt
+        ...     logits = model(x)
     """
     token = _STEP.set(t)
     try:

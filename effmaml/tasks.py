@@ -9,6 +9,7 @@ tasks. The benchmark's families (few-shot image classification) live in ``bench/
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +19,27 @@ from torch import Tensor, nn
 __all__ = ["SineTasks", "TaskFamily", "mlp", "mse_loss"]
 
 
-def mse_loss(model, batch) -> Tensor:
+def mse_loss(model: Callable[[Tensor], Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The regression loss ``loss_fn(m, batch)`` of the sine examples.
+
+    Args:
+        model: the module or adapted model (called on ``x``).
+        batch: ``(x, y)``.
+
+    Returns:
+        The mean squared error of ``model(x)`` against ``y``.
+    """
     x, y = batch
     return F.mse_loss(model(x), y)
 
 
-def mlp(width: int = 40, dtype=torch.float32) -> nn.Module:
-    """Finn et al.'s sine regressor: 1-40-40-1 with ReLU."""
+def mlp(width: int = 40, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Finn et al.'s sine regressor: 1-40-40-1 with ReLU.
+
+    Args:
+        width: the hidden layers' width (40 in the paper).
+        dtype: the parameters' dtype.
+    """
     return nn.Sequential(
         nn.Linear(1, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1)
     ).to(dtype)
@@ -47,7 +62,17 @@ class TaskFamily:
 
 @dataclass
 class SineTasks(TaskFamily):
-    """y = A sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5] (Finn et al. 2017)."""
+    """y = A sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5] (Finn et al. 2017).
+
+    ``SineTasks(m)(generator)`` draws ``m`` tasks, each ``((x_s, y_s), (x_q, y_q))``: the
+    ``sample_tasks`` a :class:`~effmaml.MetaTrainer` takes.
+
+    Attributes:
+        meta_batch: tasks per call.
+        k_support: support examples per task.
+        k_query: query examples per task.
+        dtype: the tensors' dtype.
+    """
 
     meta_batch: int
     k_support: int = 10

@@ -219,9 +219,9 @@ def test_bench_tiny_end_to_end(tmp_path):
 
 
 def test_claims_and_readme_block_come_from_the_csvs(tmp_path):
-    """make report's claims table quotes the CSVs' own numbers; the README's results block
-    opens with the table a newcomer reproduces (cpu-quick), then the claims, then the GPU
-    sweep, then the rest by name."""
+    """make report's claims table quotes the CSVs' own numbers; README's block holds the
+    headline (cpu-quick's first table and plot, the claims, the GPU sweep's first table) and
+    points to results/README.md, which holds every summary in full, the headline first."""
     import shutil
     from pathlib import Path
 
@@ -242,10 +242,17 @@ def test_claims_and_readme_block_come_from_the_csvs(tmp_path):
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
     assert update_readme(readme, root)
     out = readme.read_text()
-    order = ["cpu-quick", "The seed's claims, measured", "resnet18-224", "cpu-small", "fewshot"]
+    order = ["cpu-quick", "The seed's claims, measured", "resnet18-224"]
     at = [out.index(f"\n### {h}\n") for h in order]
     assert at == sorted(at), at
+    assert "\n### cpu-small\n" not in out and "Peak MiB at each N" not in out  # full tables
+    assert f"({root}/cpu-quick/memory_vs_steps.png)" in out and f"({root}/README.md)" in out
     assert "old" not in out and out.startswith("intro\n") and out.endswith("after\n")
+    full = (root / "README.md").read_text()
+    order = [*order, "cpu-small", "fewshot"]
+    at = [full.index(f"\n### {h}\n") for h in order]
+    assert at == sorted(at), at
+    assert "Peak MiB at each N" in full and "(cpu-quick/memory_vs_steps.png)" in full
 
 
 def test_child_command_line_round_trips_through_the_one_parser():

@@ -30,7 +30,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from .problems import HORIZON, PROBLEMS
+from .problems import HORIZON, METHODS, PROBLEMS
 from .report import write, write_horizon
 from .run import run
 
@@ -47,6 +47,7 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--iterations", type=int, help="outer steps (default: the problem's)")
     ap.add_argument("--horizon", action="store_true", help="the long-horizon experiment")
+    ap.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     ap.add_argument("--out", help="default results/fewshot (or results/fewshot-horizon)")
     a = ap.parse_args(argv)
     seeds = tuple(int(s) for s in (a.seeds or ("0,1" if a.horizon else "0,1,2")).split(","))
@@ -70,7 +71,11 @@ def main(argv=None) -> None:
         out = Path(a.out or "results/fewshot-horizon")
         write_horizon(out, runs, values, p, lams, seeds, time.perf_counter() - t0)
     else:
-        runs, values, lams = run(problems, seeds, a.workers)
+        methods = tuple(a.methods.split(",")) if a.methods else METHODS
+        unknown = set(methods) - set(METHODS)
+        if unknown:
+            ap.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+        runs, values, lams = run(problems, seeds, a.workers, methods)
         out = Path(a.out or "results/fewshot")
         write(out, runs, values, lams, problems, seeds, time.perf_counter() - t0)
     print((out / "summary.md").read_text())

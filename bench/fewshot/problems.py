@@ -128,8 +128,8 @@ PROBLEMS = {
         imaml_lr=0.1,
         imaml_lams=(0.5, 2.0),
     ),
-    # 5-shot: MAML and MAML++ only (the 1-shot problem compares every method), two thirds
-    # of the 1-shot budget to fit make fewshot's time
+    # 5-shot: MAML and MAML++ only (the 1-shot problem compares every method), half the
+    # 1-shot budget's outer steps, to fit make fewshot's time
     "characters-5shot": Problem(
         "characters-5shot",
         "image",
@@ -138,7 +138,7 @@ PROBLEMS = {
         k_shot=5,
         inner_lr=0.4,
         inner_steps=1,
-        iterations=200,
+        iterations=150,
         meta_batch=8,
         eval_tasks=100,
         methods=("maml", "mamlpp"),

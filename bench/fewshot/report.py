@@ -57,8 +57,9 @@ def write(
         unit = "accuracy %" if p.kind == "image" else "query MSE"
         lines += [f"### {p.name}: {describe(p)}", ""]
         own = sub[sub.adapt == "own"].groupby("method", sort=False).value
+        ran = set(sub.method)
         how = [f"MAML, first order: {p.inner_steps} SGD step(s) of {p.inner_lr}"]
-        if "mamlpp" in p.methods and p.kind == "image":
+        if "mamlpp" in ran:
             r = p.mamlpp
             how.append(
                 f"MAML++: {r.steps} steps with its learned per-layer, per-step rates "
@@ -67,12 +68,12 @@ def write(
                 f"order for the first {r.first_order_fraction:.0%}, the outer rate "
                 f"cosine-annealed to {r.min_outer_lr:g}"
             )
-        if "implicit" in p.methods:
+        if "implicit" in ran:
             how.append(
                 f"iMAML: {p.imaml_steps} steps of {p.imaml_lr} on the proximal objective, "
                 f"λ = {lams[p.name]['chosen']}"
             )
-        if "transfer" in p.methods:
+        if ran & {"transfer", "random"}:
             how.append(
                 f"transfer (head only) and random: {max(p.eval_steps)} steps of {p.inner_lr}"
             )

@@ -230,6 +230,15 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     The registry is the one list of strategies: ``MAML(strategy=name)`` builds from it,
     ``auto`` weighs :meth:`Strategy.auto_candidates` of each exact one, the bench labels
     its runs with it, and a test checks that the package front exports every class in it.
+
+    Args:
+        cls: a :class:`Strategy` subclass with a unique ``name``.
+
+    Returns:
+        ``cls``.
+
+    Raises:
+        ValueError: no ``name``, or another class registered under it.
     """
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
@@ -241,6 +250,14 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 
 def make_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
     """Build a strategy from its registry name and options (or pass an instance through).
+
+    Args:
+        strategy: a name in :data:`STRATEGIES` or a :class:`Strategy` (returned as is, and
+            then ``options`` must be empty).
+        **options: the strategy's constructor arguments.
+
+    Returns:
+        The strategy.
 
     Raises:
         ValueError: unknown name (lists the known ones).
