@@ -40,8 +40,10 @@ def _first_table(name: str, path: Path) -> str:
     lines = path.read_text().strip().splitlines()
     title = lines[0].lstrip("# ").strip() if lines and lines[0].startswith("#") else name
     rest = lines[1:] if lines and lines[0].startswith("#") else lines
-    para = next((ln for ln in rest if ln.strip() and not ln.startswith(("|", "#"))), "")
     start = next((i for i, ln in enumerate(rest) if ln.startswith("|")), None)
+    # what precedes the table: the set-up and machine, the run's git revision and date
+    before = rest[:start] if start is not None else rest[:1]
+    para = "\n\n".join(ln for ln in before if ln.strip() and not ln.startswith("#"))
     table: list[str] = []
     if start is not None:
         for ln in rest[start:]:
@@ -49,7 +51,7 @@ def _first_table(name: str, path: Path) -> str:
                 break
             table.append(ln)
     out = [f"### {title}", ""]
-    if para and not para.startswith("|"):
+    if para:
         out += [para, ""]
     return "\n".join([*out, *table])
 
