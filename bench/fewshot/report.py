@@ -101,9 +101,9 @@ def write(
         )
         table.columns = [f"k={k}" for k in table.columns]
         lines += [
-            f"{unit} after k plain SGD steps on the support set:",
+            f"{unit} after k plain SGD steps on the support set (— where a method cannot run k):",
             "",
-            table.to_markdown(),
+            table.fillna("—").to_markdown(),
             "",
         ]
         cost = runs[(runs.problem == p.name) & (runs.adapt == "own")]
