@@ -45,6 +45,7 @@ import effmaml
 from effmaml.measure import PeakMemory
 
 from .env import environment, timestamp
+from .fewshot.problems import ce_loss
 from .models import build_model
 from .workload import agreement
 
@@ -68,11 +69,6 @@ class Speed:
     steps: tuple[int, ...] = (1, 5, 10)
     rounds: int = 5
     dtype: str = "float32"
-
-
-def ce_loss(model: Callable, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def make_model(cfg: Speed, device: torch.device) -> nn.Module:
