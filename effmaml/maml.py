@@ -447,8 +447,8 @@ class MAML:
         named: dict[str, Tensor] = dict(self.model.named_parameters())
         theta = {n: named[n] for n in self.adapted_names}
         fixed = {n: p for n, p in named.items() if n not in theta}
-        with torch.no_grad():
-            opt0 = self.inner.init({k: v.detach() for k, v in theta.items()})
+        with torch.no_grad():  # the initial optimizer state: no graph
+            opt0 = self.inner.init(theta)
             buffers0 = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         state0 = InnerState(dict(theta), opt0, buffers0)
         consts = Consts(

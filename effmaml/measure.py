@@ -12,6 +12,7 @@
   made ResNet18 runs about 2x slower here.
 * :func:`available_bytes`, :func:`available_host_bytes`: memory free for new work now.
 * :func:`host_link`: pinned host↔device bandwidth and pinned-allocation rate (CUDA).
+* :func:`clock`: a wall clock that first waits for the device's queued work.
 """
 
 from __future__ import annotations
@@ -28,12 +29,24 @@ __all__ = [
     "PeakMemory",
     "available_bytes",
     "available_host_bytes",
+    "clock",
     "current_rss_bytes",
     "host_link",
     "peak_rss_bytes",
     "release_freed",
     "reset_peak_rss",
 ]
+
+
+def clock(device: torch.device | str) -> float:
+    """``time.perf_counter()`` after the work queued on ``device`` has finished (a CUDA
+    synchronize; nothing to wait for on a CPU), so that differences time the device's work
+    and not only its launch."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
 
 # the environment of a child process whose peak resident memory is measured: glibc hands
 # blocks above 64 KiB back to the system when they are freed

@@ -24,7 +24,6 @@ to read its signature (and reused by the probe's steps).
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -34,7 +33,7 @@ from torch import Tensor
 from .checks import find_no_double_backward, is_no_double_backward
 from .diagnose import NoDoubleBackwardError, no_double_backward_error
 from .engine import pullback
-from .measure import host_link
+from .measure import clock, host_link
 from .memory import Probe, nbytes, saved_bytes
 from .replay import capture_rng, replay_autocast, replay_rng
 from .state import Consts, InnerState
@@ -123,7 +122,7 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         # by 70% and the schedules by 10-25% on cpu-quick-msl, so A leaves them out.
         weights = (1.0, *problem.step_weights[1:])
         problem = dataclasses.replace(problem, step_weights=weights)
-    start = _clock(device)
+    start = clock(device)
     with torch.random.fork_rng(devices=devices):
         rng = capture_rng(device)  # every probe step starts from it (dropout draws alike)
         with replay_rng(rng):
@@ -136,13 +135,13 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         seen: dict[str, Any] = {}
 
         def inspect(state: InnerState) -> None:
-            seen["graph_step"] = _clock(device)  # the step with graph is done
+            seen["graph_step"] = clock(device)  # the step with graph is done
             seen.setdefault("state", state.flat())  # the counted (first) pullback's
             if find_no_double_backward(state.params.values()) is not None:
                 raise no_double_backward_error(problem, state0, consts)
 
         def pull() -> tuple[float, float]:
-            t0 = _clock(device)
+            t0 = clock(device)
             try:
                 pullback(
                     problem, rt, state0, rng, 0, 1, consts, need, cotangent, loss_grad, inspect
@@ -151,7 +150,7 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
                 if is_no_double_backward(err) and not isinstance(err, NoDoubleBackwardError):
                     raise no_double_backward_error(problem, state0, consts, str(err)) from err
                 raise
-            return _clock(device) - t0, seen["graph_step"] - t0
+            return clock(device) - t0, seen["graph_step"] - t0
 
         # the first pullback runs cold and counts what the step saves (its gradients are
         # not used: saved-tensor hooks hand back detached aliases); the second is timed
@@ -177,7 +176,7 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         first_order_exact=same,
         host_bandwidth=link[0],
         pin_bandwidth=link[1],
-        seconds=_clock(device) - start,
+        seconds=clock(device) - start,
         evals=PROBE_EVALS,
     )
     rt.probes[key] = result
@@ -188,14 +187,14 @@ def _first_order(
     problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
 ) -> tuple[float, int]:
     """Time one first-order step (and count what its graph saves at its peak)."""
-    t0 = _clock(problem.device)
+    t0 = clock(problem.device)
     s = state0.detached(requires_grad=True)
     with saved_bytes() as count:
         out, loss, _ = inner_step(problem, rt, s, 0, consts.detached(), create_graph=False)
         # a first-order step frees its graph inside autograd.grad; what it keeps alive at
         # its peak is the forward's saved tensors
     del out, loss
-    return _clock(problem.device) - t0, count.bytes
+    return clock(problem.device) - t0, count.bytes
 
 
 def _gradients_agree(problem: InnerProblem, state0: InnerState, consts: Consts) -> bool:
@@ -229,9 +228,3 @@ def _gradients_agree(problem: InnerProblem, state0: InnerState, consts: Consts) 
         (a is None) == (b is None) and (a is None or torch.equal(a, b.detach()))
         for a, b in zip(plain, graph)
     )
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

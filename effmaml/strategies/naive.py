@@ -42,11 +42,12 @@ class Naive(Strategy):
         for t in range(problem.steps):
             state, loss, query = inner_step(problem, rt, state, t, consts, create_graph=True)
             losses.append(loss)
-            queries.append(torch.zeros_like(loss) if query is None else query)
+            if problem.step_weights:  # a zero where the step's weight is 0
+                queries.append(torch.zeros_like(loss) if query is None else query)
             if t == 0 and find_no_double_backward(state.params.values()) is not None:
                 raise no_double_backward_error(problem, state0, consts)
-        qs = queries if problem.step_weights else []
-        return Outcome(state, losses, RunFacts("naive"), qs, multi_step_loss(problem, qs))
+        facts = RunFacts("naive")
+        return Outcome(state, losses, facts, queries, multi_step_loss(problem, queries))
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
         n = problem.steps
