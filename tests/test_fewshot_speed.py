@@ -1,20 +1,126 @@
-"""make fewshot-speed at toy size: every library computes the same meta-gradient (float64),
-and the table carries each library's time, peak and its ratio to the fastest peer."""
+"""make fewshot-speed at toy size: every library computes its family's reference meta-gradient
+(float64), effmaml dispatches no tensor work beyond a hand-written loop's, and the table
+carries each library's time, paired ratio to the fastest peer, ops and peak."""
 
+import collections
+import math
+import warnings
+
+import pytest
 import torch
 
-from bench.fewshot_speed import LIBRARIES, PEERS, Speed, run, summary
+import effmaml
+from bench.fewshot.problems import ce_loss
+from bench.fewshot_speed import LIBRARIES, PEERS, REFERENCE, Speed, make_model, make_tasks, run
+from bench.fewshot_speed import summary as speed_summary
+from bench.timing import count_ops, median_ci, paired_ratios
 
-TOY = Speed(meta_batch=2, width=4, image=16, steps=(1, 3), rounds=2, dtype="float64")
+# iMAML at toy size needs λ = 1 and damping 10 for a positive-definite system (the full
+# workload's λ = 0.5, damping 0.1 is, measured, at N = 5 and 10); CG then runs all 5
+# iterations without converging, so equal meta-gradients mean equal iterates
+TOY = Speed(
+    meta_batch=2,
+    width=4,
+    image=16,
+    steps=(1, 3),
+    imaml_steps=(3,),
+    rounds=2,
+    dtype="float64",
+    imaml_lam=1.0,
+    cg_damping=10.0,
+)
 
 
-def test_every_library_gives_effmaml_naives_meta_gradient_in_float64():
+def test_every_library_gives_its_familys_reference_meta_gradient_in_float64():
     df = run(TOY, torch.device("cpu"))
-    assert set(df.library) == set(LIBRARIES) and set(df.steps) == {1, 3}
-    # the same sums, some in another order: float64 rounding only
+    assert set(df.library) == set(LIBRARIES)
+    assert set(df[df.family == "maml"].steps) == {1, 3}
+    assert set(df[df.family == "imaml"].steps) == {3}
+    assert (df.reference == df.family.map(REFERENCE)).all()
+    # the same sums, some in another order (TorchOpt's CG on the system scaled by λ)
     assert (df.grad_rel_l2 < 1e-12).all(), df[["library", "steps", "grad_rel_l2"]]
     assert (df.s_per_iteration > 0).all() and (df.s_min <= df.s_max).all()
-    fastest = df[df.library.isin(PEERS)].groupby("steps").vs_fastest_peer.min()
-    assert (fastest == 1.0).all()
-    text = summary(df, TOY, 1.0)
-    assert "effmaml naive" in text and "N=3 vs fastest peer" in text
+    assert (df.aten_ops > 0).all() and (df.peak_mib >= 0).all()
+    for (family, _), at in df.groupby(["family", "steps"]):
+        fastest = at.fastest_peer.iloc[0]
+        assert (at.fastest_peer == fastest).all() and LIBRARIES[fastest].family == family
+        assert LIBRARIES[fastest].peer
+        assert at.set_index("library").loc[fastest, "vs_fastest_peer"] == 1.0
+    assert (df.vs_fastest_peer_lo <= df.vs_fastest_peer).all()
+    assert (df.vs_fastest_peer <= df.vs_fastest_peer_hi).all()
+    text = speed_summary(df, TOY, 1.0)
+    assert "| iMAML" in text and "| MAML" in text and "N=3" in text and "ops ·" in text
+    assert "effmaml implicit / torchopt implicit" in text
+
+
+def test_the_imaml_comparison_is_not_at_convergence():
+    """The toy's CG runs every iteration and stops short of the solution, so the float64
+    equality above holds iterate by iterate, not only at a converged answer."""
+    model = make_model(TOY, torch.device("cpu"))
+    (support, query), *_ = make_tasks(TOY, torch.device("cpu"))
+    maml = effmaml.MAML(
+        model,
+        ce_loss,
+        effmaml.SGD(TOY.imaml_lr),
+        "implicit",
+        lam=TOY.imaml_lam,
+        cg_steps=TOY.cg_steps,
+        cg_damping=TOY.cg_damping,
+        cg_tol=TOY.cg_tol,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no non-positive curvature
+        adapted = maml.adapt(support, steps=TOY.imaml_steps[0])
+        ce_loss(adapted, query).backward()
+    assert adapted.info["cg_iterations"] == TOY.cg_steps
+    assert adapted.info["cg_residual"] > 1e-3
+
+
+def test_effmaml_naive_dispatches_the_hand_written_loops_ops_and_its_finiteness_check():
+    """One meta-iteration of effmaml naive runs exactly the torch.func loop's operations plus
+    ``bool(torch.isfinite(loss))`` once per inner step: no copy, no extra pass, whatever the
+    machine's load says about the seconds."""
+    n = 3
+    model = make_model(TOY, torch.device("cpu"))
+    tasks = make_tasks(TOY, torch.device("cpu"))
+    eff = LIBRARIES["effmaml naive"].setup(model, TOY)
+    loop = LIBRARIES["torch.func loop"].setup(model, TOY)
+    eff(tasks, n)  # first calls set up caches (the probe is not run by naive, but be fair)
+    loop(tasks, n)
+    eff_ops = count_ops(lambda: eff(tasks, n))
+    loop_ops = count_ops(lambda: loop(tasks, n))
+    loss = torch.tensor(1.0, dtype=torch.float64)
+    check = count_ops(lambda: bool(torch.isfinite(loss)))
+    expected = collections.Counter({op: k * n * len(tasks) for op, k in check.items()})
+    assert eff_ops - loop_ops == expected, (eff_ops - loop_ops, expected)
+    assert not loop_ops - eff_ops
+
+
+def test_peers_are_the_libraries_effmaml_is_compared_with():
+    assert set(PEERS) == {"higher", "torchopt", "torch.func loop", "torchopt implicit"}
+    assert all(not LIBRARIES[ref].peer for ref in REFERENCE.values())
+
+
+@pytest.mark.parametrize(
+    ("n", "ranks", "coverage"),
+    # the textbook order statistics of a 95% interval for the median
+    [(6, (1, 6), 0.969), (9, (2, 8), 0.961), (15, (4, 12), 0.965), (30, (10, 21), 0.957)],
+)
+def test_median_ci_takes_the_binomial_order_statistics(n, ranks, coverage):
+    values = [10.0 * (k + 1) for k in reversed(range(n))]  # unsorted on purpose
+    med, lo, hi, cov = median_ci(values)
+    assert med == 10.0 * (n + 1) / 2
+    assert (lo, hi) == (10.0 * ranks[0], 10.0 * ranks[1])
+    assert math.isclose(cov, coverage, abs_tol=5e-4) and cov >= 0.95
+
+
+def test_median_ci_with_few_values_gives_the_range_and_says_its_coverage():
+    assert median_ci([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0, 0.75)
+    with pytest.raises(ValueError, match="at least one"):
+        median_ci([])
+
+
+def test_paired_ratios_need_the_same_rounds():
+    assert paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_ratios([1.0], [1.0, 2.0])
