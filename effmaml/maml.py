@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from . import perstep
 from .inner import InnerOptimizer
 from .memory import Prediction, Probe, parse_bytes
 from .probe import probe
+from .sources import as_source
 from .step import (
     Consts,
     FunctionalModel,
@@ -424,7 +425,7 @@ class MAML:
         :meth:`adapt`. ``check_steps=False``: do not hold the number of steps against
         per-step rates (the probe's one-step problem).
         """
-        seq = self._batches(batches, steps)
+        seq = as_source(batches, steps)
         if check_steps:
             self.inner.check_steps(len(seq))
             perstep.check_steps(self.model, len(seq))
@@ -459,38 +460,6 @@ class MAML:
     def runtime(self) -> Runtime:
         """A fresh runtime for one call, sharing this front's probe cache."""
         return Runtime(probes=self._probes)
-
-    @staticmethod
-    def _batches(batches: Any, steps: int | None) -> Sequence[Any]:
-        one_batch = isinstance(batches, (Tensor, tuple, Mapping, str))
-        if steps is not None:
-            if isinstance(steps, bool) or not isinstance(steps, int):
-                raise TypeError(f"steps must be an int (got {steps!r})")
-            if steps < 1:
-                raise ValueError(f"steps must be >= 1 (got {steps})")
-            if one_batch or not _indexable(batches):
-                _refuse_iterator(batches)
-                return RepeatedBatch(batches, steps)
-            if len(batches) != steps:
-                raise ValueError(
-                    f"got a source of {len(batches)} batches with steps={steps}; pass the "
-                    f"source alone, adapt(batches), for one batch per step, or one batch "
-                    f"(a tensor, tuple or dict) with steps={steps} to reuse it"
-                )
-            return batches
-        _refuse_iterator(batches)
-        if one_batch or not _indexable(batches):
-            raise TypeError(
-                f"adapt() takes a batch source, one batch per step: anything with __len__ and "
-                f"__getitem__ (a list, a torch Dataset of per-step batches, a lazy class) (got "
-                f"{type(batches).__name__}); to reuse one batch, call adapt(batch, steps=N)"
-            )
-        if len(batches) == 0:
-            raise ValueError(
-                "adapt() got an empty batch source; pass at least one batch, or one batch "
-                "with steps=N"
-            )
-        return batches
 
     def __repr__(self) -> str:
         return (
@@ -528,28 +497,3 @@ def _with_query(
         if not all(math.isfinite(x) for x in w) or not any(w):
             raise ValueError(f"step_weights must be finite and not all zero (got {list(w)})")
     return dataclasses.replace(problem, query=query, step_weights=w)
-
-
-def _indexable(source: Any) -> bool:
-    """Whether ``source`` can be indexed by step: ``__len__`` and ``__getitem__``."""
-    cls = type(source)
-    return hasattr(cls, "__len__") and hasattr(cls, "__getitem__")
-
-
-def _refuse_iterator(source: Any) -> None:
-    """Raise for one-pass sources (iterators, generators, IterableDataset)."""
-    from torch.utils.data import IterableDataset
-
-    if isinstance(source, (Iterator, IterableDataset)) or (
-        not _indexable(source)
-        and isinstance(source, Iterable)
-        and not isinstance(source, (Tensor, Mapping, str))
-    ):
-        raise TypeError(
-            f"adapt() got a one-pass source ({type(source).__name__}): recomputing "
-            f"strategies (checkpoint, revolve, offload, auto) run inner steps again in "
-            f"backward and need batch t again by its index, which an iterator cannot give. "
-            f"Pass something indexable: list(source) materialises it (fine for 'naive' and "
-            f"'first_order', which never re-read it), or a class with __len__ and "
-            f"__getitem__(t) that builds batch t on demand"
-        )

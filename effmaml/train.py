@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import checkpoints
+from .checkpoints import CHECKPOINT_NAME, PREVIOUS_NAME
 from .distributed import all_reduce_sum, rank_slice, world
 from .maml import MAML
-from .notices import warn
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -40,12 +41,9 @@ __all__ = [
     "task_seed",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-PREVIOUS_NAME = "checkpoint.prev.pt"  # the one before, kept in case the newest is damaged
 LOG_COLUMNS = ["iteration", "meta_loss", "seconds", "tasks_per_s", "order", "outer_lr"]
 EVENTS_NAME = "events.log"  # pre-emption and other notes, one line each
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and cloud pre-emption send
-_FORMAT = 1
 
 Task = tuple[Any, Any]
 
@@ -386,7 +384,7 @@ class MetaTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (this rank's RNG only; :meth:`save` gathers all)."""
         return {
-            "format": _FORMAT,
+            "format": checkpoints.FORMAT,
             "iteration": self.iteration,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -412,24 +410,7 @@ class MetaTrainer:
             state["rng"] = rngs
         if self.rank != 0:
             return None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / CHECKPOINT_NAME
-        tmp = self.dir / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if path.exists():
-                # the previous checkpoint stays one generation, in case this one is damaged
-                # later (a full disk, a copy cut short); a crash between the two renames
-                # leaves it alone, and load_latest falls back to it
-                os.replace(path, self.dir / PREVIOUS_NAME)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return checkpoints.write(self.dir, state)
 
     def load_latest(self) -> bool:
         """Load the newest loadable checkpoint in ``checkpoint_dir``; return whether one was.
@@ -444,35 +425,12 @@ class MetaTrainer:
         """
         if self.dir is None:
             raise ValueError("resume=True needs checkpoint_dir= to find the checkpoint")
-        newest, previous = self.dir / CHECKPOINT_NAME, self.dir / PREVIOUS_NAME
-        failures: list[str] = []
-        if not newest.exists() and not previous.exists():
-            if self.rank == 0:
-                warn(f"no checkpoint at {newest}; starting from iteration 0")
+        found = checkpoints.read_latest(self.dir, speak=self.rank == 0)
+        if found is None:
             return False
-        for path in (newest, previous):
-            if not path.exists():
-                failures.append(f"{path} (missing: a crash while saving?)")
-                continue
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if not isinstance(state, dict) or state.get("format") != _FORMAT:
-                    raise ValueError("not an effmaml MetaTrainer checkpoint")
-            except Exception as err:  # a damaged file fails in many ways inside torch.load
-                failures.append(f"{path} ({type(err).__name__}: {str(err)[:200]})")
-                continue
-            if failures and self.rank == 0:
-                warn(
-                    f"could not load {failures[0]}; resuming from the previous checkpoint "
-                    f"{path} (iteration {state.get('iteration')}) instead"
-                )
-            self.load_state_dict(state, source=str(path))
-            return True
-        raise RuntimeError(
-            f"no checkpoint in {self.dir} can be loaded: {'; '.join(failures)}. The files are "
-            f"damaged; move them away (or use another checkpoint_dir) to start afresh, or "
-            f"call train(..., resume=False)"
-        )
+        state, path = found
+        self.load_state_dict(state, source=str(path))
+        return True
 
     def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
         """Restore a :meth:`state_dict`, after checking it matches this model and run.
@@ -481,9 +439,9 @@ class MetaTrainer:
             ValueError: wrong format, parameter names/shapes that differ from the model's,
                 a different run configuration, or a different number of processes.
         """
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        if not isinstance(state, dict) or state.get("format") != checkpoints.FORMAT:
             raise ValueError(f"{source} is not an effmaml MetaTrainer checkpoint")
-        self._check_model(state["model"], source)
+        checkpoints.check_model_state(self.model.state_dict(), state["model"], source)
         diff = {
             k: (state["config"].get(k), self.config.get(k))
             for k in sorted(set(state["config"]) | set(self.config))
@@ -514,28 +472,6 @@ class MetaTrainer:
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.iteration = int(state["iteration"])
-
-    def _check_model(self, saved: dict[str, Tensor], source: str) -> None:
-        own = self.model.state_dict()
-        missing = sorted(set(own) - set(saved))
-        extra = sorted(set(saved) - set(own))
-        shapes = [
-            f"{k}: {tuple(saved[k].shape)} vs {tuple(own[k].shape)}"
-            for k in own
-            if k in saved and saved[k].shape != own[k].shape
-        ]
-        if missing or extra or shapes:
-            parts = []
-            if missing:
-                parts.append(f"missing from it: {missing[:5]}")
-            if extra:
-                parts.append(f"not in the model: {extra[:5]}")
-            if shapes:
-                parts.append(f"shapes differ (checkpoint vs model): {shapes[:5]}")
-            raise ValueError(
-                f"{source} does not match the model ({'; '.join(parts)}); build the same "
-                f"model as the run that wrote it"
-            )
 
 
 def task_seed(seed: int, iteration: int, index: int) -> int:
