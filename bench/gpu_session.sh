@@ -3,7 +3,12 @@
 #   1. the `gpu`-marked tests (SKIP_TESTS=1 to leave them out),
 #   2. the resnet18-224 preset at STEPS (default every N: 100, 500, 1000; about 8 minutes by
 #      the H200's figures), one timed meta-gradient per cell, appended to $OUT/resnet18-224/,
-#   3. the 1-GPU meta-training figure of bench.scaling (SKIP_SCALING=1 to leave it out).
+#   3. the 1-GPU meta-training figure of bench.scaling (SKIP_SCALING=1 to leave it out),
+#   4. with GPT2_STEPS (e.g. 1,10,50,100): the gpt2-small preset, to $OUT/gpt2-small/,
+#   5. with SPEED=1: fewshot-speed (meta-batch 32, every library, 12 rounds), to
+#      $OUT/fewshot-speed/.
+# The peers and tqdm/tabulate are not on that machine: `bash bench/gpu_deps.sh` here builds
+# .gpu_deps/ (name it in the device call's carry); it goes on PYTHONPATH below.
 # Every row is written under $OUT as soon as it exists, so a time-out still returns it.
 # Split over two commands if one would run past its limit:
 #   OUT=dir STEPS=100 bash bench/gpu_session.sh
@@ -35,4 +40,16 @@ if [ -z "${SKIP_SCALING:-}" ]; then
   timeout "${T_SCALING:-50}" $PY -m bench.scaling --device cuda --procs 1 --iterations 4 \
     --out "$OUT/scaling" >> "$OUT/log.txt" 2>&1
   log "scaling rc=$?"
+fi
+if [ -n "${GPT2_STEPS:-}" ]; then
+  log "gpt2-small N=$GPT2_STEPS"
+  timeout "${T_GPT2:-300}" $PY -m bench --preset gpt2-small --steps "$GPT2_STEPS" --append \
+    --out "$OUT" --no-report >> "$OUT/log.txt" 2>&1
+  log "gpt2-small rc=$?"
+fi
+if [ -n "${SPEED:-}" ]; then
+  log "fewshot-speed"
+  timeout "${T_SPEED:-300}" $PY -m bench.fewshot_speed --rounds 12 --out "$OUT/fewshot-speed" \
+    >> "$OUT/log.txt" 2>&1
+  log "fewshot-speed rc=$?"
 fi
