@@ -26,9 +26,12 @@ Per library and N:
   which every library runs one iteration, the order rotating from round to round; the
   median per library.
 * **vs fastest peer**: the median over rounds of the library's time over the fastest
-  peer's (by median) *in the same round*, with a distribution-free 95% confidence interval
+  peer's *in the same round*, with a distribution-free confidence interval
   (:mod:`bench.timing`): paired rounds cancel the machine's slow spells, which moved a
-  ratio of two medians by ±10% between runs of the same code on this 2-core CPU.
+  ratio of two medians by ±10% between runs of the same code on this 2-core CPU. The even
+  rounds choose the fastest peer (least median), the odd rounds give the ratio, so that
+  the peer's luck in choosing it does not lean the ratio (Note [Choosing the fastest peer
+  on other rounds than the ratio's]).
 * **aten ops**: the operations one meta-iteration dispatches (:func:`bench.timing.count_ops`),
   a count no load on the machine changes: where two libraries dispatch the same work, a
   difference in seconds is the machine's, or Python's.
@@ -89,7 +92,7 @@ class Speed:
     image: int = 28
     lr: float = 0.4
     steps: tuple[int, ...] = (1, 5, 10)
-    rounds: int = 9
+    rounds: int = 30
     dtype: str = "float32"
     imaml_steps: tuple[int, ...] = (5, 10)
     imaml_lr: float = 0.1
@@ -304,7 +307,16 @@ def _time_rounds(
 
 
 def run(cfg: Speed, device: torch.device, libraries=tuple(LIBRARIES)) -> pd.DataFrame:
-    """Time, count, measure and compare every library at every N (module docstring)."""
+    """Time, count, measure and compare every library at every N (module docstring).
+
+    Raises:
+        ValueError: fewer than 2 rounds (one chooses the fastest peer, one measures).
+    """
+    if cfg.rounds < 2:
+        raise ValueError(
+            f"fewshot-speed needs at least 2 rounds (got {cfg.rounds}): the even rounds "
+            f"choose the fastest peer, the odd ones measure the ratio to it"
+        )
     model = make_model(cfg, device)
     tasks = make_tasks(cfg, device)
     steps = {lib: LIBRARIES[lib].setup(model, cfg) for lib in libraries}
@@ -316,8 +328,15 @@ def run(cfg: Speed, device: torch.device, libraries=tuple(LIBRARIES)) -> pd.Data
         for lib, s in here.items():
             family = LIBRARIES[lib].family
             peers = [p for p in here if LIBRARIES[p].peer and LIBRARIES[p].family == family]
-            fastest = min(peers, key=lambda p: statistics.median(times[p]), default=lib)
-            ratio, lo, hi, coverage = median_ci(paired_ratios(times[lib], times[fastest]))
+            # Note [Choosing the fastest peer on other rounds than the ratio's]
+            # Among peers about as fast as each other, the one with the least median over
+            # some rounds is partly the luckiest there, and effmaml's ratio to it over those
+            # same rounds would lean above 1. The even rounds choose it, the odd rounds
+            # (interleaved, so both halves see the machine's drift) measure the ratio.
+            fastest = min(peers, key=lambda p: statistics.median(times[p][0::2]), default=lib)
+            ratio, lo, hi, coverage = median_ci(
+                paired_ratios(times[lib][1::2], times[fastest][1::2])
+            )
             ops = count_ops(lambda s=s, n=n: meta_gradient(s, model, tasks, n))
             with PeakMemory(device) as pm:
                 meta_gradient(s, model, tasks, n)
@@ -427,8 +446,9 @@ def summary(df: pd.DataFrame, cfg: Speed, seconds: float) -> str:
         f"{cfg.cg_damping} (peer: TorchOpt's implicit differentiation, the same linear "
         f"system). Each cell: seconds per meta-iteration (median of {cfg.rounds} rounds "
         f"after a warm-up, the libraries alternating within each round) · the median over "
-        f"rounds of the time over the fastest peer's in the same round "
-        f"[{100 * df.ci_coverage.min():.0f}% interval, distribution-free]. {r.device}, "
+        f"the odd rounds of the time over the fastest peer's in the same round, the fastest "
+        f"chosen on the even rounds [{100 * df.ci_coverage.min():.0f}% interval, "
+        f"distribution-free]. {r.device}, "
         f"torch {r.torch}, {r.threads} threads; {seconds / 60:.1f} minutes.",
         "",
         speed_table(df),
@@ -458,7 +478,9 @@ def summary(df: pd.DataFrame, cfg: Speed, seconds: float) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.fewshot_speed", description=__doc__)
     ap.add_argument("--meta-batch", type=int, help="default 32 on CUDA, 8 on CPU")
-    ap.add_argument("--rounds", type=int, default=Speed.rounds)
+    ap.add_argument(
+        "--rounds", type=int, default=Speed.rounds, help="at least 2 (even: choose, odd: measure)"
+    )
     ap.add_argument("--steps", default="1,5,10", help="N of the MAML family")
     ap.add_argument("--imaml-steps", default="5,10", help="N of the iMAML family")
     ap.add_argument(

@@ -3,6 +3,7 @@
 carries each library's time, paired ratio to the fastest peer, ops and peak."""
 
 import collections
+import dataclasses
 import math
 import warnings
 
@@ -51,6 +52,11 @@ def test_every_library_gives_its_familys_reference_meta_gradient_in_float64():
     text = speed_summary(df, TOY, 1.0)
     assert "| iMAML" in text and "| MAML" in text and "N=3" in text and "ops ·" in text
     assert "effmaml implicit / torchopt implicit" in text
+
+
+def test_a_run_needs_rounds_to_choose_the_fastest_peer_and_to_measure():
+    with pytest.raises(ValueError, match="at least 2 rounds"):
+        run(dataclasses.replace(TOY, rounds=1), torch.device("cpu"))
 
 
 def test_the_imaml_comparison_is_not_at_convergence():
