@@ -71,7 +71,16 @@ from .models import build_model
 from .timing import count_ops, median_ci, paired_ratios
 from .workload import agreement
 
-__all__ = ["LIBRARIES", "PEERS", "REFERENCE", "Library", "Speed", "meta_gradient", "run"]
+__all__ = [
+    "LIBRARIES",
+    "PEERS",
+    "REFERENCE",
+    "Library",
+    "Speed",
+    "front",
+    "meta_gradient",
+    "run",
+]
 
 Task = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Step = Callable[[list[Task], int], None]
@@ -121,22 +130,27 @@ def make_tasks(cfg: Speed, device: torch.device, seed: int = 0) -> list[Task]:
     return [(part(cfg.k_shot), part(cfg.k_query)) for _ in range(cfg.meta_batch)]
 
 
+def front(model: nn.Module, cfg: Speed, strategy: str) -> effmaml.MAML:
+    """The effmaml front a library row uses: ``implicit`` with the iMAML settings of
+    ``cfg``, any other strategy with the MAML family's inner SGD."""
+    if strategy != "implicit":
+        return effmaml.MAML(model, ce_loss, effmaml.SGD(cfg.lr), strategy)
+    return effmaml.MAML(
+        model,
+        ce_loss,
+        effmaml.SGD(cfg.imaml_lr),
+        "implicit",
+        lam=cfg.imaml_lam,
+        cg_steps=cfg.cg_steps,
+        cg_damping=cfg.cg_damping,
+        cg_tol=cfg.cg_tol,
+    )
+
+
 # -- one meta-iteration per library: accumulate the summed query losses' gradient ---------
 def _effmaml(strategy: str) -> Callable[[nn.Module, Speed], Step]:
     def setup(model: nn.Module, cfg: Speed) -> Step:
-        if strategy == "implicit":
-            maml = effmaml.MAML(
-                model,
-                ce_loss,
-                effmaml.SGD(cfg.imaml_lr),
-                "implicit",
-                lam=cfg.imaml_lam,
-                cg_steps=cfg.cg_steps,
-                cg_damping=cfg.cg_damping,
-                cg_tol=cfg.cg_tol,
-            )
-        else:
-            maml = effmaml.MAML(model, ce_loss, effmaml.SGD(cfg.lr), strategy)
+        maml = front(model, cfg, strategy)
 
         def step(tasks: list[Task], n: int) -> None:
             for support, query in tasks:

@@ -10,9 +10,17 @@ import warnings
 import pytest
 import torch
 
-import effmaml
 from bench.fewshot.problems import ce_loss
-from bench.fewshot_speed import LIBRARIES, PEERS, REFERENCE, Speed, make_model, make_tasks, run
+from bench.fewshot_speed import (
+    LIBRARIES,
+    PEERS,
+    REFERENCE,
+    Speed,
+    front,
+    make_model,
+    make_tasks,
+    run,
+)
 from bench.fewshot_speed import summary as speed_summary
 from bench.timing import count_ops, median_ci, paired_ratios
 
@@ -64,16 +72,7 @@ def test_the_imaml_comparison_is_not_at_convergence():
     equality above holds iterate by iterate, not only at a converged answer."""
     model = make_model(TOY, torch.device("cpu"))
     (support, query), *_ = make_tasks(TOY, torch.device("cpu"))
-    maml = effmaml.MAML(
-        model,
-        ce_loss,
-        effmaml.SGD(TOY.imaml_lr),
-        "implicit",
-        lam=TOY.imaml_lam,
-        cg_steps=TOY.cg_steps,
-        cg_damping=TOY.cg_damping,
-        cg_tol=TOY.cg_tol,
-    )
+    maml = front(model, TOY, "implicit")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no non-positive curvature
         adapted = maml.adapt(support, steps=TOY.imaml_steps[0])
