@@ -53,7 +53,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -77,6 +77,7 @@ __all__ = [
     "REFERENCE",
     "Library",
     "Speed",
+    "config_of",
     "front",
     "meta_gradient",
     "run",
@@ -446,29 +447,52 @@ def verdicts(df: pd.DataFrame, target: float = 1.05) -> list[str]:
     return lines
 
 
+def _setting(df: pd.DataFrame, cfg: Speed) -> str:
+    """What ran: the families present, and the peers that ran beside effmaml."""
+    parts = []
+    for family, what in (
+        ("maml", f"MAML: inner SGD {cfg.lr}, second order"),
+        (
+            "imaml",
+            f"iMAML: inner SGD {cfg.imaml_lr} on the proximal objective, λ = "
+            f"{cfg.imaml_lam}, {cfg.cg_steps} CG steps, damping {cfg.cg_damping}, TorchOpt's "
+            "implicit differentiation solving the same linear system",
+        ),
+    ):
+        ran = list(dict.fromkeys(df[df.family == family].library))
+        if ran:
+            parts.append(f"{what} ({', '.join(ran)})")
+    return "; ".join(parts)
+
+
 def summary(df: pd.DataFrame, cfg: Speed, seconds: float) -> str:
-    """The summary.md text: the speed table, the work table, the verdicts."""
+    """The summary.md text: the speed table, the verdicts, the work table."""
     r = df.iloc[0]
+    ran = list(dict.fromkeys(df.library))
+    who = "every library" if set(ran) == set(LIBRARIES) else " and ".join(ran)
     lines = [
-        "# fewshot-speed: the daily workload, every library side by side",
+        f"# fewshot-speed: the daily workload, {who} side by side",
         "",
         f"Conv-4 ({cfg.width} filters) on 1x{cfg.image}x{cfg.image}, {cfg.n_way}-way "
         f"{cfg.k_shot}-shot with {cfg.k_query} queries per class, meta-batch "
-        f"{cfg.meta_batch}, {cfg.dtype}; MAML: inner SGD {cfg.lr}, second order (peers "
-        f"higher, TorchOpt MetaSGD, a torch.func loop); iMAML: inner SGD {cfg.imaml_lr} on "
-        f"the proximal objective, λ = {cfg.imaml_lam}, {cfg.cg_steps} CG steps, damping "
-        f"{cfg.cg_damping} (peer: TorchOpt's implicit differentiation, the same linear "
-        f"system). Each cell: seconds per meta-iteration (median of {cfg.rounds} rounds "
-        f"after a warm-up, the libraries alternating within each round) · the median over "
-        f"the odd rounds of the time over the fastest peer's in the same round, the fastest "
-        f"chosen on the even rounds [{100 * df.ci_coverage.min():.0f}% interval, "
-        f"distribution-free]. {r.device}, "
+        f"{cfg.meta_batch}, {cfg.dtype}. {_setting(df, cfg)}. Each cell: seconds per "
+        f"meta-iteration (median of {cfg.rounds} rounds after a warm-up, the libraries "
+        f"alternating within each round) · the median over the odd rounds of the time over "
+        f"the fastest peer's in the same round, the fastest chosen on the even rounds "
+        f"[{100 * df.ci_coverage.min():.0f}% interval, distribution-free]. {r.device}, "
         f"torch {r.torch}, {r.threads} threads; {seconds / 60:.1f} minutes.",
         "",
         speed_table(df),
         "",
-        "iMAML is not run at N = 1: one step does not reach the inner solution its gradient "
-        "is taken at; there the Hessian is indefinite and the conjugate gradient stops. "
+        *(
+            [
+                "iMAML is not run at N = 1: one step does not reach the inner solution its "
+                "gradient is taken at; there the Hessian is indefinite and the conjugate "
+                "gradient stops."
+            ]
+            if (df.family == "imaml").any()
+            else []
+        ),
         "rel. L2: the meta-gradient against the family's reference (effmaml naive, effmaml "
         f"implicit) on the same tasks, {cfg.dtype} (equal in float64: "
         "tests/test_fewshot_speed.py).",
@@ -489,6 +513,19 @@ def summary(df: pd.DataFrame, cfg: Speed, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def config_of(df: pd.DataFrame) -> Speed:
+    """The :class:`Speed` a ``runs.csv`` was measured with (its columns carry every field)."""
+    r = df.iloc[0]
+    values = {}
+    for f in fields(Speed):
+        if f.name in ("steps", "imaml_steps"):  # the column "steps" is each row's N
+            family = "imaml" if f.name == "imaml_steps" else "maml"
+            values[f.name] = tuple(sorted(int(n) for n in set(df[df.family == family].steps)))
+        else:
+            values[f.name] = type(getattr(Speed, f.name))(r[f.name])
+    return Speed(**values)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.fewshot_speed", description=__doc__)
     ap.add_argument("--meta-batch", type=int, help="default 32 on CUDA, 8 on CPU")
@@ -503,7 +540,21 @@ def main(argv=None) -> None:
         help=f"a comma-separated subset of: {', '.join(LIBRARIES)}",
     )
     ap.add_argument("--out", default="results/fewshot-speed")
+    ap.add_argument(
+        "--report",
+        metavar="DIR",
+        help="run nothing: rewrite DIR/summary.md from DIR/runs.csv (after the summary's "
+        "format changed)",
+    )
     a = ap.parse_args(argv)
+    if a.report:
+        out = Path(a.report)
+        df = pd.read_csv(out / "runs.csv")
+        if "run_s" not in df:
+            ap.error(f"{out}/runs.csv has no run_s column (the run's seconds); run it again")
+        (out / "summary.md").write_text(summary(df, config_of(df), float(df.run_s.iloc[0])))
+        print((out / "summary.md").read_text())
+        return
     libraries = tuple(a.libraries.split(","))
     unknown = [lib for lib in libraries if lib not in LIBRARIES]
     if unknown:
@@ -517,10 +568,11 @@ def main(argv=None) -> None:
     cfg = replace(cfg, meta_batch=a.meta_batch or (32 if device.type == "cuda" else 8))
     t0 = time.perf_counter()
     df = run(cfg, device, libraries)
+    df["run_s"] = time.perf_counter() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "runs.csv", index=False)
-    (out / "summary.md").write_text(summary(df, cfg, time.perf_counter() - t0))
+    (out / "summary.md").write_text(summary(df, cfg, float(df.run_s.iloc[0])))
     print((out / "summary.md").read_text())
 
 

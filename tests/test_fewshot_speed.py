@@ -7,6 +7,7 @@ import dataclasses
 import math
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 
@@ -16,7 +17,9 @@ from bench.fewshot_speed import (
     PEERS,
     REFERENCE,
     Speed,
+    config_of,
     front,
+    main,
     make_model,
     make_tasks,
     run,
@@ -129,3 +132,17 @@ def test_paired_ratios_need_the_same_rounds():
     assert paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
     with pytest.raises(ValueError, match="same rounds"):
         paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_a_summary_is_rebuilt_from_its_csv_and_names_only_what_ran(tmp_path):
+    pair = ("effmaml naive", "torch.func loop")
+    df = run(dataclasses.replace(TOY, steps=(2,), imaml_steps=()), torch.device("cpu"), pair)
+    df["run_s"] = 12.0
+    df.to_csv(tmp_path / "runs.csv", index=False)
+    written = pd.read_csv(tmp_path / "runs.csv")
+    assert config_of(written) == dataclasses.replace(TOY, steps=(2,), imaml_steps=())
+    main(["--report", str(tmp_path)])
+    text = (tmp_path / "summary.md").read_text()
+    assert text == speed_summary(written, config_of(written), 12.0)
+    assert "effmaml naive and torch.func loop side by side" in text
+    assert "iMAML" not in text and "higher" not in text and "0.2 minutes" in text
