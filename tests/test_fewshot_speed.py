@@ -19,12 +19,12 @@ from bench.fewshot_speed import (
     Speed,
     config_of,
     front,
-    main,
     make_model,
     make_tasks,
     run,
 )
 from bench.fewshot_speed import summary as speed_summary
+from bench.fewshot_speed.__main__ import main
 from bench.timing import count_ops, median_ci, paired_ratios
 
 # iMAML at toy size needs λ = 1 and damping 10 for a positive-definite system (the full
