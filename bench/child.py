@@ -22,12 +22,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 
 import torch
 
-from effmaml.measure import PeakMemory
+from effmaml.measure import PeakMemory, clock
 
 from .presets import PRESETS, RUNS
 from .workload import build, make_maml, meta_gradient, predict
@@ -68,20 +67,13 @@ def command(
     return argv
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timings(run, steps: int, repeats: int, device) -> dict:
     """``repeats`` timed meta-gradients at N=``steps``: median, min, count."""
     times = []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock(device)
         run(steps)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock(device) - t0)
     return {"time_s": statistics.median(times), "time_min_s": min(times), "repeats": len(times)}
 
 
@@ -112,14 +104,12 @@ def main(argv: list[str]) -> dict:
 
     if mode == "once":
         run(min(2, steps))  # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock(device)
     if mode in ("memory", "both", "once"):
         with PeakMemory(device) as pm:
             grad, evals, info = run(steps)
         if mode == "once":
-            _sync(device)
-            dt = time.perf_counter() - t0
+            dt = clock(device) - t0
             row.update(time_s=dt, time_min_s=dt, repeats=1)
         torch.save(grad.cpu(), out_grad)
         row.update(

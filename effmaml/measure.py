@@ -189,17 +189,14 @@ def host_link(device: torch.device) -> tuple[float, float]:
     Returns:
         ``(copy bytes/s, averaged over both directions; pinned allocation bytes/s)``.
     """
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = clock(device)
     host = torch.empty(_LINK_BYTES, dtype=torch.uint8, pin_memory=True)
     host.fill_(1)
     t_pin = time.perf_counter() - t0
     dev = torch.empty(_LINK_BYTES, dtype=torch.uint8, device=device)
     dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = clock(device)
     host.copy_(dev, non_blocking=True)
     dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize(device)
-    t_copy = time.perf_counter() - t0
+    t_copy = clock(device) - t0
     return 2 * _LINK_BYTES / max(t_copy, 1e-9), _LINK_BYTES / max(t_pin, 1e-9)
