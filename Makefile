@@ -68,8 +68,9 @@ fewshot: $(SETUP)
 fewshot-horizon: $(SETUP)
 	$(PY) -m bench.fewshot --horizon --data $(DATA) --problems characters
 
-# the daily workload (Conv-4 64 filters, 5-way 1-shot, N = 1, 5, 10; meta-batch 32 on a
-# GPU, 8 on a CPU): effmaml, higher, TorchOpt and a torch.func loop, alternated in one run
+# the daily workload (Conv-4 64 filters, 5-way 1-shot; meta-batch 32 on a GPU, 8 on a CPU):
+# MAML at N = 1, 5, 10 (effmaml, higher, TorchOpt, a torch.func loop) and iMAML at N = 5, 10
+# (effmaml implicit, TorchOpt's implicit differentiation), alternated in one run
 fewshot-speed: $(SETUP)
 	$(PY) -m bench.fewshot_speed
 

@@ -38,8 +38,8 @@ Per library and N:
 * **peak memory**: the resident-set growth (CPU) or allocated-memory peak (CUDA) of one
   more meta-iteration, measured after the timing (:class:`effmaml.measure.PeakMemory`).
 * **agreement**: the meta-gradient's relative L2 distance from the family's reference on
-  the same tasks (float32 here; ``tests/test_fewshot_speed.py`` checks every library equal
-  in float64).
+  the same tasks (float32 here; ``tests/test_fewshot_speed.py`` holds every library to
+  1e-12 of it in float64).
 
 The images are random (the speed does not depend on what they show); the tasks are drawn
 from a seeded generator, the same for every library. Writes
