@@ -26,6 +26,7 @@ segment at every inner ``autograd.grad`` call and holds what it recomputed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .checks import raise_if_no_double_backward
+from .outer import OuterTensors
 from .replay import RngState, Witness, capture_rng, replay_rng
 from .state import Consts, InnerState, Spec
 from .step import InnerProblem, Runtime, inner_step
@@ -106,7 +108,8 @@ def pullback(
     grad_losses: Tensor,
     inspect: Callable[[InnerState], None] | None = None,
     grad_queries: Tensor | None = None,
-) -> tuple[InnerState, list[Tensor | None]]:
+    outer: Sequence[Tensor] = (),
+) -> tuple[InnerState, list[Tensor | None], list[Tensor | None]]:
     """Recompute steps ``a..b-1`` from ``state`` with their graph and pull ``grad_b`` back.
 
     Args:
@@ -126,11 +129,13 @@ def pullback(
         grad_queries: gradients w.r.t. the multi-step loss's query losses after steps
             ``a .. b-1`` (shape ``(b - a,)``); each is added into the cotangent as the
             pullback passes its state (Note [The multi-step loss under recomputation]).
+        outer: stand-ins of the outer tensors these steps read that need a gradient
+            (leaves that ``rt.outer`` hands to the steps in their place, :mod:`effmaml.outer`).
 
     Returns:
-        ``(grad_a, grad_consts)``: the cotangent at ``state`` (same form as ``grad_b``)
-        and, for each constant, its gradient from these steps (``None`` where not needed or
-        unused).
+        ``(grad_a, grad_consts, grad_outer)``: the cotangent at ``state`` (same form as
+        ``grad_b``), for each constant its gradient from these steps (``None`` where not
+        needed or unused), and for each of ``outer`` its gradient (``None`` where unused).
 
     Memory: ``b - a`` second-order step graphs, freed on return.
     """
@@ -162,6 +167,8 @@ def pullback(
     inputs = s0.flat(differentiable_only=True)
     n_s = len(inputs)
     inputs += [leaf for leaf, need in zip(leaves, need_consts) if need]
+    n_c = len(inputs)
+    inputs += list(outer)
     try:
         with torch.enable_grad():
             grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
@@ -169,9 +176,9 @@ def pullback(
         raise_if_no_double_backward(err)
         raise
     grad_a = [_or_zeros(g, v) for g, v in zip(grads[:n_s], inputs[:n_s])]
-    it = iter(grads[n_s:])
+    it = iter(grads[n_s:n_c])
     g_consts = [next(it) if need else None for need in need_consts]
-    return s0.spec().unflatten(grad_a, differentiable_only=True), g_consts
+    return s0.spec().unflatten(grad_a, differentiable_only=True), g_consts, list(grads[n_c:])
 
 
 def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
@@ -290,27 +297,24 @@ class Schedule:
 
 
 class _Unroll(torch.autograd.Function):
-    """Forward: the schedule's forward, storing states. Backward: its pullbacks.
+    """Forward: the schedule's forward, already run (its results are in the run). Backward:
+    its pullbacks.
 
-    Flat inputs: the initial state's tensors, then the constants' (:class:`_Run`'s specs);
-    outputs: the final state's tensors (non-differentiable groups marked so), then the
-    stacked inner losses and the stacked query losses of a multi-step loss (zeros without).
+    Flat inputs: the initial state's tensors, then the constants' (:class:`_Run`'s specs),
+    then the outer tensors the forward pass found (:mod:`effmaml.outer`); outputs: the final
+    state's tensors (non-differentiable groups marked so), then the stacked inner losses
+    and the stacked query losses of a multi-step loss (zeros without).
     """
 
     @staticmethod
     def forward(ctx: Any, run: _Run, *flat: Tensor) -> tuple[Tensor, ...]:
-        state0, consts = run.unflatten(flat)
-        rng0 = capture_rng(run.problem.device)
-        state, losses, queries, memo = run.schedule.forward(
-            run.problem, run.rt, state0.detached(requires_grad=False), rng0, consts
-        )
-        run.rt.host_peak_bytes = max(run.rt.host_peak_bytes, run.schedule.store.host_bytes())
-        # The initial state is the input itself; save_for_backward guards it (and the
-        # constants) against in-place changes between adapt and backward.
+        assert run.result is not None
+        state, losses, queries = run.result
+        run.result = None
+        # The initial state is the input itself; save_for_backward guards it, the constants
+        # and the outer tensors against in-place changes between adapt and backward.
         ctx.save_for_backward(*flat)
         ctx.run = run
-        ctx.memo = memo
-        ctx.rng0 = rng0
         out = state.map(lambda t, diff: t if diff else t.detach())
         fixed = [t for t, diff in zip(out.flat(), run.state_spec.differentiable()) if not diff]
         ctx.mark_non_differentiable(*fixed)
@@ -321,21 +325,33 @@ class _Unroll(torch.autograd.Function):
         run: _Run = ctx.run
         problem, rt, spec = run.problem, run.rt, run.state_spec
         flat = ctx.saved_tensors
-        state0, consts = run.unflatten(flat)
+        n_c = run.consts_spec.size
+        n_in = spec.size + n_c
+        state0, consts = run.unflatten(flat[:n_in])
         diff = [g for g, d in zip(grads[: spec.size], spec.differentiable()) if d]
         grad = [spec.unflatten(diff, differentiable_only=True)]
         grad_losses, grad_queries = grads[-2], grads[-1]
         msl = bool(problem.step_weights)
-        n_c = run.consts_spec.size
-        need = list(ctx.needs_input_grad[1 + spec.size :])
-        assert len(need) == n_c
+        need = list(ctx.needs_input_grad[1 + spec.size : 1 + n_in])
+        need_outer = list(ctx.needs_input_grad[1 + n_in :])
+        assert len(need) == n_c and len(need_outer) == len(flat) - n_in
+        # Note [Outer tensors under recomputation]
+        # The steps read the outer tensors themselves (a batch, loss_fn's closure); while
+        # they run again here, rt.outer hands each torch function a leaf sharing the outer
+        # tensor's storage instead, so the pullback's autograd.grad differentiates with
+        # respect to it, and the gradient leaves this Function for the outer tensor: into
+        # the graph it came from (a view of a learned leaf, augment(x, θ), G(z)).
+        stand_ins = [o.detach().requires_grad_(n) for o, n in zip(flat[n_in:], need_outer)]
         acc: list[Tensor | None] = [None] * n_c
+        acc_outer: list[Tensor | None] = [None] * len(stand_ins)
         expect = [problem.steps]
 
         def pull(state_a: InnerState, rng_a: RngState, a: int, b: int) -> None:
             # the schedule must hand over consecutive ranges, last first
             assert b == expect[0], (a, b, expect[0])
-            grad[0], g_c = pullback(
+            wanted = [] if rt.outer is None else rt.outer.read_by(a, b)
+            wanted = [i for i in wanted if need_outer[i]]
+            grad[0], g_c, g_o = pullback(
                 problem,
                 rt,
                 state_a,
@@ -347,17 +363,27 @@ class _Unroll(torch.autograd.Function):
                 grad[0],
                 grad_losses[a:b],
                 grad_queries=grad_queries[a:b] if msl else None,
+                outer=[stand_ins[i] for i in wanted],
             )
             _accumulate(acc, g_c)
+            for i, g in zip(wanted, g_o):
+                if g is not None:
+                    prev = acc_outer[i]
+                    acc_outer[i] = g if prev is None else prev + g
             expect[0] = a
 
-        memo, ctx.memo = ctx.memo, None
-        run.schedule.backward(problem, rt, memo, state0.detached(False), ctx.rng0, consts, pull)
+        memo, run.memo = run.memo, None
+        with contextlib.ExitStack() as stack:
+            if rt.outer is not None:
+                stack.enter_context(rt.outer.substituting(stand_ins))
+            run.schedule.backward(problem, rt, memo, state0.detached(False), run.rng0, consts, pull)
         assert expect[0] == 0
+        if rt.outer is not None:
+            rt.outer.release()
         rt.host_peak_bytes = max(rt.host_peak_bytes, run.schedule.store.host_bytes())
         if rt.witness is not None:
             rt.witness.verify()
-        return (None, *spec.full(grad[0]), *acc)
+        return (None, *spec.full(grad[0]), *acc, *acc_outer)
 
 
 def _accumulate(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
@@ -369,13 +395,17 @@ def _accumulate(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> Non
 
 @dataclass
 class _Run:
-    """What the custom Function needs besides tensors."""
+    """What the custom Function needs besides tensors: the forward pass's results (until
+    the Function takes them), the schedule's memo and RNG for backward."""
 
     problem: InnerProblem
     rt: Runtime
     schedule: Schedule
     state_spec: Spec[InnerState]
     consts_spec: Spec[Consts]
+    rng0: RngState
+    memo: object = None
+    result: tuple[InnerState, list[Tensor], list[Tensor]] | None = None
 
     def unflatten(self, flat: Sequence[Tensor]) -> tuple[InnerState, Consts]:
         state, rest = self.state_spec.split(flat)
@@ -389,11 +419,12 @@ def run_schedule(
     consts: Consts,
     schedule: Schedule,
 ) -> tuple[InnerState, Tensor, Tensor]:
-    """Run the unroll under ``schedule``; the result is differentiable w.r.t. the inputs.
+    """Run the unroll under ``schedule``; the result is differentiable w.r.t. the inputs
+    and every outer tensor the steps read (:mod:`effmaml.outer`).
 
     Args:
         problem: the problem.
-        rt: the call's runtime; its witness is set here.
+        rt: the call's runtime; its witness and outer-tensor record are set here.
         state0: the initial state (params θ, optimizer state, buffers).
         consts: constants (fixed params, tensor hyper-parameters, θ₀).
         schedule: the schedule.
@@ -406,7 +437,19 @@ def run_schedule(
     # again in backward is compared with them on the device, and the backward ends with one
     # check (one host sync) that raises if a batch source gave another batch for an index.
     rt.witness = Witness(problem.steps, problem.device, problem.autocast)
-    run = _Run(problem, rt, schedule, state0.spec(), consts.spec())
-    out = _Unroll.apply(run, *state0.flat(), *consts.flat())
+    rt.outer = OuterTensors(problem.steps)
+    # Note [The forward pass before the Function]
+    # The forward pass runs before the custom Function is applied (without graph, as a
+    # Function's forward would), so that the outer tensors it finds can be the Function's
+    # inputs: what is not an input of the Function gets no gradient from its backward.
+    rng0 = capture_rng(problem.device)
+    with torch.no_grad():
+        state, losses, queries, memo = schedule.forward(
+            problem, rt, state0.detached(requires_grad=False), rng0, consts
+        )
+    rt.host_peak_bytes = max(rt.host_peak_bytes, schedule.store.host_bytes())
+    run = _Run(problem, rt, schedule, state0.spec(), consts.spec(), rng0, memo)
+    run.result = (state, losses, queries)
+    out = _Unroll.apply(run, *state0.flat(), *consts.flat(), *rt.outer.tensors)
     state, _ = run.state_spec.split(out[:-2])
     return state, out[-2], out[-1]

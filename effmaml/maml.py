@@ -15,7 +15,7 @@ from . import perstep
 from .inner import InnerOptimizer
 from .memory import Prediction, Probe, parse_bytes
 from .probe import probe
-from .sources import as_source
+from .sources import as_source, check_buffers
 from .step import (
     Consts,
     FunctionalModel,
@@ -448,6 +448,7 @@ class MAML:
         named: dict[str, Tensor] = dict(self.model.named_parameters())
         theta = {n: named[n] for n in self.adapted_names}
         fixed = {n: p for n, p in named.items() if n not in theta}
+        check_buffers(self.model)
         with torch.no_grad():  # the initial optimizer state: no graph
             opt0 = self.inner.init(theta)
             buffers0 = {n: b.detach().clone() for n, b in self.model.named_buffers()}

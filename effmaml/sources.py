@@ -1,4 +1,4 @@
-"""What ``adapt`` accepts as its batches: a source indexed by the inner step.
+"""What ``adapt`` accepts as its batches (a source indexed by the inner step) and model.
 
 Recomputing strategies run step t again in backward and read batch t again, by its index;
 so a source is anything with ``__len__`` and ``__getitem__`` (a list, a
@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from .outer import grad_tensors
 from .step import RepeatedBatch
 
-__all__ = ["as_source"]
+__all__ = ["as_source", "check_buffers", "outer_bytes"]
 
 
 def as_source(batches: Sequence[Any] | Any, steps: int | None) -> Sequence[Any]:
@@ -89,4 +90,42 @@ def _refuse_iterator(source: Any) -> None:
             f"Pass something indexable: list(source) materialises it (fine for 'naive' and "
             f"'first_order', which never re-read it), or a class with __len__ and "
             f"__getitem__(t) that builds batch t on demand"
+        )
+
+
+def outer_bytes(batches: Sequence[Any], query: Any = None) -> int:
+    """Bytes of the distinct tensors that require grad in an in-memory source (a list or
+    tuple of batches, or one batch reused) and in the query: the gradient buffers a
+    recomputing schedule returns for them (:mod:`effmaml.outer`). A lazy source (a Dataset)
+    is not read here, and counts 0.
+
+    Cost: a walk of every batch's structure; no tensor is read.
+    """
+    if isinstance(batches, RepeatedBatch):
+        items: list[Any] = [batches.batch]
+    elif isinstance(batches, (list, tuple)):
+        items = list(batches)
+    else:
+        items = []
+    seen: dict[int, int] = {}
+    for batch in [*items, query]:
+        for _, t in grad_tensors(batch):
+            seen.setdefault(id(t), t.numel() * t.element_size())
+    return sum(seen.values())
+
+
+def check_buffers(model: nn.Module) -> None:
+    """Refuse buffers that require grad, before any work.
+
+    Raises:
+        ValueError: names them and says what to do instead.
+    """
+    learned = [n for n, b in model.named_buffers() if b.requires_grad]
+    if learned:
+        raise ValueError(
+            f"buffers {learned} of the model require grad; effmaml carries buffers through "
+            f"the inner loop as state it does not differentiate (BatchNorm statistics), so "
+            f"their meta-gradient would be lost under every strategy. Register them as "
+            f"parameters (module.register_parameter): they then adapt, or stay fixed with "
+            f"params= and receive their meta-gradient; or detach them"
         )

@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from .clip import clip_backward
 from .inner import InnerOptimizer
+from .outer import QUERY, OuterTensors, reading
 from .replay import AutocastState, Witness, capture_autocast, replay_autocast
 from .state import Consts, InnerState
 from .substitutes import substituted
@@ -155,12 +156,29 @@ class Runtime:
             (:func:`effmaml.probe.probe`); shared by the calls of one ``MAML``.
         host_peak_bytes: the most pinned host memory the run's store held (``offload`` on
             CUDA), updated after the forward pass and after backward.
+        outer: set by a strategy that differentiates through the steps without keeping
+            their graph: the tensors the steps read that require grad
+            (:mod:`effmaml.outer`); None under ``naive`` and in the probe.
     """
 
     step_evals: int = 0
     witness: Witness | None = None
     probes: dict[Hashable, Any] = field(default_factory=dict)
     host_peak_bytes: int = 0
+    outer: OuterTensors | None = None
+
+    def batch(self, problem: InnerProblem, t: int) -> Any:
+        """Batch ``t`` on the device (the one the forward pass kept, if it holds an outer
+        tensor: a recomputation reads the very tensors the forward read)."""
+        if self.outer is None:
+            return problem.batch(t)
+        return self.outer.batch(t, lambda: problem.batch(t))
+
+    def query(self, problem: InnerProblem) -> Any:
+        """The multi-step loss's query batch on the device (kept likewise)."""
+        if self.outer is None:
+            return move_to(problem.query, problem.device)
+        return self.outer.batch(QUERY, lambda: move_to(problem.query, problem.device))
 
 
 class RepeatedBatch(Sequence):
@@ -247,10 +265,13 @@ def inner_step(
         at_step(t),
         torch.enable_grad(),
     ):
-        batch = problem.batch(t)
+        batch = rt.batch(problem, t)
         if rt.witness is not None:
             rt.witness.batch(t, batch)
-        loss = problem.loss_fn(module, batch)
+        with reading(rt.outer, t, [*state.flat(), *consts.flat()]) as mode:
+            loss = problem.loss_fn(module, batch)
+        if rt.outer is not None and t == 0 and isinstance(loss, Tensor) and rt.outer.discovering:
+            rt.outer.check_graph(loss, t, mode)  # Note [What the mode cannot see]
         _check_loss(loss, t, problem.check_finite)
         if rt.witness is not None:
             rt.witness.loss(t, loss)
@@ -278,14 +299,21 @@ def inner_step(
         if problem.weight(t):
             # with grad on, as naive computes it (no_grad may pick other kernels); a
             # first-order caller detaches it, which frees its graph at once
-            query = query_loss(problem, new, consts)
+            query = query_loss(problem, new, consts, rt, t)
     return new, loss, query
 
 
-def query_loss(problem: InnerProblem, state: InnerState, consts: Consts) -> Tensor:
-    """The query loss at ``state`` (the multi-step loss's term), under the contexts the
-    caller entered (the step's autocast, stand-ins and step index). The module's buffers
-    are copied: the query's forward never updates running statistics.
+def query_loss(
+    problem: InnerProblem,
+    state: InnerState,
+    consts: Consts,
+    rt: Runtime | None = None,
+    t: int = -1,
+) -> Tensor:
+    """The query loss at ``state`` (the multi-step loss's term after step ``t``), under the
+    contexts the caller entered (the step's autocast, stand-ins and step index). The
+    module's buffers are copied: the query's forward never updates running statistics.
+    With ``rt``, the query batch and the outer tensors it reads go through ``rt.outer``.
 
     # Note [The multi-step loss under recomputation]
     # Naive evaluates L_query(φ_{t+1}) right after step t, so the query's dropout draws
@@ -295,7 +323,10 @@ def query_loss(problem: InnerProblem, state: InnerState, consts: Consts) -> Tens
     # as it passes state t+1: no query graph outlives its step's pullback.
     """
     module = FunctionalModel(problem.model, {**consts.fixed, **state.params}, state.buffers)
-    loss = problem.loss_fn(module, move_to(problem.query, problem.device))
+    outer = None if rt is None else rt.outer
+    query = move_to(problem.query, problem.device) if rt is None else rt.query(problem)
+    with reading(outer, t, [*state.flat(), *consts.flat()]):
+        loss = problem.loss_fn(module, query)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         raise ValueError("loss_fn must return a scalar tensor on the query batch too")
     return loss

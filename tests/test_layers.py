@@ -28,6 +28,7 @@ ORDER = [
     "tasks",
     "state",
     "substitutes",
+    "outer",
     "step",
     "sources",
     "perstep",

@@ -82,7 +82,7 @@ def test_a_new_group_goes_through_every_consumer_of_the_flatten():
         [torch.ones_like(t) for t in s0.flat(differentiable_only=True)], differentiable_only=True
     )
     need = [c.requires_grad for c in consts.flat()]
-    grad, _ = pullback(
+    grad, _, _ = pullback(
         problem,
         maml.runtime(),
         s0,

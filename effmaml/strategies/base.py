@@ -82,6 +82,10 @@ class RunFacts:
         exact_states: whether the forward's advances kept each step's graph so that the
             stored states are bitwise naive's (Note [States bitwise naive's]); None where
             nothing advanced for a later pullback.
+        outer: the outer tensors the steps read, one description each (shape, dtype, where
+            first read; :mod:`effmaml.outer`); empty under ``naive``, whose graph reaches
+            them without being told.
+        outer_bytes: their bytes: the gradient buffers the backward returns for them.
     """
 
     strategy: str
@@ -94,9 +98,11 @@ class RunFacts:
     considered: tuple[tuple[str, Prediction], ...] = ()
     solve: SolveStats | None = None
     exact_states: bool | None = None
+    outer: tuple[str, ...] = ()
+    outer_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        """The flat view ``Adapted.info`` shows (the keys earlier releases used)."""
+        """The flat view ``Adapted.info`` shows."""
         out: dict[str, Any] = dict(self.options)
         if self.probe is not None:
             out.update(
@@ -124,6 +130,8 @@ class RunFacts:
             out.update(self.solve.as_dict())
         if self.exact_states is not None:
             out["exact_states"] = self.exact_states
+        if self.outer:
+            out.update(outer_tensors=len(self.outer), outer_bytes=self.outer_bytes)
         return out
 
 

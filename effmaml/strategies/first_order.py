@@ -11,6 +11,7 @@ from torch import Tensor
 from ..clip import clip_backward
 from ..engine import advance
 from ..memory import Prediction, Probe, first_order_peak, predict_seconds
+from ..outer import OuterTensors
 from ..replay import replay_autocast
 from ..state import InnerState
 from ..step import (
@@ -25,6 +26,13 @@ from ..step import (
 from .base import Outcome, RunFacts, Strategy, register_strategy, warn_learned_hyper
 
 __all__ = ["FirstOrder"]
+
+# what first-order MAML gives a tensor the inner steps read (the outer tensors' rule)
+_WHY = (
+    "First-order MAML treats every inner gradient as a constant, and such a tensor enters "
+    "the adapted parameters only through those gradients, so its meta-gradient would be "
+    "zero by construction, not the meta-gradient naive gives."
+)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -62,7 +70,11 @@ class FirstOrder(Strategy):
     φ_N is passed unchanged to θ (the Jacobian dφ_N/dθ is taken as the identity).
     Non-adapted parameters receive their query-loss gradient at φ_N. Learned
     hyper-parameters (a tensor inner lr) receive no meta-gradient, and the returned
-    inner losses are detached.
+    inner losses are detached. A tensor that requires grad and that the inner steps read
+    (learned data in a batch, a temperature in ``loss_fn``'s closure) is refused with
+    :class:`effmaml.outer.OuterTensorError` after the unroll: it enters only through the
+    inner gradients, which first-order MAML treats as constants, so its first-order
+    meta-gradient is zero by construction.
 
     Memory: one state P plus one first-order step graph, independent of N.
     Compute: N first-order steps, no backward through them.
@@ -76,9 +88,11 @@ class FirstOrder(Strategy):
         self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     ) -> Outcome:
         warn_learned_hyper(consts, self.name, "")
+        rt.outer = OuterTensors(problem.steps)
         if problem.step_weights:
             return self._multi_step(problem, rt, state0, consts)
         state, losses, _ = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
+        rt.outer.refuse(self.name, _WHY)
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
         params = clip_backward(params, problem.clip)
         return Outcome(InnerState(params, state.opt, state.buffers), losses, RunFacts(self.name))
@@ -115,7 +129,7 @@ class FirstOrder(Strategy):
                 at_step(t),
                 torch.enable_grad(),
             ):
-                q = query_loss(problem, leaves, consts_t)
+                q = query_loss(problem, leaves, consts_t, rt, t)
                 wrt = [*leaves.params.values(), *consts_t.fixed.values()]
                 grads = torch.autograd.grad(q, wrt, allow_unused=True)
             for i, g in enumerate(grads):
@@ -123,6 +137,8 @@ class FirstOrder(Strategy):
                     prev = acc[i]
                     acc[i] = w * g if prev is None else prev + w * g
             queries.append(q.detach())
+        assert rt.outer is not None
+        rt.outer.refuse(self.name, _WHY)
         inputs = [*state0.params.values(), *consts.fixed.values()]
         total = sum(problem.weight(t) * q for t, q in enumerate(queries))
         summed = [torch.zeros_like(x) if g is None else g for g, x in zip(acc, inputs)]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..engine import advance
 from ..memory import Prediction, Probe, implicit_peak, predict_seconds
 from ..notices import warn
+from ..outer import OuterTensorError, OuterTensors, reading
 from ..replay import replay_autocast
 from ..step import (
     Consts,
@@ -54,7 +55,12 @@ class Implicit(Strategy):
     state. Backward (at ``loss.backward()``, through a custom autograd Function at φ_N):
     ``cg_steps`` conjugate-gradient iterations on (I + H/λ + δI) x = v, v the query
     gradient at φ_N; θ receives x. Parameters that do not adapt (``params=``) receive their
-    direct query gradient plus the implicit term −(1/λ) ∂²L_train/∂w∂φ · x.
+    direct query gradient plus the implicit term −(1/λ) ∂²L_train/∂w∂φ · x, and so does
+    every other tensor that requires grad and that L_train reads (learned data in a batch,
+    per-example weights, a temperature in ``loss_fn``'s closure: :mod:`effmaml.outer`):
+    the implicit-function gradient, exact at the inner optimum as θ's is. A tensor read only
+    by steps whose batches the solve leaves out (``hvp_batches``) has none, and is refused
+    with :class:`effmaml.outer.OuterTensorError` before backward.
 
     L_train is the loss on the single batch when one batch is reused (``adapt(batch,
     steps=N)`` or a list holding one batch object N times); with distinct per-step batches
@@ -143,11 +149,14 @@ class Implicit(Strategy):
         problem = dataclasses.replace(problem, prox=lam)
         theta0 = {k: v.detach() for k, v in state0.params.items()}
         consts = Consts(consts.fixed, consts.hyper, theta0)
+        rt.outer = OuterTensors(problem.steps)
         final, losses, _ = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
         stats = SolveStats(lam, self.cg_steps)
-        solver = _Solver(self, problem, final, consts.fixed, lam, stats)
+        solver = _Solver(self, problem, rt, final, consts.fixed, lam, stats)
+        solver.check_outer()
         fixed = list(consts.fixed.values())
-        out = _ImplicitGrad.apply(solver, *state0.params.values(), *fixed)
+        outer = rt.outer.tensors
+        out = _ImplicitGrad.apply(solver, *state0.params.values(), *fixed, *outer)
         params = dict(zip(state0.params, out))
         facts = RunFacts(self.label(), self.options(), solve=stats)
         return Outcome(InnerState(params, final.opt, final.buffers), losses, facts)
@@ -245,6 +254,7 @@ class _Solver:
         self,
         strategy: Implicit,
         problem: InnerProblem,
+        rt: Runtime,
         final: InnerState,
         fixed: dict[str, Tensor],
         lam: float,
@@ -252,6 +262,7 @@ class _Solver:
     ) -> None:
         self.strategy = strategy
         self.problem = problem
+        self.rt = rt
         self.phi = {k: v.detach() for k, v in final.params.items()}
         self.buffers = final.buffers
         self.fixed_names = tuple(fixed)
@@ -261,6 +272,23 @@ class _Solver:
         if strategy.hvp_batches is not None:
             self.indices = self.indices[-strategy.hvp_batches :]
         stats.hvp_batches_used = len(self.indices)
+
+    def check_outer(self) -> None:
+        """Refuse outer tensors that L_train does not read (their steps' batches are not in
+        the solve): the implicit function theorem gives them no gradient."""
+        outer = self.rt.outer
+        assert outer is not None
+        used = set().union(*(outer.reads[t] for t in self.indices))
+        left = [i for i in range(len(outer.tensors)) if i not in used]
+        if left:
+            listed = "; ".join(outer.describe(i) for i in left[:3])
+            raise OuterTensorError(
+                f"strategy='implicit' with hvp_batches={self.strategy.hvp_batches} solves on "
+                f"the batches of steps {self.indices} only, and these tensors that require "
+                f"grad are read by other steps alone: {listed}. They have no implicit "
+                f"gradient; pass hvp_batches=None (every distinct batch), or use an exact "
+                f"strategy ('checkpoint', 'revolve', 'auto')"
+            )
 
     def _grad_terms(self, phi: dict[str, Tensor], fixed: dict[str, Tensor]) -> Iterator[Tensor]:
         """For each distinct batch, its loss / n_batches (a graph through phi and fixed)."""
@@ -273,8 +301,9 @@ class _Solver:
                 replay_autocast(self.problem.autocast),
                 differentiable_ops(self.problem),
                 at_step(self.problem.steps - 1),
+                reading(self.rt.outer, self.problem.steps - 1, [*phi.values(), *fixed.values()]),
             ):
-                loss = self.problem.loss_fn(module, self.problem.batch(t)) / n
+                loss = self.problem.loss_fn(module, self.rt.batch(self.problem, t)) / n
             yield loss
 
     def hvp(self, vec: list[Tensor], fixed: dict[str, Tensor]) -> list[Tensor]:
@@ -329,13 +358,19 @@ class _Solver:
         return x
 
     def cross_term(
-        self, x: list[Tensor], fixed: dict[str, Tensor], need: list[bool]
-    ) -> list[Tensor | None]:
-        """−(1/λ) ∂/∂w ⟨∇_φ L_train, x⟩ for each non-adapted parameter w that needs it."""
+        self,
+        x: list[Tensor],
+        fixed: dict[str, Tensor],
+        need: list[bool],
+        outer: Sequence[Tensor] = (),
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """−(1/λ) ∂/∂w ⟨∇_φ L_train, x⟩ for each non-adapted parameter w that needs it, and
+        for each of ``outer`` (stand-ins of the outer tensors that need it; the caller has
+        ``rt.outer`` hand them to ``loss_fn``)."""
         leaves = {
             k: v.detach().requires_grad_(n) for (k, v), n in zip(fixed.items(), need, strict=True)
         }
-        wanted = [leaves[k] for k, n in zip(fixed, need) if n]
+        wanted = [leaves[k] for k, n in zip(fixed, need) if n] + list(outer)
         acc: list[Tensor | None] = [None] * len(wanted)
         for dot in self._grad_dots(self._leaves(), leaves, x):
             gw = torch.autograd.grad(dot, wanted, allow_unused=True)
@@ -344,7 +379,7 @@ class _Solver:
                     prev = acc[i]
                     acc[i] = -h / self.lam if prev is None else prev - h / self.lam
         it = iter(acc)
-        return [next(it) if n else None for n in need]
+        return [next(it) if n else None for n in need], list(it)
 
 
 def _distinct_indices(batches: Sequence[Any]) -> list[int]:
@@ -362,7 +397,7 @@ def _distinct_indices(batches: Sequence[Any]) -> list[int]:
 class _ImplicitGrad(torch.autograd.Function):
     """Forward: φ_N (already computed). Backward: the implicit meta-gradient.
 
-    Inputs ``(solver, *θ, *fixed)``; outputs ``φ_N`` (one tensor per adapted parameter).
+    Inputs ``(solver, *θ, *fixed, *outer)``; outputs ``φ_N`` (one tensor per adapted parameter).
     """
 
     @staticmethod
@@ -375,14 +410,33 @@ class _ImplicitGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         solver: _Solver = ctx.solver
-        fixed = dict(zip(solver.fixed_names, ctx.saved_tensors))
+        saved = ctx.saved_tensors
+        n_fixed = len(solver.fixed_names)
+        fixed = dict(zip(solver.fixed_names, saved[:n_fixed]))
+        need_outer = list(ctx.needs_input_grad[1 + ctx.n_theta + n_fixed :])
+        stand_ins = [o.detach().requires_grad_(n) for o, n in zip(saved[n_fixed:], need_outer)]
         v = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, solver.phi.values())]
         # Note [Implicit gradient outside the caller's graph]
         # The solve builds its own small graphs from detached leaves (φ_N, and copies of the
         # fixed parameters for the cross term) and frees each one right away, so nothing of
         # it joins the graph that is being differentiated and memory stays at one step's A.
-        with torch.enable_grad(), _dropout_off(solver.problem.model):
+        # The outer tensors' stand-ins are leaves too (Note [Outer tensors under
+        # recomputation]).
+        outer = solver.rt.outer
+        assert outer is not None
+        with (
+            torch.enable_grad(),
+            _dropout_off(solver.problem.model),
+            outer.substituting(stand_ins),
+        ):
             x = solver.solve(v, fixed)
-            need = list(ctx.needs_input_grad[1 + ctx.n_theta :])
-            g_fixed = solver.cross_term(x, fixed, need) if any(need) else [None] * len(need)
-        return (None, *x, *g_fixed)
+            need = list(ctx.needs_input_grad[1 + ctx.n_theta : 1 + ctx.n_theta + n_fixed])
+            wanted = [s for s, n in zip(stand_ins, need_outer) if n]
+            if any(need) or wanted:
+                g_fixed, g_wanted = solver.cross_term(x, fixed, need, wanted)
+            else:
+                g_fixed, g_wanted = [None] * len(need), []
+        outer.release()
+        it = iter(g_wanted)
+        g_outer = [next(it) if n else None for n in need_outer]
+        return (None, *x, *g_fixed, *g_outer)

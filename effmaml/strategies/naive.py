@@ -8,6 +8,7 @@ from torch import Tensor
 from ..checks import find_no_double_backward
 from ..diagnose import no_double_backward_error
 from ..memory import Prediction, Probe, naive_peak, predict_seconds
+from ..sources import outer_bytes
 from ..step import Consts, InnerProblem, InnerState, Runtime, inner_step
 from .base import Outcome, RunFacts, Strategy, multi_step_loss, register_strategy
 
@@ -51,5 +52,6 @@ class Naive(Strategy):
 
     def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
         n = problem.steps
-        peak = naive_peak(n, probe)
+        # the gradient buffers of learned data in the batches (Note [Outer gradient buffers])
+        peak = naive_peak(n, probe) + outer_bytes(problem.batches, problem.query)
         return "naive", Prediction(peak, n + probe.evals, seconds=predict_seconds(probe, 0, n))

@@ -8,10 +8,11 @@ from typing import Any
 from ..engine import Schedule, run_schedule
 from ..memory import Prediction, Probe, available_host_bytes, format_bytes
 from ..probe import probe
+from ..sources import outer_bytes
 from ..step import Consts, InnerProblem, InnerState, Runtime
 from .base import Outcome, RunFacts, Strategy, multi_step_loss
 
-__all__ = ["HOST_BUDGET_FRACTION", "Scheduled", "host_budget", "resolve_states"]
+__all__ = ["HOST_BUDGET_FRACTION", "Scheduled", "host_budget", "resolve_states", "with_outer"]
 
 # the share of the host's available memory that offload may pin when no
 # host_memory_budget is given: page-locked memory cannot be swapped, and pinning most of
@@ -33,6 +34,21 @@ def host_budget(problem: InnerProblem) -> int:
     if problem.host_memory_budget is not None:
         return problem.host_memory_budget
     return int(HOST_BUDGET_FRACTION * available_host_bytes())
+
+
+def with_outer(prediction: Prediction, extra: int) -> Prediction:
+    """``prediction`` with the outer tensors' gradient buffers added to its peak.
+
+    # Note [Outer gradient buffers]
+    # The backward returns one gradient per outer tensor (learned data in the batches),
+    # held until it ends, and autograd accumulates them for their leaf: views of one leaf
+    # read by N steps add up to one leaf-sized buffer, N separate leaves to N. Counted from
+    # an in-memory source's batches before the run; a lazy source's and loss_fn's closure's
+    # are found only as the forward pass reads them (Adapted.info["outer_bytes"]).
+    """
+    if not extra:
+        return prediction
+    return dataclasses.replace(prediction, peak_bytes=prediction.peak_bytes + extra)
 
 
 class Scheduled(Strategy):
@@ -57,7 +73,11 @@ class Scheduled(Strategy):
     def predictions(self, problem: InnerProblem, probe: Probe) -> list[tuple[Schedule, Prediction]]:
         """Every candidate schedule with its prediction, the default first."""
         problem = resolve_states(problem, probe)
-        return [(s, self.predict(s, problem, probe)) for s in self.candidates(problem, probe)]
+        extra = outer_bytes(problem.batches, problem.query)  # Note [Outer gradient buffers]
+        return [
+            (s, with_outer(self.predict(s, problem, probe), extra))
+            for s in self.candidates(problem, probe)
+        ]
 
     def choose(self, problem: InnerProblem, probe: Probe) -> tuple[Schedule, Prediction]:
         """The schedule to run: the default, or under ``problem.memory_budget`` the fastest
@@ -130,6 +150,8 @@ class Scheduled(Strategy):
         """Run a chosen ``schedule`` on the engine (for :meth:`run` and ``auto``)."""
         problem = resolve_states(problem, pr)
         state, losses, queries = run_schedule(problem, rt, state0, consts, schedule)
+        outer = rt.outer
+        assert outer is not None
         facts = RunFacts(
             self.label(schedule),
             self.resolved(schedule),
@@ -137,6 +159,8 @@ class Scheduled(Strategy):
             prediction,
             schedule,
             exact_states=problem.exact_states,
+            outer=tuple(outer.describe(i) for i in range(len(outer.tensors))),
+            outer_bytes=outer.nbytes(),
         )
         qs = list(queries.unbind(0)) if problem.step_weights else []
         return Outcome(state, list(losses.unbind(0)), facts, qs, multi_step_loss(problem, qs))

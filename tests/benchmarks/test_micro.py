@@ -39,7 +39,7 @@ def test_segment_pullback(benchmark):
     rng = capture_rng(problem.device)
     benchmark.extra_info["what"] = "pullback through a 4-step segment"
     rt = Runtime()
-    g, _ = benchmark(pullback, problem, rt, state, rng, 0, 4, consts, [], grad, torch.zeros(4))
+    g, _, _ = benchmark(pullback, problem, rt, state, rng, 0, 4, consts, [], grad, torch.zeros(4))
     assert all(torch.isfinite(v).all() for v in g.params.values())
 
 
