@@ -105,12 +105,13 @@ class Opt:
     prox: float = 0.0
     act: str = "tanh"  # tanh | silu
     msl: bool = False  # MAML++'s multi-step loss (MSL_WEIGHTS), else the final query loss
+    outer: str = "none"  # OUTER_KINDS: what else requires grad and is read by the steps
 
     def id(self) -> str:
         return (
             f"{self.optim}-lr_{self.lr}-bn_{self.bn}-drop{int(self.dropout)}-"
             f"clip{self.clip}-{self.select}-{self.batches}-prox{self.prox}-{self.act}"
-            f"{'-msl' if self.msl else ''}"
+            f"{'-msl' if self.msl else ''}{'' if self.outer == 'none' else '-' + self.outer}"
         )
 
 
@@ -158,6 +159,96 @@ def build(opt: Opt, steps: int, dtype=F64, seed=0):
     return model, lr, adapted, batches, steps_kw
 
 
+# -- outer tensors: what else requires grad and is read by the inner steps ------------------
+# leaf: learned inputs, views of one leaf per step (and a learned query); augment: a learned
+# affine augmentation of fixed inputs (non-leaf batches, built in __getitem__ when lazy);
+# weights: per-example log-weights in each batch; closure: a temperature exp(log_tau) that
+# loss_fn reads from its closure (a non-leaf); module: a second network (an encoder) in it
+OUTER_KINDS = ["none", "leaf", "augment", "weights", "closure", "module"]
+
+
+class Built(Sequence):
+    """A lazy source whose batch t is ``make(t)``, built again at every index (a Dataset
+    whose items are views or functions of learned tensors: new objects each time)."""
+
+    def __init__(self, steps, make):
+        self.steps, self.make = steps, make
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, t):
+        if not 0 <= t < self.steps:
+            raise IndexError(t)
+        return self.make(t)
+
+
+def with_outer(kind: str, form: str, steps: int, dtype=F64):
+    """``(batches, steps_kw, loss_fn, query, learned)`` for an outer kind and a source form
+    (reused | distinct | lazy); ``learned``: the leaves whose meta-gradients are compared."""
+    if kind == "none":
+        batches, steps_kw = batches_for(form, steps, dtype)
+        return batches, steps_kw, ce_loss, make_batch(999, dtype=dtype), []
+    g = torch.Generator().manual_seed(5)
+    base = [make_batch(60 + t, dtype=dtype) for t in range(steps)]
+    query = make_batch(999, dtype=dtype)
+    learned: list[torch.Tensor] = []
+    loss_fn = ce_loss
+    if kind == "leaf":
+        xs = torch.randn(steps, 8, 5, generator=g, dtype=dtype).requires_grad_(True)
+        xq = torch.randn(8, 5, generator=g, dtype=dtype).requires_grad_(True)
+        learned, query = [xs, xq], (xq, query[1])
+
+        def item(t):
+            return xs[t], base[t][1]
+    elif kind == "augment":
+        scale = (1 + 0.1 * torch.randn(5, generator=g, dtype=dtype)).requires_grad_(True)
+        shift = (0.1 * torch.randn(5, generator=g, dtype=dtype)).requires_grad_(True)
+        learned = [scale, shift]
+
+        def item(t):
+            return base[t][0] * scale + shift, base[t][1]
+    elif kind == "weights":
+        logw = (0.3 * torch.randn(steps, 8, generator=g, dtype=dtype)).requires_grad_(True)
+        learned = [logw]
+
+        def item(t):
+            return base[t][0], base[t][1], logw[t]
+
+        loss_fn = weighted_ce
+    else:
+        item = base.__getitem__
+        if kind == "closure":
+            log_tau = torch.tensor(0.2, dtype=dtype, requires_grad=True)
+            tau = log_tau.exp()  # a non-leaf: its gradient must reach log_tau
+            learned = [log_tau]
+
+            def loss_fn(module, batch):
+                return F.cross_entropy(module(batch[0]) / tau, batch[1])
+        elif kind == "module":
+            torch.manual_seed(11)
+            enc = nn.Linear(5, 5).to(dtype)
+            learned = list(enc.parameters())
+
+            def loss_fn(module, batch):
+                return F.cross_entropy(module(torch.tanh(enc(batch[0]))), batch[1])
+        else:
+            raise ValueError(kind)
+    if form == "reused":
+        return item(0), steps, loss_fn, query, learned
+    if form == "distinct":
+        return [item(t) for t in range(steps)], None, loss_fn, query, learned
+    return Built(steps, item), None, loss_fn, query, learned
+
+
+def weighted_ce(module, batch):
+    """Cross-entropy weighted by softmax(log-weights) when the batch holds them, else mean."""
+    if len(batch) == 2:
+        return ce_loss(module, batch)
+    x, y, logw = batch
+    return (torch.softmax(logw, 0) * F.cross_entropy(module(x), y, reduction="none")).sum()
+
+
 def inner_for(opt: Opt, lr):
     step = opt.lr == "per_step"
     if opt.optim == "sgd":
@@ -196,6 +287,7 @@ def run_effmaml(
     model's parameters by it first.
     """
     model, lr, adapted_names, batches, steps_kw = build(opt, steps, dtype)
+    batches, steps_kw, loss_fn, query, outer = with_outer(opt.outer, opt.batches, steps, dtype)
     if theta_scale is not None:  # a perturbed problem, to measure its conditioning
         with torch.no_grad():
             for p in model.parameters():
@@ -204,7 +296,7 @@ def run_effmaml(
         strategy_kw = {**strategy_kw, "memory_budget": _below_naive(opt, steps, dtype)}
     maml = effmaml.MAML(
         model,
-        ce_loss,
+        loss_fn,
         inner_for(opt, lr),
         strategy,
         params=adapted_names,
@@ -216,14 +308,13 @@ def run_effmaml(
     torch.manual_seed(rng_seed)
     amp_ctx = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
     with amp_ctx:
-        query = make_batch(999, dtype=dtype)
         msl = {"query": query, "step_weights": msl_weights_for(steps)} if opt.msl else {}
         if steps_kw:
             adapted = maml.adapt(batches, steps=steps_kw, **msl)
         else:
             adapted = maml.adapt(batches, **msl)
-        loss = adapted.query_loss if opt.msl else ce_loss(adapted, query)
-    wrt = [*model.parameters(), *learned_tensors(lr)]
+        loss = adapted.query_loss if opt.msl else loss_fn(adapted, query)
+    wrt = [*model.parameters(), *learned_tensors(lr), *outer]
     grads = torch.autograd.grad(loss, wrt, allow_unused=True)
     rng_after = torch.get_rng_state()
     return {

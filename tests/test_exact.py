@@ -11,6 +11,12 @@ schedule is one more factor, so each schedule meets every value of every other o
 and unrolls of 1, 2 and 12 steps. ``auto`` is in it twice: under the default budget and
 under one between the smallest exact schedule's predicted peak and naive's, where it must
 choose a recomputing schedule.
+
+Outer tensors: the grid's factor "outer" is what else requires grad and is read by the
+steps (``helpers.OUTER_KINDS``): learned inputs (views of one leaf), a learned
+augmentation (non-leaf batches), per-example weights, a non-leaf temperature in loss_fn's
+closure, a second network; their meta-gradients are compared like the parameters'. The
+hardest row adds each of them to the multi-step loss, per-step rates and BatchNorm.
 """
 
 import dataclasses
@@ -22,6 +28,7 @@ from .helpers import (
     BELOW_NAIVE,
     FULL_ROW,
     GRID_FACTORS,
+    OUTER_KINDS,
     Opt,
     compare_to_naive,
     pairwise,
@@ -83,7 +90,7 @@ def test_full_row(strategy, kw):
 
 
 def _grid():
-    factors = {**GRID_FACTORS, "schedule": list(range(len(SCHEDULES)))}
+    factors = {**GRID_FACTORS, "outer": OUTER_KINDS, "schedule": list(range(len(SCHEDULES)))}
     rows = []
     for row in pairwise(factors):
         strategy, kw = SCHEDULES[row.pop("schedule")]
@@ -137,3 +144,19 @@ def test_silu_model_with_first_order_advances_is_within_rounding_times_condition
 def _rel(a, b):
     diff = sum(((x - y) ** 2).sum() for x, y in zip(a, b)) ** 0.5
     return float(diff / sum((y**2).sum() for y in b) ** 0.5)
+
+
+# -- outer tensors at the hardest row: every kind with a multi-step loss, per-step rates and
+# per-step BatchNorm, from a lazy source that builds each batch again at every index
+OUTER_ROW = dataclasses.replace(FULL_ROW, msl=True, lr="per_step", bn="per_step")
+OUTER_SCHEDULES = [SCHEDULES[2], SCHEDULES[6], SCHEDULES[9], SCHEDULES[13], SCHEDULES[15]]
+
+
+@pytest.mark.parametrize("strategy,kw", OUTER_SCHEDULES, ids=_id)
+@pytest.mark.parametrize("outer", OUTER_KINDS[1:])
+def test_outer_tensors_at_the_hardest_row(outer, strategy, kw):
+    ours = compare_to_naive(dataclasses.replace(OUTER_ROW, outer=outer), strategy, STEPS, **kw)
+    if "chosen" not in ours["adapted"].info or not ours["adapted"].info["chosen"].startswith(
+        "naive"
+    ):
+        assert ours["adapted"].info["outer_tensors"] >= 1

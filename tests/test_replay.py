@@ -17,6 +17,7 @@ from effmaml.replay import NondeterministicBatchError
 from .helpers import (
     FULL_ROW,
     GRID,
+    OUTER_KINDS,
     Opt,
     assert_results_match,
     assert_scaled_close,
@@ -281,3 +282,15 @@ def test_error_names_step_and_values():
     msg = str(info.value)
     # the last segment (steps 4..6) is pulled back first: step 4 is the first recomputed
     assert "batch of step 4 is not" in msg and " then, " in msg and "numpy, random" in msg
+
+
+@pytest.mark.parametrize("outer", OUTER_KINDS[1:])
+def test_outer_tensors_exact_under_bfloat16_autocast(outer, monkeypatch):
+    """Learned data, weights, a closure temperature and a second network under bf16 CPU
+    autocast: their stand-ins are cast as the tensors themselves are (Note [Outer tensors
+    under recomputation]); gradients to float32 summation order, values bitwise."""
+    _no_cast_cache(monkeypatch)
+    opt = Opt(optim="adam", bn="update", dropout=True, outer=outer, msl=True)
+    ref = run_effmaml(opt, "naive", STEPS, dtype=F32, amp=torch.bfloat16)
+    ours = run_effmaml(opt, "checkpoint", STEPS, dtype=F32, amp=torch.bfloat16, segment=3)
+    assert_results_match(ours, ref, grad_rel=8 * STEPS * torch.finfo(F32).eps, exact_values=True)

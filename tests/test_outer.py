@@ -1,0 +1,286 @@
+"""Outer tensors: what the inner steps read that requires grad besides θ and the constants.
+
+The exactness grid (tests/test_exact.py, factor "outer") holds every exact schedule to
+naive's meta-gradient for them. Here: naive against a hand-written unroll, the user's
+two-line script, every registered strategy (a gradient, or a refusal before backward), the
+refusals and their messages, the memory model's count, and the guards (in-place changes,
+reference cycles).
+"""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import effmaml
+from effmaml.outer import OuterTensorError, UnseenOuterTensorError
+
+from .helpers import (
+    F64,
+    assert_scaled_close,
+    below_naive_for,
+    ce_loss,
+    grad_scale,
+    make_batch,
+    make_model,
+)
+
+STEPS = 6
+
+
+def _data(steps=STEPS, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, 8, 5, generator=g, dtype=F64, requires_grad=True)
+    y = torch.randint(0, 3, (steps, 8), generator=g)
+    return x, y
+
+
+def test_naive_equals_a_hand_written_unroll_for_data_gradients():
+    """Plain SGD on learned inputs x (one per step), the unroll written out with
+    functional_call and autograd.grad: naive's x.grad and θ's gradients are its."""
+    lr = 0.3
+    model = make_model(bn=False)
+    x, y = _data()
+    query = make_batch(999)
+    theta = dict(model.named_parameters())
+    phi = dict(theta)
+    for t in range(STEPS):
+        loss = F.cross_entropy(functional_call(model, phi, (x[t],)), y[t])
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+        phi = {k: p - lr * g for (k, p), g in zip(phi.items(), grads)}
+    ref_loss = F.cross_entropy(functional_call(model, phi, (query[0],)), query[1])
+    ref = torch.autograd.grad(ref_loss, [x, *theta.values()])
+
+    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(lr), "naive")
+    adapted = maml.adapt([(x[t], y[t]) for t in range(STEPS)])
+    ours = torch.autograd.grad(ce_loss(adapted, query), [x, *theta.values()])
+    assert ref[0].abs().max() > 1e-4  # the data matter
+    scale = grad_scale(list(ref))
+    for a, b in zip(ours, ref):
+        assert_scaled_close(a, b, 1e-12, scale=scale)
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "revolve", "offload", "auto"])
+def test_the_two_line_script_works_unchanged(strategy):
+    """The issue's script: learned inputs as views of one leaf, a query loss's .backward();
+    x.grad and every parameter's .grad are naive's."""
+
+    def run(name):
+        model = make_model()
+        x, y = _data()
+        batches = [(x[t], y[t]) for t in range(STEPS)]
+        kw = {"memory_budget": below_naive_for(model, ce_loss, batches)} if name == "auto" else {}
+        adapted = effmaml.MAML(model, ce_loss, effmaml.SGD(0.3), name, **kw).adapt(batches)
+        ce_loss(adapted, make_batch(999)).backward()
+        return [x.grad, *(p.grad for p in model.parameters())], adapted
+
+    ref, _ = run("naive")
+    ours, adapted = run(strategy)
+    assert not adapted.info.get("chosen", "").startswith("naive")
+    assert ours[0] is not None
+    scale = grad_scale(ref)
+    for a, b in zip(ours, ref):
+        assert_scaled_close(a, b, 1e-12, scale=scale)
+
+
+def _convex(strategy, **kw):
+    """A linear model trained to its proximal optimum (λ = 2, 300 steps) on learned inputs,
+    per-example log-weights and a temperature in loss_fn's closure: where iMAML's implicit
+    gradient is naive's."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).to(F64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 4, generator=g, dtype=F64, requires_grad=True)
+    y = torch.randint(0, 3, (16,), generator=g)
+    logw = torch.zeros(16, dtype=F64, requires_grad=True)
+    tau = torch.tensor(1.5, dtype=F64, requires_grad=True)
+
+    def loss_fn(module, batch):
+        xb, yb, wb = batch
+        losses = F.cross_entropy(module(xb) / tau, yb, reduction="none")
+        return (torch.softmax(wb, 0) * losses).sum()
+
+    maml = effmaml.MAML(model, loss_fn, effmaml.SGD(0.3), strategy, prox_lambda=2.0, **kw)
+    adapted = maml.adapt((x, y, logw), steps=300)
+    F.cross_entropy(adapted(x.detach() + 0.5), y).backward()
+    return [x.grad, logw.grad, tau.grad, *(p.grad for p in model.parameters())], adapted
+
+
+_OPTIONS = {"implicit": {"lam": 2.0, "cg_steps": 50, "cg_tol": 1e-14}, "checkpoint": {"segment": 7}}
+
+
+@pytest.mark.parametrize("name", sorted(effmaml.STRATEGIES))
+def test_every_strategy_gives_outer_tensors_a_gradient_or_refuses(name):
+    """For every registered strategy: each tensor naive differentiates gets naive's
+    gradient (exact strategies to 1e-12; iMAML's implicit gradient, at the optimum, to
+    1e-9), or adapt raises before any backward, naming it."""
+    ref, _ = _convex("naive")
+    cls = effmaml.STRATEGIES[name]
+    try:
+        ours, _ = _convex(name, **_OPTIONS.get(name, {}))
+    except OuterTensorError as err:
+        assert not cls.exact, f"exact strategy {name!r} refused: {err}"
+        assert "shape (16, 4)" in str(err) and "inner step 0's batch[0]" in str(err)
+        return
+    rel = 1e-12 if cls.exact else 1e-9
+    scale = grad_scale(ref)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert a is not None, f"{name}: no gradient for input {i}"
+        assert_scaled_close(a, b, rel, f"{name} grad[{i}]", scale=scale)
+
+
+def test_first_order_refuses_with_what_and_where():
+    model = make_model()
+    x, y = _data()
+    tau = torch.tensor(2.0, dtype=F64, requires_grad=True)
+
+    def loss_fn(module, batch):
+        return F.cross_entropy(module(batch[0]) / tau, batch[1])
+
+    maml = effmaml.MAML(model, loss_fn, effmaml.SGD(0.1), "first_order")
+    with pytest.raises(OuterTensorError) as err:
+        maml.adapt([(x[t], y[t]) for t in range(STEPS)])
+    msg = str(err.value)
+    assert "shape (8, 5)" in msg and "inner step 0's batch[0]" in msg
+    assert "shape ()" in msg and "closure" in msg
+    assert "checkpoint" in msg and ".detach()" in msg
+    # detached, the same call runs
+    detached = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1), "first_order")
+    detached.adapt([(x[t].detach(), y[t]) for t in range(STEPS)])
+
+
+def test_implicit_refuses_tensors_its_solve_does_not_read():
+    """hvp_batches=1 solves on the last batch: learned inputs of the other steps have no
+    implicit gradient."""
+    x, y = _data()
+    maml = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), "implicit", hvp_batches=1)
+    with pytest.raises(OuterTensorError, match=r"steps \[5\] only.*shape \(8, 5\).*step 0"):
+        maml.adapt([(x[t], y[t]) for t in range(STEPS)])
+
+
+def test_a_buffer_that_requires_grad_is_refused_before_work():
+    model = make_model()
+    model.register_buffer("mask", torch.ones(3, dtype=F64, requires_grad=True))
+    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1), "naive")
+    with pytest.raises(ValueError, match=r"buffers \['mask'\].*register_parameter"):
+        maml.adapt(make_batch(0), steps=2)
+
+
+class _Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, s):
+        ctx.save_for_backward(a, s)
+        return a * s
+
+    @staticmethod
+    def backward(ctx, g):
+        a, s = ctx.saved_tensors
+        return g * s, (g * a).sum()
+
+
+@pytest.mark.parametrize("through_an_op", [False, True])
+def test_a_custom_function_reading_a_tensor_fails_loudly_or_works(through_an_op):
+    """A custom autograd.Function's apply is not seen by the mode: handed a tensor that
+    requires grad, it would cut the gradient, so step 0's graph walk refuses it; handed
+    ``s.clone()``, it works and equals naive."""
+    s = torch.tensor(2.0, dtype=F64, requires_grad=True)
+
+    def loss_fn(module, batch):
+        scale = s.clone() if through_an_op else s
+        return F.cross_entropy(_Scale.apply(module(batch[0]), scale), batch[1])
+
+    def run(name):
+        kw = {"segment": 2} if name == "checkpoint" else {}
+        maml = effmaml.MAML(make_model(), loss_fn, effmaml.SGD(0.1), name, **kw)
+        adapted = maml.adapt(make_batch(0), steps=4)
+        return torch.autograd.grad(loss_fn(adapted, make_batch(9)), s)[0]
+
+    ref = run("naive")
+    if not through_an_op:
+        with pytest.raises(OuterTensorError, match=r"custom torch.autograd.Function.*clone"):
+            run("checkpoint")
+    else:
+        assert_scaled_close(run("checkpoint"), ref, 1e-12)
+
+
+def test_a_tensor_read_only_when_recomputed_is_refused():
+    """loss_fn reads another tensor in backward than in the forward pass."""
+    a = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    b = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    calls = []
+
+    def loss_fn(module, batch):
+        calls.append(1)
+        w = a if len(calls) <= 3 else b  # the forward's three steps read a
+        return F.cross_entropy(module(batch[0]) * w, batch[1])
+
+    maml = effmaml.MAML(make_model(), loss_fn, effmaml.SGD(0.1), "checkpoint", segment=3)
+    maml.measure(make_batch(0))  # the probe's calls first
+    calls.clear()
+    adapted = maml.adapt(make_batch(0), steps=3)
+    with pytest.raises(UnseenOuterTensorError, match="did not read"):
+        ce_loss(adapted, make_batch(9)).backward()
+
+
+def test_an_outer_tensor_changed_in_place_before_backward_is_caught():
+    x, y = _data()
+    maml = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), "checkpoint", segment=2)
+    adapted = maml.adapt([(x[t], y[t]) for t in range(STEPS)])
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ce_loss(adapted, make_batch(9)).backward()
+
+
+def test_facts_and_the_memory_model_count_gradient_buffers():
+    """Views of one leaf read by N steps: one leaf-sized buffer; N separate leaves: N; the
+    same tensor at every step: one. The prediction adds exactly that, and the run reports
+    it."""
+    x, y = _data()
+    views = [(x[t], y[t]) for t in range(STEPS)]
+    leaves = [(x[t].detach().clone().requires_grad_(True), y[t]) for t in range(STEPS)]
+    plain = [(x[t].detach(), y[t]) for t in range(STEPS)]
+    maml = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), "checkpoint", segment=2)
+    one = x[0].numel() * x.element_size()
+
+    def predicted(batches):
+        _, pred = maml.strategy.plan(maml.problem(batches)[0], maml.measure(batches[0]))
+        return pred.peak_bytes
+
+    base = predicted(plain)
+    assert predicted(views) - base == STEPS * one  # the N views add up to the leaf
+    assert predicted(leaves) - base == STEPS * one
+    assert predicted([views[0]] * STEPS) - base == one  # one tensor, every step
+    adapted = maml.adapt(views)
+    assert adapted.info["outer_tensors"] == STEPS
+    assert adapted.info["outer_bytes"] == STEPS * one
+    assert "inner step 3's batch[0]" in adapted.facts.outer[3]
+
+
+def test_no_reference_cycles_with_outer_tensors():
+    """The pinned batches, the stand-ins and the mode are freed by reference counting."""
+    x, y = _data()
+    tau = torch.tensor(2.0, dtype=F64, requires_grad=True)
+
+    def loss_fn(module, batch):
+        return F.cross_entropy(module(batch[0]) / tau, batch[1])
+
+    maml = effmaml.MAML(make_model(), loss_fn, effmaml.SGD(0.1), "revolve", slots=2)
+
+    def meta_iteration():
+        adapted = maml.adapt([(x[t], y[t]) for t in range(STEPS)])
+        loss_fn(adapted, make_batch(9)).backward()
+
+    meta_iteration()
+    gc.collect()
+    gc.disable()
+    try:
+        meta_iteration()
+        meta_iteration()
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert unreachable == 0
