@@ -12,8 +12,8 @@ Learning rates may be a float, a tensor (learned: give it ``requires_grad=True``
 it to the outer optimizer) or a dict name -> float/tensor (one rate per adapted parameter,
 Meta-SGD). With ``per_step=True`` every tensor rate has a leading step dimension and step t
 reads ``lr[t]`` (MAML++'s per-layer, per-step rates, "LSLR"). Tensor rates are exposed by
-:meth:`InnerOptimizer.hyperparameters`: every strategy passes them explicitly to
-:meth:`InnerOptimizer.step`, which is how the exact strategies route meta-gradients to them.
+``InnerOptimizer.hyperparameters``: every strategy passes them explicitly to
+``InnerOptimizer.step``, which is how the exact strategies route meta-gradients to them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ LearningRate = float | Tensor | Mapping[str, float | Tensor]
 class InnerOptimizer:
     """Base class of the differentiable inner optimizers.
 
-    Subclasses implement :meth:`init` and :meth:`update`. The learning-rate plumbing
+    Subclasses implement ``init`` and ``update``. The learning-rate plumbing
     (float / tensor / per-parameter dict) lives here.
 
     Args:
@@ -100,7 +100,7 @@ class InnerOptimizer:
         """Tensor-valued hyper-parameters (learning rates), keyed ``"lr"`` or ``"lr.<name>"``.
 
         Returns:
-            The tensors that :meth:`step` reads through its ``hyper`` argument.
+            The tensors that ``step`` reads through its ``hyper`` argument.
         """
         if isinstance(self.lr, Tensor):
             return {"lr": self.lr}
@@ -119,6 +119,41 @@ class InnerOptimizer:
                     f"{missing}, unknown {extra}. Build it as {{name: lr for name in "
                     f"adapted_names}} or pass a single float/tensor lr"
                 )
+
+    def check_params(self, params: Mapping[str, Tensor]) -> None:
+        """Raise, before any work, if the rates do not fit the adapted parameters: the
+        names (``check_names``), and each tensor rate's shape, which must broadcast to
+        its parameter's without changing it (after the leading step dimension of per-step
+        rates).
+
+        Raises:
+            ValueError: names the rate, its shape and the parameter's, and what to do; an
+                ``(N,)`` rate without ``per_step=True`` is told that per-step rates need it.
+        """
+        self.check_names(tuple(params))
+        for name, p in params.items():
+            rate = self.lr[name] if isinstance(self.lr, dict) else self.lr
+            if not isinstance(rate, Tensor):
+                continue
+            shape = tuple(rate.shape[1:] if self.per_step else rate.shape)
+            try:
+                fits = torch.broadcast_shapes(shape, p.shape) == p.shape
+            except RuntimeError:
+                fits = False
+            if fits:
+                continue
+            label = f"lr[{name!r}]" if isinstance(self.lr, dict) else "lr"
+            hint = (
+                f"; a rate per inner step needs per_step=True (effmaml.{type(self).__name__}"
+                f"(lr, per_step=True)), whose first dimension is the step"
+                if not self.per_step and rate.dim() == 1
+                else ""
+            )
+            raise ValueError(
+                f"{label} has shape {tuple(rate.shape)}, which does not fit parameter "
+                f"{name!r} of shape {tuple(p.shape)}: a tensor rate must broadcast to its "
+                f"parameter (a scalar, or the parameter's shape){hint}"
+            )
 
     def _lr(self, name: str, hyper: Mapping[str, Tensor], t: int) -> float | Tensor:
         """The rate of parameter ``name`` at step ``t`` (``lr[t]`` for per-step rates:
@@ -152,12 +187,12 @@ class InnerOptimizer:
         """One differentiable update.
 
         Args:
-            state: optimizer state from :meth:`init` or the previous step.
+            state: optimizer state from ``init`` or the previous step.
             params: current adapted parameters.
             grads: gradients of the inner objective w.r.t. ``params`` (with a graph when
                 second-order derivatives are wanted).
             t: zero-based index of the inner step (Adam's bias correction uses ``t + 1``).
-            hyper: the tensors of :meth:`hyperparameters`, possibly replaced by copies that
+            hyper: the tensors of ``hyperparameters``, possibly replaced by copies that
                 the caller differentiates with respect to.
 
         Returns:
@@ -192,18 +227,18 @@ def _check_lr(value: object, what: str) -> None:
 class SGD(InnerOptimizer):
     """Differentiable SGD with optional momentum, Nesterov momentum and weight decay.
 
-    Matches :class:`torch.optim.SGD` with ``dampening=0``: ``g = grad + wd * p``;
+    Matches ``torch.optim.SGD`` with ``dampening=0``: ``g = grad + wd * p``;
     ``b = momentum * b + g``; ``d = g + momentum * b`` (Nesterov) or ``b``; ``p = p - lr * d``.
     The momentum buffer starts at zero, which equals torch's first-step ``b = g``.
 
     Memory: one extra tensor per parameter with momentum, none without. Compute: O(P).
 
     Args:
-        lr: step size (float, tensor, or per-parameter dict; see :class:`InnerOptimizer`).
+        lr: step size (float, tensor, or per-parameter dict; see ``InnerOptimizer``).
         momentum: momentum factor, default 0.0.
         nesterov: use Nesterov momentum (needs ``momentum > 0``), default False.
         weight_decay: L2 penalty coefficient, default 0.0.
-        per_step: rates indexed by the inner step (see :class:`InnerOptimizer`).
+        per_step: rates indexed by the inner step (see ``InnerOptimizer``).
     """
 
     def __init__(
@@ -257,21 +292,22 @@ class Adam(InnerOptimizer):
     ``m = b1 m + (1-b1) g``; ``v = b2 v + (1-b2) g²``;
     ``p = p - lr * m̂ / sqrt(v̂ + eps²)`` with bias-corrected ``m̂, v̂``.
 
+
+    Memory: two extra tensors per parameter. Compute: O(P).
+
+    Args:
+        lr: step size (float, tensor, or per-parameter dict; see ``InnerOptimizer``).
+        betas: decay rates of the first and second moments, default (0.9, 0.999).
+        eps: denominator floor, default 1e-8 (enters as eps² under the square root).
+        per_step: rates indexed by the inner step (see ``InnerOptimizer``).
+    """
+
     # Note [Adam's eps inside the square root]
     # torch.optim.Adam divides by sqrt(v̂) + eps. The derivative of sqrt at v̂ = 0 is
     # infinite, and a gradient entry that is exactly zero (a dead ReLU unit, an unused
     # class) makes v̂ = 0, so the meta-gradient becomes 0 * inf = NaN. With eps² under the
     # root the derivative is bounded by 1 / (2 eps) and the update differs from torch's by
     # less than eps in the denominator.
-
-    Memory: two extra tensors per parameter. Compute: O(P).
-
-    Args:
-        lr: step size (float, tensor, or per-parameter dict; see :class:`InnerOptimizer`).
-        betas: decay rates of the first and second moments, default (0.9, 0.999).
-        eps: denominator floor, default 1e-8 (enters as eps² under the square root).
-        per_step: rates indexed by the inner step (see :class:`InnerOptimizer`).
-    """
 
     def __init__(
         self,

@@ -4,7 +4,7 @@
 ...                       meta_batch=8, inner_steps=5, checkpoint_dir="runs/sine")
 >>> trainer.train(3000, resume=True)   # continues from runs/sine/checkpoint.pt if present
 
-Under ``torchrun`` (see :mod:`effmaml.distributed`) every rank runs the same script: each
+Under ``torchrun`` (see ``effmaml.distributed``) every rank runs the same script: each
 adapts on its share of the meta-batch, the meta-gradients are summed with one all-reduce,
 and all ranks take the same outer step. Rank 0 alone writes the log and checkpoints.
 """
@@ -15,7 +15,6 @@ import contextlib
 import csv
 import hashlib
 import os
-import signal
 import sys
 import time
 import warnings
@@ -31,6 +30,7 @@ from . import checkpoints
 from .checkpoints import CHECKPOINT_NAME, PREVIOUS_NAME
 from .distributed import all_reduce_sum, rank_slice, world
 from .maml import MAML
+from .preemption import STOP_SIGNALS, Preemption
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -43,7 +43,6 @@ __all__ = [
 
 LOG_COLUMNS = ["iteration", "meta_loss", "seconds", "tasks_per_s", "order", "outer_lr"]
 EVENTS_NAME = "events.log"  # pre-emption and other notes, one line each
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and cloud pre-emption send
 
 Task = tuple[Any, Any]
 
@@ -59,7 +58,7 @@ class MetaTrainer:
     many alike.
 
     Randomness inside a task (dropout, augmentation drawn from torch's RNG) comes from a
-    stream seeded by ``(seed, iteration, task index)`` alone (:func:`task_rng`), so the same
+    stream seeded by ``(seed, iteration, task index)`` alone (``task_rng``), so the same
     run on 1 or P processes, or resumed from a checkpoint, draws the same numbers for every
     task whichever rank runs it; the global RNG outside the tasks is left as it was.
 
@@ -67,7 +66,7 @@ class MetaTrainer:
     summed gradients. Compute: ``meta_batch / world_size`` adaptations per process.
 
     Args:
-        maml: the :class:`effmaml.MAML` to train (its model is the one updated).
+        maml: the ``effmaml.MAML`` to train (its model is the one updated).
         outer_optimizer: a ``torch.optim`` optimizer over the model's parameters.
         sample_tasks: ``sample_tasks(generator) -> [(support, query), ...]`` with exactly
             ``meta_batch`` tasks, drawing all its randomness from ``generator`` (a
@@ -92,7 +91,7 @@ class MetaTrainer:
             function ``iteration -> weights`` (e.g. ``lambda i: effmaml.msl_weights(N,
             i / anneal)``); each task's loss is then ``adapt(support, query=query,
             step_weights=w).query_loss``. Default None: the query loss after the last step.
-        stop_signals: signals on which :meth:`train` finishes the current iteration,
+        stop_signals: signals on which ``train`` finishes the current iteration,
             writes a checkpoint and exits (SIGTERM, SIGUSR1: what SLURM and cloud
             pre-emption send); ``()`` leaves the process's handlers alone.
         config: extra plain values that define the run (learning rates, data set ...);
@@ -160,7 +159,6 @@ class MetaTrainer:
         self._first_order = maml.with_strategy("first_order") if first_order_iterations else None
         self.step_weights = step_weights
         self.stop_signals = tuple(stop_signals)
-        self._stop: int | None = None
         self.config = {
             "meta_batch": meta_batch,
             "inner_steps": inner_steps,
@@ -177,6 +175,7 @@ class MetaTrainer:
         self._hyper = {k: v for k, v in maml.inner.hyperparameters().items() if v.requires_grad}
         self._params: list[Tensor] = [p for p in self.model.parameters() if p.requires_grad]
         self._params += list(self._hyper.values())
+        self.preemption = Preemption(self.stop_signals, self._params[0].device, group)
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> float:
@@ -263,7 +262,6 @@ class MetaTrainer:
             self.load_latest()
         self._sync_parameters()
         self._open_log(resume)
-        previous = self._catch_signals()
         losses: list[float] = []
         bar = None
         if self.progress and self.rank == 0:
@@ -271,25 +269,24 @@ class MetaTrainer:
 
             bar = tqdm(total=iterations, initial=self.iteration, desc="meta-train", unit="it")
         try:
-            while self.iteration < iterations:
-                t0 = time.perf_counter()
-                loss = self.step()
-                dt = time.perf_counter() - t0
-                losses.append(loss)
-                self._log(loss, dt)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(meta_loss=f"{loss:.4g}")
-                every = self.checkpoint_every
-                if self._stopping() and self.iteration < iterations:
-                    self._preempted(iterations)
-                if every and self.iteration % every == 0 and self.iteration < iterations:
-                    self.save()
+            with self.preemption.catching():
+                while self.iteration < iterations:
+                    t0 = time.perf_counter()
+                    loss = self.step()
+                    dt = time.perf_counter() - t0
+                    losses.append(loss)
+                    self._log(loss, dt)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(meta_loss=f"{loss:.4g}")
+                    every = self.checkpoint_every
+                    if self.preemption.stopping() and self.iteration < iterations:
+                        self._preempted(iterations)
+                    if every and self.iteration % every == 0 and self.iteration < iterations:
+                        self.save()
         finally:
             if bar is not None:
                 bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         if self.dir is not None:
             self.save()
         return losses
@@ -303,29 +300,10 @@ class MetaTrainer:
                 dist.broadcast(p.data, src=0, group=self.group)
 
     # -- pre-emption -----------------------------------------------------------------------
-    def _catch_signals(self) -> dict[int, Any]:
-        """Install the stop handlers (main thread only); return the ones they replace."""
-        import threading
-
-        if not self.stop_signals or threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def stop(signum: int, frame: Any) -> None:
-            self._stop = signum
-
-        return {sig: signal.signal(sig, stop) for sig in self.stop_signals}
-
-    def _stopping(self) -> bool:
-        """Whether a stop signal arrived here or, under torchrun, on any rank."""
-        flag = torch.tensor([0.0 if self._stop is None else 1.0])
-        if self.world_size > 1:
-            all_reduce_sum([flag], self.group)
-        return bool(flag.item() > 0)
-
     def _preempted(self, iterations: int) -> None:
         """Checkpoint, say so in the log, and leave the process (exit status 0)."""
         self.save()
-        name = signal.Signals(self._stop).name if self._stop is not None else "a stop signal"
+        name = self.preemption.name()
         where = self.dir / CHECKPOINT_NAME if self.dir is not None else "nowhere (no dir)"
         line = (
             f"effmaml: {name} received; stopped after iteration {self.iteration} of "
@@ -382,7 +360,7 @@ class MetaTrainer:
         return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs (this rank's RNG only; :meth:`save` gathers all)."""
+        """Everything a resumed run needs (this rank's RNG only; ``save`` gathers all)."""
         return {
             "format": checkpoints.FORMAT,
             "iteration": self.iteration,
@@ -433,7 +411,7 @@ class MetaTrainer:
         return True
 
     def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
-        """Restore a :meth:`state_dict`, after checking it matches this model and run.
+        """Restore a ``state_dict``, after checking it matches this model and run.
 
         Raises:
             ValueError: wrong format, parameter names/shapes that differ from the model's,
@@ -488,7 +466,7 @@ def task_seed(seed: int, iteration: int, index: int) -> int:
 def task_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run the body with torch's global RNG (CPU, and ``device``'s if CUDA) seeded by
     ``seed``; restore it afterwards.
-
+    """
     # Note [Task randomness belongs to the task]
     # Under torchrun each rank adapts its own share of the meta-batch. If tasks drew dropout
     # masks from the process's RNG, task 3 would draw from where rank 1's stream happens to
@@ -496,7 +474,6 @@ def task_rng(seed: int, device: torch.device) -> Iterator[None]:
     # dropout 0.2. Seeding each task's stream from (seed, iteration, index) makes it a
     # property of the task. Recomputing strategies replay it exactly (they capture and
     # restore the RNG around each step).
-    """
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.default_generator.manual_seed(seed)

@@ -1,3 +1,10 @@
+import os
+
+# Deterministic cuBLAS needs a fixed workspace; without it, the deterministic-algorithms
+# switch below warns on every CUDA matmul, and pytest turns that warning into an error. It
+# must be set before CUDA starts, so before torch is imported.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 import pytest
 import torch
 

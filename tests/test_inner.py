@@ -91,3 +91,16 @@ def test_adam_meta_gradient_finite_with_exactly_zero_gradient_entries():
 def test_bad_hyperparameters(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_a_per_step_shaped_rate_without_per_step_is_refused_before_work():
+    """What a user tries first for per-step rates: an (N,) lr without per_step=True. Refused
+    at construction with the rule, not a broadcasting error from inside the update."""
+    model = make_model()
+    with pytest.raises(ValueError, match=r"lr has shape \(6,\).*'0.weight'.*per_step=True"):
+        effmaml.MAML(model, ce_loss, effmaml.SGD(torch.full((6,), 0.1, dtype=torch.float64)))
+    rates = {n: torch.ones(3, dtype=torch.float64) for n, _ in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"lr\['0.weight'\] has shape \(3,\)"):
+        effmaml.MAML(model, ce_loss, effmaml.Adam(rates))
+    per_step = effmaml.SGD(torch.full((6,), 0.1, dtype=torch.float64), per_step=True)
+    effmaml.MAML(model, ce_loss, per_step).adapt(make_batch(0), steps=6)

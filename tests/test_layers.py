@@ -49,6 +49,7 @@ ORDER = [
     "strategies",
     "maml",
     "distributed",
+    "preemption",
     "train",
     "",  # effmaml/__init__.py
 ]
@@ -134,3 +135,11 @@ def test_strategy_warnings_point_at_the_users_line():
         maml.adapt(make_batch(0), steps=2)  # the line the warning must name
     (w,) = [w for w in caught if "learned inner" in str(w.message)]
     assert w.filename == __file__, w.filename
+
+
+def test_the_suite_runs_deterministic_cublas():
+    """conftest turns on deterministic algorithms and pytest turns warnings into errors;
+    on CUDA, cuBLAS warns without a fixed workspace unless this is set before CUDA starts."""
+    import os
+
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")

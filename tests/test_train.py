@@ -354,3 +354,33 @@ def test_two_nodes_by_c10d_rendezvous_equal_one_process(tmp_path):
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
     _assert_same_as_one_process(torch.load(out, weights_only=True), 4, 0.1, recipe="mamlpp")
+
+
+def test_the_stop_flag_lives_on_the_gradients_device_and_needs_no_collective_unwatched(
+    monkeypatch,
+):
+    """Under NCCL (torchrun on GPUs) an all-reduce of a CPU tensor raises: the stop flag is
+    built on the parameters' device, and with no stop handler installed no rank can be
+    stopped, so no collective runs at all (two ranks mocked)."""
+    import signal
+
+    from effmaml import preemption
+
+    calls = []
+    monkeypatch.setattr(preemption, "world", lambda group=None: (0, 2))
+    monkeypatch.setattr(preemption, "all_reduce_sum", lambda ts, group=None: calls.append(ts))
+    meta = preemption.Preemption([signal.SIGUSR1], torch.device("meta"))
+    assert meta.flag().device.type == "meta"
+    cpu = preemption.Preemption([signal.SIGUSR1], torch.device("cpu"))
+    before = signal.getsignal(signal.SIGUSR1)
+    assert not cpu.stopping() and calls == []  # no handler installed: no collective
+    with cpu.catching():
+        assert cpu.watching and not cpu.stopping()
+        assert len(calls) == 1 and calls[0][0].device.type == "cpu"
+        signal.raise_signal(signal.SIGUSR1)
+        assert cpu.stopping() and cpu.name() == "SIGUSR1"
+    assert not cpu.watching and signal.getsignal(signal.SIGUSR1) is before
+    off = preemption.Preemption([], torch.device("cpu"))
+    with off.catching():
+        assert not off.stopping()
+    assert len(calls) == 2
