@@ -1,13 +1,13 @@
-"""Checkpoint files of :class:`effmaml.MetaTrainer`: written atomically, one generation
+"""Checkpoint files of ``effmaml.MetaTrainer``: written atomically, one generation
 kept, the newest loadable one read back.
 
-* :func:`write`: ``checkpoint.pt`` through a temporary file, fsync and rename; the file it
+* ``write``: ``checkpoint.pt`` through a temporary file, fsync and rename; the file it
   replaces becomes ``checkpoint.prev.pt``. A crash while writing leaves the previous
   checkpoint intact; one damaged later (a full disk, a copy cut short) leaves the one before.
-* :func:`read_latest`: ``checkpoint.pt``, else ``checkpoint.prev.pt`` with a warning that
+* ``read_latest``: ``checkpoint.pt``, else ``checkpoint.prev.pt`` with a warning that
   says why the newest could not be read; None where neither exists; an error where both
   are damaged.
-* :func:`check_model_state`: a saved model state against the live model's names and shapes,
+* ``check_model_state``: a saved model state against the live model's names and shapes,
   before anything is loaded.
 
 Cost: one ``torch.save`` / ``torch.load`` of the state (on the CPU for loading).
@@ -45,7 +45,7 @@ def write(directory: Path, state: dict[str, Any]) -> Path:
 
     Args:
         directory: the run's checkpoint folder (created if missing).
-        state: what :func:`torch.save` writes.
+        state: what ``torch.save`` writes.
 
     Returns:
         The checkpoint's path.

@@ -15,7 +15,7 @@ _MAX_NODES = 200_000
 def find_no_double_backward(tensors: Iterable[Tensor], every: bool = False) -> Any:
     """The first node in the graph behind ``tensors`` that cannot be differentiated, or None
     (with ``every``: the list of all of them).
-
+    """
     # Note [Detecting missing double backward early]
     # A custom Function marked @once_differentiable returns gradients whose grad_fn is a
     # DelayedError node, and a built-in op without a derivative for its backward
@@ -24,7 +24,6 @@ def find_no_double_backward(tensors: Iterable[Tensor], every: bool = False) -> A
     # long after adapt() returned. Walking the first step's graph once finds either while
     # the user can still be told which operation it is (effmaml.diagnose) and which
     # strategy avoids it.
-    """
     seen: set[int] = set()
     found = []
     stack = [t.grad_fn for t in tensors if t.grad_fn is not None]

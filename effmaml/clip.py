@@ -3,7 +3,7 @@
 Long unrolls multiply many Jacobians, and the meta-gradient can explode. The seed notebook
 ("clip meta-learning gradients by global norm to avoid explosion") and torch_maml's
 ``max_grad_grad_norm`` rescale, in the backward pass, the gradient with respect to the
-parameters produced by each inner step to a global norm of at most ``c``. :func:`clip_backward`
+parameters produced by each inner step to a global norm of at most ``c``. ``clip_backward``
 is the identity in the forward pass and does exactly that in the backward pass.
 
 Cost: one norm over the adapted parameters per step in backward; no host synchronisation

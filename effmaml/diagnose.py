@@ -1,7 +1,7 @@
 """Naming the operation that has no double backward: its autograd node and its module.
 
-When the early checks (:func:`effmaml.checks.find_no_double_backward`, a real pullback in
-the probe) find that step 0 cannot be differentiated twice, :func:`no_double_backward_error`
+When the early checks (``effmaml.checks.find_no_double_backward``, a real pullback in
+the probe) find that step 0 cannot be differentiated twice, ``no_double_backward_error``
 runs step 0's loss and gradient once more, under anomaly mode (which links each node made
 in a backward pass to the node whose backward made it) and with forward hooks that record
 which module each autograd node was created in. The error then names the node
@@ -134,7 +134,7 @@ def no_double_backward_error(
     problem: InnerProblem, state: InnerState, consts: Consts, detail: str = ""
 ) -> NoDoubleBackwardError:
     """The error to raise when step 0 cannot be differentiated twice: names the operation's
-    autograd node and module (:func:`culprit`) and the ways out."""
+    autograd node and module (``culprit``) and the ways out."""
     found = culprit(problem, state, consts) or [("", "", "")]
     bad, node, path = found[0]
     where = f"autograd node {node or bad or 'unknown'}"

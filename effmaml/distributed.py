@@ -1,4 +1,4 @@
-"""Task parallelism over :mod:`torch.distributed`: split a meta-batch, average meta-gradients.
+"""Task parallelism over ``torch.distributed``: split a meta-batch, average meta-gradients.
 
 Each process (rank) adapts on its own slice of the meta-batch and sums its tasks'
 meta-gradients; one coalesced all-reduce of the flattened gradients (and the loss sum)
@@ -11,7 +11,7 @@ do not support double backward through the inner loop (pytorch#63929); averaging
 the meta-gradient is computed sidesteps them and costs one all-reduce per outer step.
 
 Launch with ``torchrun --nproc-per-node P script.py`` (or anything that sets ``RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and call :func:`init_from_env` first.
+``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and call ``init_from_env`` first.
 """
 
 from __future__ import annotations

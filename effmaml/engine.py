@@ -6,20 +6,20 @@ what it needs from the stored states with the graph and pulls the meta-gradient 
 
 Two primitives build every exact schedule:
 
-* :func:`advance` runs steps ``a..b`` with no graph between them (each step still
+* ``advance`` runs steps ``a..b`` with no graph between them (each step still
   differentiates its own loss, first order). Memory: one state ``P`` at a time.
-* :func:`pullback` recomputes steps ``a..b`` from a stored state with
+* ``pullback`` recomputes steps ``a..b`` from a stored state with
   ``create_graph=True`` and pulls the incoming gradient at ``b`` back to ``a``,
   accumulating the gradients of everything every step reads (non-adapted parameters, a
   learned lr, θ₀ through the proximal term). Memory: ``(b - a)`` steps' graphs ``A``.
 
-A :class:`Schedule` (see :mod:`effmaml.schedules`) decides which states the forward pass
-stores and how the backward pass splits into advances and pullbacks; a :class:`Store`
+A ``Schedule`` (see ``effmaml.schedules``) decides which states the forward pass
+stores and how the backward pass splits into advances and pullbacks; a ``Store``
 decides where stored states live (the device, or pinned host memory for ``offload``).
-:func:`run_schedule` runs a schedule inside one custom :class:`torch.autograd.Function`, so
+``run_schedule`` runs a schedule inside one custom ``torch.autograd.Function``, so
 that the forward pass keeps no graph at all.
 
-Why not :mod:`torch.utils.checkpoint`: the reentrant variant refuses
+Why not ``torch.utils.checkpoint``: the reentrant variant refuses
 ``torch.autograd.grad``, which every inner step calls; the non-reentrant one recomputes a
 segment at every inner ``autograd.grad`` call and holds what it recomputed.
 """
@@ -121,7 +121,7 @@ def pullback(
         b: one past the last step.
         consts: constants (the Function's saved inputs).
         need_consts: which of ``consts.flat()`` need a gradient.
-        grad_b: the cotangent at the state after step ``b - 1``: an :class:`InnerState`
+        grad_b: the cotangent at the state after step ``b - 1``: an ``InnerState``
             whose differentiable groups hold gradients (zeros allowed; the others empty).
         grad_losses: gradients w.r.t. ``loss_a .. loss_{b-1}`` (shape ``(b - a,)``).
         inspect: called with the recomputed state at ``b`` before it is differentiated
@@ -130,7 +130,7 @@ def pullback(
             ``a .. b-1`` (shape ``(b - a,)``); each is added into the cotangent as the
             pullback passes its state (Note [The multi-step loss under recomputation]).
         outer: stand-ins of the outer tensors these steps read that need a gradient
-            (leaves that ``rt.outer`` hands to the steps in their place, :mod:`effmaml.outer`).
+            (leaves that ``rt.outer`` hands to the steps in their place, ``effmaml.outer``).
 
     Returns:
         ``(grad_a, grad_consts, grad_outer)``: the cotangent at ``state`` (same form as
@@ -203,7 +203,7 @@ def advance_to(
 
 
 class Handle:
-    """A stored state, wherever it lives; :meth:`Store.get` brings it to the device."""
+    """A stored state, wherever it lives; ``Store.get`` brings it to the device."""
 
 
 @dataclass
@@ -242,9 +242,9 @@ Pull = Callable[[InnerState, RngState, int, int], None]
 class Schedule:
     """Which states the forward pass stores and how the backward pass pulls back.
 
-    Subclasses implement :meth:`forward` (run all N steps without graph, store states) and
-    :meth:`backward` (recompute and pull back, in reverse order, through
-    :func:`pullback`), and the cost formulas used by the memory model.
+    Subclasses implement ``forward`` (run all N steps without graph, store states) and
+    ``backward`` (recompute and pull back, in reverse order, through
+    ``pullback``), and the cost formulas used by the memory model.
     """
 
     store: Store
@@ -258,7 +258,7 @@ class Schedule:
         consts: Consts,
     ) -> tuple[InnerState, list[Tensor], list[Tensor], object]:
         """Run steps ``0..N-1``; return the final state, the inner losses, the query losses
-        (:func:`advance`'s) and a memo for backward."""
+        (``advance``'s) and a memo for backward."""
         raise NotImplementedError
 
     def backward(
@@ -284,7 +284,7 @@ class Schedule:
         return self.step_evals(steps) - steps
 
     def moved_states(self, steps: int) -> int:
-        """States that pass through :attr:`store` (each goes off the device and back)."""
+        """States that pass through ``store`` (each goes off the device and back)."""
         return 0
 
     def stored_states(self, steps: int) -> int:
@@ -300,8 +300,8 @@ class _Unroll(torch.autograd.Function):
     """Forward: the schedule's forward, already run (its results are in the run). Backward:
     its pullbacks.
 
-    Flat inputs: the initial state's tensors, then the constants' (:class:`_Run`'s specs),
-    then the outer tensors the forward pass found (:mod:`effmaml.outer`); outputs: the final
+    Flat inputs: the initial state's tensors, then the constants' (``_Run``'s specs),
+    then the outer tensors the forward pass found (``effmaml.outer``); outputs: the final
     state's tensors (non-differentiable groups marked so), then the stacked inner losses
     and the stacked query losses of a multi-step loss (zeros without).
     """
@@ -420,7 +420,7 @@ def run_schedule(
     schedule: Schedule,
 ) -> tuple[InnerState, Tensor, Tensor]:
     """Run the unroll under ``schedule``; the result is differentiable w.r.t. the inputs
-    and every outer tensor the steps read (:mod:`effmaml.outer`).
+    and every outer tensor the steps read (``effmaml.outer``).
 
     Args:
         problem: the problem.

@@ -39,7 +39,7 @@ class Adapted:
 
     Not an ``nn.Module``: it holds tensors that are differentiable w.r.t. the original
     parameters (under exact strategies), so a query loss computed with it backpropagates
-    into ``model.parameters()``. Calling it never changes :attr:`buffers`; it runs in the
+    into ``model.parameters()``. Calling it never changes ``buffers``; it runs in the
     model's current train/eval mode.
 
     Attributes:
@@ -49,7 +49,7 @@ class Adapted:
             strategies, detached under ``first_order``).
         inner_state: the inner optimizer's final state.
         fixed: the parameters that were not adapted (the model's own tensors).
-        facts: what ran and what the cost model predicted (:class:`RunFacts`).
+        facts: what ran and what the cost model predicted (``RunFacts``).
         strategy: the strategy that produced it.
         query_loss: with ``adapt(..., query=...)``, the multi-step loss
             Σ_t w_t · L_query(φ_{t+1}), differentiable: ``query_loss.backward()`` puts the
@@ -85,8 +85,8 @@ class Adapted:
 
     @property
     def info(self) -> dict[str, Any]:
-        """:attr:`facts` as a flat dict (``segment``, ``predicted_peak_bytes``, ``chosen``
-        ...), as earlier releases returned it."""
+        """``facts`` as a flat dict (``segment``, ``predicted_peak_bytes``, ``chosen``
+        ...): the flat view for users; code that reads one fact can use ``facts``."""
         return self.facts.as_dict()
 
     def host_peak_bytes(self) -> int:
@@ -121,12 +121,12 @@ class MAML:
     """Model-agnostic meta-learning with a choice of how to differentiate the inner loop.
 
     Args:
-        model: the module to meta-learn. It is never mutated by :meth:`adapt`.
+        model: the module to meta-learn. It is never mutated by ``adapt``.
         loss_fn: ``loss_fn(module_like, batch) -> scalar tensor``; ``module_like(x)`` runs
             the model with the current inner parameters.
-        inner: the differentiable inner optimizer (:class:`effmaml.SGD`, :class:`effmaml.Adam`).
-        strategy: a name in :data:`effmaml.STRATEGIES` (``"naive"``, ``"first_order"``,
-            ``"checkpoint"``, ...) or a :class:`Strategy` instance. Default ``"naive"``.
+        inner: the differentiable inner optimizer (``effmaml.SGD``, ``effmaml.Adam``).
+        strategy: a name in ``effmaml.STRATEGIES`` (``"naive"``, ``"first_order"``,
+            ``"checkpoint"``, ...) or a ``Strategy`` instance. Default ``"naive"``.
         params: which parameters adapt: names, or a predicate on the name. Default: every
             parameter that requires grad. The others stay fixed in the inner loop and still
             receive meta-gradients (ANIL-style).
@@ -145,14 +145,14 @@ class MAML:
             exact schedule that fits; ``checkpoint``/``offload`` (``segment=None``) and
             ``revolve`` (``slots=None``) pick their option; a strategy that cannot fit
             raises ``MemoryError`` before unrolling. Predictions come from
-            :meth:`estimate`'s model.
+            ``estimate``'s model.
         math_attention: run the inner steps' scaled-dot-product attention with PyTorch's math
             kernel, whose backward can be differentiated again (fused CUDA kernels' cannot;
             Note [Attention kernels and double backward]). Default None: on for every
             strategy that differentiates twice, off for ``first_order``.
         substitute_ops: run the inner steps' operations that have no double backward
             (``F.hardsigmoid``: MobileNetV3) as twice-differentiable stand-ins with the same
-            values (:mod:`effmaml.substitutes`). Default None: on for every strategy that
+            values (``effmaml.substitutes``). Default None: on for every strategy that
             differentiates twice when the model holds a module that calls one
             (``nn.Hardsigmoid``), off otherwise.
         exact_states: make a recomputing strategy's first-order advances compute each
@@ -222,7 +222,7 @@ class MAML:
         self._resolve_ops()
         self.exact_states = None if exact_states is None else bool(exact_states)
         self.adapted_names = self._select(params)
-        inner.check_names(self.adapted_names)
+        inner.check_params({n: dict(model.named_parameters())[n] for n in self.adapted_names})
 
     def _resolve_ops(self) -> None:
         """The kernel and stand-in switches for this front's strategy (given or default)."""
@@ -298,7 +298,7 @@ class MAML:
                 step t's batch, a lazy class that builds batch t on demand). Recomputing
                 strategies index it again in backward and need the same batch for the same
                 index; a source that breaks this is caught there
-                (:class:`effmaml.replay.NondeterministicBatchError`). Iterators, generators
+                (``effmaml.replay.NondeterministicBatchError``). Iterators, generators
                 and ``IterableDataset`` are refused (they cannot be indexed again). With
                 ``steps``, a single batch reused at every step.
             steps: the number of inner steps when ``batches`` is a single batch. A tensor,
@@ -312,11 +312,11 @@ class MAML:
                 forward/backward per step whose graph is alive (k for
                 ``pullback="segment"``, 1 for the others).
             step_weights: w_0..w_{N-1} (zeros skip steps); default with a query: the last
-                step only, ``(0, ..., 0, 1)``. :func:`effmaml.msl_weights` gives MAML++'s
+                step only, ``(0, ..., 0, 1)``. ``effmaml.msl_weights`` gives MAML++'s
                 annealing from uniform to the last step.
 
         Returns:
-            The :class:`Adapted` model; ``loss_fn(adapted, query).backward()`` puts the
+            The ``Adapted`` model; ``loss_fn(adapted, query).backward()`` puts the
             meta-gradient in ``.grad`` of the model's parameters.
 
         Raises:
@@ -349,7 +349,7 @@ class MAML:
     def measure(self, batch: Any, query: Any = None) -> Probe:
         """What the probe measures on ``batch``: P (one inner state's bytes), A (one step's
         second-order graph; with a multi-step loss's ``query``, the query's graph too), t₁
-        and t₂ (:class:`~effmaml.memory.Probe`). Cached: a later ``adapt`` or ``estimate``
+        and t₂ (``Probe``). Cached: a later ``adapt`` or ``estimate``
         with batches like it does not probe again (the result is returned with ``evals=0``
         and ``seconds=0`` then, as such a call would see it)."""
         problem, state0, consts = self.problem(batch, 1, check_steps=False)  # probes step 0
@@ -366,10 +366,10 @@ class MAML:
     ) -> dict[str, Prediction]:
         """Predict peak memory, step evaluations and seconds, from the probe alone.
 
-        The probe (:func:`effmaml.probe.probe`) runs on ``batch``: P (the state's bytes), A
+        The probe (``effmaml.probe.probe``) runs on ``batch``: P (the state's bytes), A
         (the bytes autograd saves for a second-order step), t₁ and t₂ (a first-order step;
         a step with graph and its pullback); each strategy's formulas
-        (:mod:`effmaml.memory`) turn them into a prediction. Nothing else runs; the model is
+        (``effmaml.memory``) turn them into a prediction. Nothing else runs; the model is
         not changed. The probe's result is cached here, so a following ``adapt`` with
         batches like ``batch`` does not probe again: the predictions are for that ``adapt``
         (without the probe's evaluations and time).
@@ -387,7 +387,7 @@ class MAML:
                 memory_budget="3GiB")``).
 
         Returns:
-            label -> :class:`~effmaml.memory.Prediction` (labels like
+            label -> ``Prediction`` (labels like
             ``"checkpoint(segment=7, pullback='step')"``).
         """
         budget, host_budget = (
@@ -421,8 +421,8 @@ class MAML:
     ) -> tuple[InnerProblem, InnerState, Consts]:
         """The inner problem ``adapt`` would run, its initial state and constants.
 
-        For tools built on the engine (:meth:`estimate`); arguments as for
-        :meth:`adapt`. ``check_steps=False``: do not hold the number of steps against
+        For tools built on the engine (``estimate``); arguments as for
+        ``adapt``. ``check_steps=False``: do not hold the number of steps against
         per-step rates (the probe's one-step problem).
         """
         seq = as_source(batches, steps)

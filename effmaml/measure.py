@@ -1,18 +1,18 @@
 """Measuring memory and the machine: a block's peak, what is free, the host link.
 
-* :class:`PeakMemory`: the peak of a block on a device. CUDA: allocator statistics. CPU:
+* ``PeakMemory``: the peak of a block on a device. CUDA: allocator statistics. CPU:
   the process's resident-set high-water mark (``VmHWM``) after resetting it through
   ``/proc/self/clear_refs``, minus the resident set at the start. Before the block it
   hands glibc's freed pages back to the system (``malloc_trim``): memory freed earlier in
   the process but kept by the allocator would otherwise be reused inside the block without
   growing the resident set, and the peak would read low (60 MiB of new tensors measured as
-  7 MiB here, :func:`release_freed`). The most faithful CPU numbers come from a fresh
-  process (one run per subprocess) started with :data:`MALLOC_FOR_MEASURING`, so that freed
+  7 MiB here, ``release_freed``). The most faithful CPU numbers come from a fresh
+  process (one run per subprocess) started with ``MALLOC_FOR_MEASURING``, so that freed
   blocks also go back to the system inside the block. Never time under that setting: it
   made ResNet18 runs about 2x slower here.
-* :func:`available_bytes`, :func:`available_host_bytes`: memory free for new work now.
-* :func:`host_link`: pinned host↔device bandwidth and pinned-allocation rate (CUDA).
-* :func:`clock`: a wall clock that first waits for the device's queued work.
+* ``available_bytes``, ``available_host_bytes``: memory free for new work now.
+* ``host_link``: pinned host↔device bandwidth and pinned-allocation rate (CUDA).
+* ``clock``: a wall clock that first waits for the device's queued work.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Resident-set high-water mark since start or the last :func:`reset_peak_rss` (Linux)."""
+    """Resident-set high-water mark since start or the last ``reset_peak_rss`` (Linux)."""
     return _status_kib("VmHWM") * 1024
 
 

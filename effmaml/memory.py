@@ -1,18 +1,18 @@
 """The cost model: counting bytes, and predicting a schedule's memory and time.
 
 Everything effmaml predicts comes from here, from a few measured quantities
-(:class:`Probe`: P one inner state, A one step's second-order graph, t₁ and t₂ two step
+(``Probe``: P one inner state, A one step's second-order graph, t₁ and t₂ two step
 times) and each schedule's counts (states stored, graphs alive, steps advanced):
 
-* byte counting: :func:`nbytes` (what a copy of some tensors costs), :func:`storage_bytes`
-  and :func:`saved_bytes` (distinct storages; what autograd keeps for backward);
-* :func:`parse_bytes` / :func:`format_bytes`;
-* peak memory: :func:`working_bytes`, :func:`schedule_peak`, :func:`naive_peak`,
-  :func:`first_order_peak`, :func:`implicit_peak`, with their calibration notes;
-* time: :func:`predict_seconds` (Note [The time model]).
+* byte counting: ``nbytes`` (what a copy of some tensors costs), ``storage_bytes``
+  and ``saved_bytes`` (distinct storages; what autograd keeps for backward);
+* ``parse_bytes`` / ``format_bytes``;
+* peak memory: ``working_bytes``, ``schedule_peak``, ``naive_peak``,
+  ``first_order_peak``, ``implicit_peak``, with their calibration notes;
+* time: ``predict_seconds`` (Note [The time model]).
 
-Measuring (peaks, free memory, the host link) is :mod:`effmaml.measure`; a whole prediction
-for a model and a batch is :meth:`effmaml.MAML.estimate`.
+Measuring (peaks, free memory, the host link) is ``effmaml.measure``; a whole prediction
+for a model and a batch is ``effmaml.MAML.estimate``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def storage_bytes(tensors: Iterable[Any]) -> int:
 
 @dataclass
 class SavedBytes:
-    """Result of :func:`saved_bytes`: ``bytes`` saved for backward inside the block, and
+    """Result of ``saved_bytes``: ``bytes`` saved for backward inside the block, and
     the distinct storages they are in (``(device, data_ptr) -> bytes``)."""
 
     bytes: int = 0
@@ -103,7 +103,7 @@ def saved_bytes() -> Iterator[SavedBytes]:
         >>> c.bytes  # the storage of x, saved once even though it is used twice
 
     Yields:
-        A :class:`SavedBytes` whose ``bytes`` is final when the block exits.
+        A ``SavedBytes`` whose ``bytes`` is final when the block exits.
     """
     result = SavedBytes()
 
@@ -171,7 +171,7 @@ def format_bytes(n: float) -> str:
 
 @dataclass(frozen=True)
 class Probe:
-    """What the probe steps measure (:func:`effmaml.probe.probe`).
+    """What the probe steps measure (``effmaml.probe.probe``).
 
     Attributes:
         state_bytes: P, the inner state (adapted parameters, optimizer state, buffers).
@@ -235,8 +235,7 @@ class Prediction:
 
 
 def working_bytes(probe: Probe) -> int:
-    """What every exact backward needs besides stored states and graphs.
-
+    """What every exact backward needs besides stored states and graphs."""
     # Note [The working set of a pullback]
     # While one step's graph is pulled back, autograd holds its gradient buffers and
     # temporaries (about one more A at the widest op), plus the cotangent arriving at the
@@ -245,7 +244,6 @@ def working_bytes(probe: Probe) -> int:
     # GPT-2 with Adam (whose state is three times its parameters) showed that it is the
     # parameters, not the whole state: A + 2P over-predicted its schedules by 12-25%,
     # A + 2 x parameters is within 11% (results/gpt2-cpu).
-    """
     return probe.step_graph_bytes + 2 * probe.param_bytes
 
 
@@ -296,16 +294,6 @@ def predict_seconds(
 ) -> float:
     """Wall time of one meta-gradient from the probe's timings and a schedule's counts.
 
-    # Note [The time model]
-    # Every exact schedule pulls each step back exactly once (a step recomputed with its
-    # graph and differentiated: t₂ each, naive's forward + backward included) and differs in
-    # how many steps it runs without graph (advances: t₁ each): checkpoint(segment) N,
-    # checkpoint(step) 2N − ceil(N/k), revolve the binomial count, first_order N. Offload
-    # adds its host traffic (each stored state down and up again) at the measured pinned
-    # bandwidth, and the pinned memory it must newly allocate (page-locking is slow: on an
-    # H200 it made offload with segment=1 2.4x slower than checkpoint). The query loss's
-    # forward and backward cost about one first-order step. The probe's own time is added
-    # by the caller when the probe ran in this call.
 
     Args:
         probe: the probe (t₁, t₂, bandwidths).
@@ -319,6 +307,16 @@ def predict_seconds(
     Returns:
         Seconds (0 when the probe measured no times).
     """
+    # Note [The time model]
+    # Every exact schedule pulls each step back exactly once (a step recomputed with its
+    # graph and differentiated: t₂ each, naive's forward + backward included) and differs in
+    # how many steps it runs without graph (advances: t₁ each): checkpoint(segment) N,
+    # checkpoint(step) 2N − ceil(N/k), revolve the binomial count, first_order N. Offload
+    # adds its host traffic (each stored state down and up again) at the measured pinned
+    # bandwidth, and the pinned memory it must newly allocate (page-locking is slow: on an
+    # H200 it made offload with segment=1 2.4x slower than checkpoint). The query loss's
+    # forward and backward cost about one first-order step. The probe's own time is added
+    # by the caller when the probe ran in this call.
     step = probe.graph_step_seconds if graph_advances and probe.graph_step_seconds else 0.0
     t = probe.advance_seconds + advances * (step or probe.advance_seconds)
     t += pullbacks * probe.pullback_seconds

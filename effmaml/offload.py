@@ -1,11 +1,11 @@
 """Host offload: stored states in pinned host memory, copied on a side stream.
 
-:class:`HostStore` is a :class:`effmaml.engine.Store` for CUDA: ``put`` starts an
+``HostStore`` is a ``effmaml.engine.Store`` for CUDA: ``put`` starts an
 asynchronous device-to-host copy into pinned memory on a side stream and lets the device
 tensor go; ``fetch`` starts the copy back (the schedule calls it one state ahead, so the
 copy overlaps the current pullback); ``get`` makes the compute stream wait for it. Device
 memory then holds the working state, the one being prefetched and one step's graph,
-whatever N is. On a CPU it is the plain :class:`~effmaml.engine.Store`.
+whatever N is. On a CPU it is the plain ``Store``.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class HostStore(Store):
 
 
 def make_store(device: torch.device) -> Store:
-    """:class:`HostStore` on CUDA, the device store elsewhere."""
+    """``HostStore`` on CUDA, the device store elsewhere."""
     return HostStore(device) if device.type == "cuda" else Store()
 
 

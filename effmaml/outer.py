@@ -8,25 +8,25 @@ finds them. A recomputing schedule runs its backward inside one custom Function,
 tensor that is not an input of that Function is cut there. This module finds them, so
 that the engine can make them inputs:
 
-* :class:`OuterTensors` is one ``adapt`` call's record: the tensors found, where each was
+* ``OuterTensors`` is one ``adapt`` call's record: the tensors found, where each was
   first read, which steps read which, and the batches that hold any (kept, *pinned*, so
   that a recomputation reads the very tensors the forward pass read).
-* :func:`reading` runs the user's code of one step (``loss_fn`` on the step's batch, and
-  the multi-step loss's query) under a :class:`~torch.overrides.TorchFunctionMode` that
+* ``reading`` runs the user's code of one step (``loss_fn`` on the step's batch, and
+  the multi-step loss's query) under a ``TorchFunctionMode`` that
   sees every tensor handed to a torch function. Each one that requires grad and is
   neither the step's own state, a constant, nor a result of the step itself is outer: the
   forward pass records it, and every pass hands the function a stand-in instead (a leaf
   sharing its storage), so that backward can differentiate with respect to it. A tensor
-  the forward pass did not read raises :class:`UnseenOuterTensorError` in backward, and
-  one read where the mode cannot see it :class:`OuterTensorError` at step 0
-  (:meth:`OuterTensors.check_graph`).
+  the forward pass did not read raises ``UnseenOuterTensorError`` in backward, and
+  one read where the mode cannot see it ``OuterTensorError`` at step 0
+  (``OuterTensors.check_graph``).
 
 Cost: nothing for ``naive`` (never entered). For the other strategies, one Python call
 per torch function that ``loss_fn`` calls (a Conv-4 step calls about 20), plus a walk of
 each batch's structure; a batch holding a tensor that requires grad is kept until
 backward (as ``naive``'s graph keeps it), and the Function returns one gradient buffer
 per outer tensor: views of one leaf read by N steps add up to that leaf's size, N
-separate leaves to N times theirs (:func:`effmaml.sources.outer_bytes`).
+separate leaves to N times theirs (``effmaml.sources.outer_bytes``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class OuterTensors:
     Attributes:
         tensors: the outer tensors, in the order first read (the engine's extra inputs).
         where: for each, where it was first read (for messages).
-        reads: for each step, the indices into :attr:`tensors` it read (its query too).
+        reads: for each step, the indices into ``tensors`` it read (its query too).
     """
 
     def __init__(self, steps: int) -> None:
@@ -95,7 +95,7 @@ class OuterTensors:
         self._stand_ins: Sequence[Tensor] | None = None  # backward's
 
     def batch(self, key: int, fetch: Callable[[], Any]) -> Any:
-        """Step ``key``'s batch (:data:`QUERY`: the query): the pinned one if the forward
+        """Step ``key``'s batch (``QUERY``: the query): the pinned one if the forward
         pass kept it, else ``fetch()``, kept when it holds a tensor that requires grad."""
         if key in self._pins:
             return self._pins[key]
@@ -141,13 +141,17 @@ class OuterTensors:
         return self._stand_ins is None
 
     def stand_ins(self) -> Sequence[Tensor]:
-        """What :func:`reading` hands torch functions in place of :attr:`tensors` now."""
+        """What ``reading`` hands torch functions in place of ``tensors`` now."""
         return self._found if self._stand_ins is None else self._stand_ins
 
     def check_graph(self, loss: Tensor, step: int, mode: Any) -> None:
         """Raise if ``loss`` depends on a tensor that requires grad other than the step's
         own and the stand-ins: one read where the mode could not see it.
 
+
+        Raises:
+            OuterTensorError: names the tensor's shape and what to do.
+        """
         # Note [What the mode cannot see]
         # In the forward pass the steps read stand-ins of the outer tensors, so the loss's
         # graph ends at the step's own leaves and the stand-ins. A path to any other leaf
@@ -157,10 +161,6 @@ class OuterTensors:
         # or code that reads it without a torch function. Its gradient would be lost in
         # backward; this walk of step 0's graph (the step's nodes only: it stops at leaves)
         # says so before any backward.
-
-        Raises:
-            OuterTensorError: names the tensor's shape and what to do.
-        """
         own = mode.own if mode is not None else set()
         ends = own | {id(s) for s in self._found}
         seen: set[int] = set()
@@ -200,7 +200,7 @@ class OuterTensors:
 
     @contextlib.contextmanager
     def substituting(self, stand_ins: Sequence[Tensor]) -> Iterator[None]:
-        """While active, :func:`reading` hands ``stand_ins[i]`` to torch functions in place
+        """While active, ``reading`` hands ``stand_ins[i]`` to torch functions in place
         of ``tensors[i]`` (the engine's backward: leaves it differentiates)."""
         self._stand_ins = stand_ins
         try:
@@ -236,7 +236,7 @@ def _name(func: Any) -> str:
 
 
 class _Reading(TorchFunctionMode):
-    """Records (forward) or substitutes (backward) the outer tensors torch functions get.
+    """Records (forward) or substitutes (backward) the outer tensors torch functions get."""
 
     # Note [Finding what a step reads]
     # A tensor handed to a torch function is outer when it requires grad and is neither one
@@ -245,7 +245,6 @@ class _Reading(TorchFunctionMode):
     # outer tensor, alive since before the step, cannot share an id with one of them. The
     # mode is off inside its own handler, so a function implemented in Python (F.cross_entropy)
     # is seen once, with the user's arguments.
-    """
 
     def __init__(self, outer: OuterTensors, step: int, own: set[int]) -> None:
         super().__init__()

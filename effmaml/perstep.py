@@ -4,18 +4,17 @@ Antoniou, Edwards & Storkey, "How to train your MAML" (ICLR 2019):
 
 * per-step BatchNorm ("BNRS" + "BNWB"): a BatchNorm whose weight, bias and running
   statistics have one slice per inner step; step t normalises with, and updates, slice t
-  only (:class:`PerStepBatchNorm`, :func:`per_step_batchnorm` to convert a model);
+  only (``PerStepBatchNorm``, ``per_step_batchnorm`` to convert a model);
 * per-step learning rates ("LSLR"): ``effmaml.SGD(lr, per_step=True)``;
 * the multi-step loss ("MSL"): ``MAML.adapt(..., query=q, step_weights=w)`` with the
-  annealing of :func:`msl_weights`.
-
+  annealing of ``msl_weights``.
+"""
 # Note [Per-step modules and recomputation]
 # The step index reaches a per-step module from the inner step itself
 # (effmaml.step.current_step, a context variable set around each step and its query
 # loss): a step recomputed in backward selects the slice its forward selected, and two
 # MAML objects never share an index. Outside an inner step (plain model(x)) there is no
 # step, and the module says so.
-"""
 
 from __future__ import annotations
 
@@ -49,10 +48,10 @@ class PerStepBatchNorm(nn.Module):
         num_features: C.
         steps: slices, the most inner steps ``adapt`` may run.
         dims: 1 (``(B, C)`` or ``(B, C, L)``), 2 (``(B, C, H, W)``) or 3.
-        eps: as :class:`torch.nn.BatchNorm2d`.
-        momentum: as :class:`torch.nn.BatchNorm2d`.
-        affine: as :class:`torch.nn.BatchNorm2d` (a weight and bias per slice).
-        track_running_stats: as :class:`torch.nn.BatchNorm2d` (running statistics per slice).
+        eps: as ``torch.nn.BatchNorm2d``.
+        momentum: as ``torch.nn.BatchNorm2d``.
+        affine: as ``torch.nn.BatchNorm2d`` (a weight and bias per slice).
+        track_running_stats: as ``torch.nn.BatchNorm2d`` (running statistics per slice).
 
     Raises (in forward):
         RuntimeError: called outside an inner step (no step index; says how to set one).
@@ -126,7 +125,7 @@ class PerStepBatchNorm(nn.Module):
 
 
 def per_step_batchnorm(module: nn.Module, steps: int) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a :class:`PerStepBatchNorm`
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a ``PerStepBatchNorm``
     with ``steps`` slices, each starting as a copy of the original (weight, bias, running
     statistics). Modifies ``module`` in place and returns it (a BatchNorm itself: its
     replacement), as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does.
@@ -178,7 +177,7 @@ def per_step_modules(model: nn.Module) -> list[tuple[str, PerStepBatchNorm]]:
         model: any module.
 
     Returns:
-        ``(name, module)`` for every :class:`PerStepBatchNorm` in it.
+        ``(name, module)`` for every ``PerStepBatchNorm`` in it.
     """
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PerStepBatchNorm)]
 

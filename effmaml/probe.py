@@ -4,7 +4,7 @@ Before a recomputing strategy unrolls N steps it runs, on batch 0 and with the R
 it was:
 
 1. a first-order step (warm-up; t₁, the cost of an ``advance``),
-2. the engine's :func:`~effmaml.engine.pullback` of step 0, cold: A, the bytes autograd
+2. the engine's ``pullback`` of step 0, cold: A, the bytes autograd
    saves for a step with its second-order graph (saved-tensor hooks), a walk of that
    graph for operations without double backward, and a real double backward, which fails
    here, before any work, if the model cannot be differentiated twice,
@@ -14,7 +14,7 @@ it was:
    (``Probe.first_order_exact``: whether advances may run first order).
 
 On CUDA it also uses the pinned host↔device bandwidth, measured once per process
-(:func:`effmaml.measure.host_link`). Cost: 4 step evaluations (:data:`PROBE_EVALS`) and one
+(``effmaml.measure.host_link``). Cost: 4 step evaluations (``PROBE_EVALS``) and one
 forward with two backward passes of the inner loss (Note [States bitwise naive's]), once
 per ``MAML`` instance and batch signature (shapes, dtypes, train/eval mode, autocast): the
 result is cached, so a meta-training loop pays it once. Batch 0 is indexed once per call
@@ -85,6 +85,18 @@ def _structure(batch: Any) -> Hashable:
 def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts) -> Probe:
     """Measure P, A, t₁ and t₂ on batch 0 and check that double backward exists.
 
+
+    Args:
+        problem: the problem.
+        rt: the call's runtime: counts the probe's evaluations; ``rt.probes`` caches results
+            by ``signature`` (a hit returns them with ``evals=0`` and ``seconds=0`` and
+            runs nothing).
+        state0: the initial state.
+        consts: the constants.
+
+    Returns:
+        The ``Probe``.
+    """
     # Note [Why checkpoint probes one step]
     # Inside a custom Function's backward, a @once_differentiable operation does not leave
     # the DelayedError node that makes naive fail loudly: its second-order term would just be
@@ -93,18 +105,6 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     # A, the bytes autograd saves for one second-order step, and the step times that the
     # schedule's choice needs (Note [The time model]). RNG and buffers are left as they
     # were; the step evaluations are counted in step_evals.
-
-    Args:
-        problem: the problem.
-        rt: the call's runtime: counts the probe's evaluations; ``rt.probes`` caches results
-            by :func:`signature` (a hit returns them with ``evals=0`` and ``seconds=0`` and
-            runs nothing).
-        state0: the initial state.
-        consts: the constants.
-
-    Returns:
-        The :class:`~effmaml.memory.Probe`.
-    """
     device = problem.device
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # indexing a batch may draw from the RNG
@@ -200,7 +200,7 @@ def _first_order(
 def _gradients_agree(problem: InnerProblem, state0: InnerState, consts: Consts) -> bool:
     """Whether the inner loss's gradient at step 0 is bitwise the same computed without
     and with ``create_graph`` (one forward, two backward passes).
-
+    """
     # Note [States bitwise naive's]
     # Some ops compute their first derivative by another formula when the graph is kept
     # (F.silu, mish, group_norm in PyTorch 2.14: 1e-16 apart in float64). Then a first-order
@@ -210,7 +210,6 @@ def _gradients_agree(problem: InnerProblem, state0: InnerState, consts: Consts) 
     # until the step is done (exact_states), so the states are naive's. The gradients are
     # compared, not the states after the step: a 1-ulp difference in a gradient can vanish
     # in the update p - lr * g at one step and show at the next.
-    """
     params = {k: v.detach().requires_grad_(True) for k, v in state0.params.items()}
     buffers = {k: b.clone() for k, b in state0.buffers.items()}
     module = FunctionalModel(problem.model, {**consts.fixed, **params}, buffers, False)

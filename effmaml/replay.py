@@ -3,13 +3,13 @@
 Recomputing strategies run inner steps again in the backward pass. Each recomputed step
 must see exactly what the original one saw:
 
-* the RNG (dropout): :class:`RngState`, captured before a step, replayed by
-  :func:`replay_rng`;
-* autocast (AMP): :class:`AutocastState`, captured when ``adapt`` starts and re-entered by
-  every inner step (:func:`replay_autocast`), so a step recomputed in backward, outside
+* the RNG (dropout): ``RngState``, captured before a step, replayed by
+  ``replay_rng``;
+* autocast (AMP): ``AutocastState``, captured when ``adapt`` starts and re-entered by
+  every inner step (``replay_autocast``), so a step recomputed in backward, outside
   the user's ``torch.autocast`` block, runs in the same precision;
 * the same batch for the same index: the engine cannot make a batch source deterministic,
-  but a :class:`Witness` notices one that is not, by comparing every recomputed inner loss
+  but a ``Witness`` notices one that is not, by comparing every recomputed inner loss
   and a fingerprint of every re-indexed batch with what the forward pass recorded.
 """
 
@@ -55,14 +55,12 @@ def capture_rng(device: torch.device) -> RngState:
 
 @contextlib.contextmanager
 def replay_rng(state: RngState) -> Iterator[None]:
-    """Run the body from RNG ``state`` and restore the global RNG afterwards.
-
+    """Run the body from RNG ``state`` and restore the global RNG afterwards."""
     # Note [Dropout under recomputation]
     # A recomputed step must draw the same dropout masks as the original one, and the
     # backward pass must not disturb the RNG that the user's code sees after it. fork_rng
     # saves and restores the global state around the body; inside it we jump to the state
     # captured when the step first ran.
-    """
     devices = [state.device] if state.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.set_rng_state(state.cpu)
@@ -107,8 +105,7 @@ def capture_autocast() -> AutocastState:
 
 @contextlib.contextmanager
 def replay_autocast(state: AutocastState) -> Iterator[None]:
-    """Run the body under ``state``'s autocast settings, whatever is in effect outside.
-
+    """Run the body under ``state``'s autocast settings, whatever is in effect outside."""
     # Note [Autocast under recomputation]
     # The usual AMP pattern runs adapt() and the query loss inside torch.autocast and calls
     # backward() outside it. A recomputing strategy runs inner steps again inside that
@@ -117,7 +114,6 @@ def replay_autocast(state: AutocastState) -> Iterator[None]:
     # bfloat16). Like torch.utils.checkpoint, we record the state when adapt starts and
     # re-enter it around every inner step (a no-op in the forward pass). The pullback's own
     # backward call runs outside, as the user's backward does under naive.
-    """
     with contextlib.ExitStack() as stack:
         for device, enabled in state.enabled:
             if device == "cuda" and not enabled and not torch.cuda.is_available():
@@ -139,8 +135,7 @@ class NondeterministicBatchError(RuntimeError):
 
 
 def loss_rtol(loss: Tensor, autocast: AutocastState) -> float:
-    """The relative tolerance for a recomputed loss against the recorded one.
-
+    """The relative tolerance for a recomputed loss against the recorded one."""
     # Note [How far a recomputed loss may drift]
     # The same step on the same batch from the same stored state gives the same loss on a
     # CPU. On a GPU, kernels with atomics (convolution weight gradients, scatter) may sum in
@@ -149,7 +144,6 @@ def loss_rtol(loss: Tensor, autocast: AutocastState) -> float:
     # below 1e-4 relative in float32 and below one bfloat16 ulp (~4e-3) in 16-bit compute.
     # A different batch moves the loss by far more on real data. The tolerance is relative
     # to the largest recorded loss (so that a loss near zero is not judged by its own size).
-    """
     low = autocast.on(loss.device.type)
     if loss.dtype in (torch.float16, torch.bfloat16) or low in (torch.float16, torch.bfloat16):
         return 2e-2
@@ -188,8 +182,8 @@ class Witness:
 
     The first time step ``t`` runs, its loss and its batch's fingerprint are recorded;
     later runs of ``t`` (recomputations in backward) are compared with them on the device,
-    with no host synchronisation; :meth:`verify` looks at the result once (one sync) and
-    raises :class:`NondeterministicBatchError` naming the first step that differed.
+    with no host synchronisation; ``verify`` looks at the result once (one sync) and
+    raises ``NondeterministicBatchError`` naming the first step that differed.
 
     Memory: two scalars per step and a few scalars of running state.
 

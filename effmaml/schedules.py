@@ -1,8 +1,8 @@
 """Checkpointing schedules over the engine: uniform segments and binomial (revolve).
 
 A schedule stores a few states in the forward pass and, in backward, recomputes the others
-from them (:func:`effmaml.engine.advance_to`) and pulls the gradient back
-(:func:`effmaml.engine.pullback`), always in reverse step order.
+from them (``effmaml.engine.advance_to``) and pulls the gradient back
+(``effmaml.engine.pullback``), always in reverse step order.
 
 | schedule                 | stored states        | step evaluations          | graphs alive |
 |--------------------------|----------------------|---------------------------|--------------|
@@ -51,8 +51,8 @@ class UniformSchedule(Schedule):
         pullback: ``"segment"`` (recompute a segment with its graph, pull it back whole) or
             ``"step"`` (re-advance the segment storing each state, then pull back one step
             at a time).
-        store: where stored states live (:class:`effmaml.engine.Store` keeps them on the
-            device; :class:`effmaml.offload.HostStore` in pinned host memory).
+        store: where stored states live (``effmaml.engine.Store`` keeps them on the
+            device; ``effmaml.offload.HostStore`` in pinned host memory).
     """
 
     segment: int

@@ -3,7 +3,7 @@
 Recomputing strategies run step t again in backward and read batch t again, by its index;
 so a source is anything with ``__len__`` and ``__getitem__`` (a list, a
 ``torch.utils.data.Dataset`` whose item t is step t's batch, a lazy class that builds batch
-t on demand), or one batch reused for ``steps`` steps (:class:`effmaml.RepeatedBatch`).
+t on demand), or one batch reused for ``steps`` steps (``effmaml.RepeatedBatch``).
 One-pass sources (iterators, generators, ``IterableDataset``) are refused with what to
 pass instead. Nothing here copies a batch; cost O(1).
 """
@@ -31,7 +31,7 @@ def as_source(batches: Sequence[Any] | Any, steps: int | None) -> Sequence[Any]:
             must equal its length.
 
     Returns:
-        The source itself, or a :class:`effmaml.RepeatedBatch` of the one batch.
+        The source itself, or a ``effmaml.RepeatedBatch`` of the one batch.
 
     Raises:
         TypeError: ``steps`` not an int, a one-pass source, or one batch without ``steps``.
@@ -96,7 +96,7 @@ def _refuse_iterator(source: Any) -> None:
 def outer_bytes(batches: Sequence[Any], query: Any = None) -> int:
     """Bytes of the distinct tensors that require grad in an in-memory source (a list or
     tuple of batches, or one batch reused) and in the query: the gradient buffers a
-    recomputing schedule returns for them (:mod:`effmaml.outer`). A lazy source (a Dataset)
+    recomputing schedule returns for them (``effmaml.outer``). A lazy source (a Dataset)
     is not read here, and counts 0.
 
     Cost: a walk of every batch's structure; no tensor is read.

@@ -1,10 +1,10 @@
 """The inner state and the constants, and the one way to flatten them.
 
 An inner step maps ``(InnerState, Consts) -> InnerState``. Both are dataclasses whose every
-field is a group ``name -> Tensor`` (:class:`Tree`); a group declares whether it is
+field is a group ``name -> Tensor`` (``Tree``); a group declares whether it is
 differentiable (buffers are not). Everything that must see a state as a flat list of
 tensors (the engine's custom autograd Function, the host store of ``offload``, the probe's
-pullback) goes through :meth:`Tree.spec`, :meth:`Spec.unflatten` and :meth:`Tree.map`, so a
+pullback) goes through ``Tree.spec``, ``Spec.unflatten`` and ``Tree.map``, so a
 new group is one line in the dataclass that holds it.
 
 Cost: flattening and unflattening build lists and dicts of references; no tensor is copied.
@@ -29,7 +29,7 @@ T = TypeVar("T", bound="Tree")
 
 
 def group(differentiable: bool = True) -> Any:
-    """A field of a :class:`Tree`: a dict name -> tensor, empty by default.
+    """A field of a ``Tree``: a dict name -> tensor, empty by default.
 
     Args:
         differentiable: whether gradients flow through the group (buffers: False). A
@@ -40,7 +40,7 @@ def group(differentiable: bool = True) -> Any:
 
 
 class Tree:
-    """A dataclass of tensor groups (see :func:`group`), flattened in field order."""
+    """A dataclass of tensor groups (see ``group``), flattened in field order."""
 
     @classmethod
     def groups(cls) -> tuple[tuple[str, bool], ...]:
@@ -87,7 +87,7 @@ class Tree:
 
 @dataclass(frozen=True)
 class Spec(Generic[T]):
-    """The structure of a :class:`Tree`: enough to rebuild it from a flat list.
+    """The structure of a ``Tree``: enough to rebuild it from a flat list.
 
     Attributes:
         cls: the dataclass.
@@ -107,7 +107,7 @@ class Spec(Generic[T]):
         return [diff for _, names, diff in self.layout for _ in names]
 
     def unflatten(self, flat: Sequence[Any], differentiable_only: bool = False) -> T:
-        """Rebuild the tree from ``flat`` (as :meth:`Tree.flat` orders it).
+        """Rebuild the tree from ``flat`` (as ``Tree.flat`` orders it).
 
         With ``differentiable_only``, ``flat`` holds the differentiable groups alone and the
         others come back empty (a cotangent).

@@ -1,9 +1,9 @@
 """The one inner step that every strategy runs, and the problem it runs on.
 
 ``inner_step(problem, rt, state, t, consts, create_graph)`` evaluates the user's loss on batch
-``t`` with :func:`torch.func.functional_call` (no deep copy and no patching of the user's
+``t`` with ``torch.func.functional_call`` (no deep copy and no patching of the user's
 module), differentiates it (plus an optional proximal term ``(λ/2)‖φ − θ₀‖²``) with
-:func:`torch.autograd.grad`, and applies the inner optimizer. Strategies differ only in how
+``torch.autograd.grad``, and applies the inner optimizer. Strategies differ only in how
 they differentiate *through* this function: keep its graph (naive), drop it (first order),
 or drop it and rebuild it later (checkpoint).
 
@@ -79,10 +79,10 @@ class FunctionalModel:
 
 @dataclass(frozen=True)
 class InnerProblem:
-    """What one ``adapt`` call's inner problem is (frozen); built by :class:`effmaml.MAML`.
+    """What one ``adapt`` call's inner problem is (frozen); built by ``effmaml.MAML``.
 
     What a call does as it runs (counting, checking recomputations, the probe cache) is
-    its :class:`Runtime`, passed beside it.
+    its ``Runtime``, passed beside it.
 
     Attributes:
         model: the user's module (never mutated).
@@ -102,7 +102,7 @@ class InnerProblem:
         math_attention: run every inner step's scaled-dot-product attention with the math
             kernel (Note [Attention kernels and double backward]).
         substitute_ops: run every inner step under the twice-differentiable stand-ins of
-            :mod:`effmaml.substitutes` (Note [Substitutes under recomputation]).
+            ``effmaml.substitutes`` (Note [Substitutes under recomputation]).
         exact_states: whether the forward pass's first-order advances compute each step's
             gradient as a step with graph does (Note [States bitwise naive's]); None: the
             probe decides, and a recomputing strategy runs with the resolved bool.
@@ -149,16 +149,16 @@ class Runtime:
 
     Attributes:
         step_evals: inner-step evaluations so far (forward and recomputations).
-        witness: set by :func:`effmaml.engine.run_schedule` for a recomputing run: records
+        witness: set by ``effmaml.engine.run_schedule`` for a recomputing run: records
             each step's loss and batch in the forward pass and checks their recomputations
             (Note [Checking that a recomputation saw the same batch]).
         probes: the front's cache of probe results by batch signature
-            (:func:`effmaml.probe.probe`); shared by the calls of one ``MAML``.
+            (``effmaml.probe.probe``); shared by the calls of one ``MAML``.
         host_peak_bytes: the most pinned host memory the run's store held (``offload`` on
             CUDA), updated after the forward pass and after backward.
         outer: set by a strategy that differentiates through the steps without keeping
             their graph: the tensors the steps read that require grad
-            (:mod:`effmaml.outer`); None under ``naive`` and in the probe.
+            (``effmaml.outer``); None under ``naive`` and in the probe.
     """
 
     step_evals: int = 0
@@ -314,14 +314,13 @@ def query_loss(
     contexts the caller entered (the step's autocast, stand-ins and step index). The
     module's buffers are copied: the query's forward never updates running statistics.
     With ``rt``, the query batch and the outer tensors it reads go through ``rt.outer``.
-
+    """
     # Note [The multi-step loss under recomputation]
     # Naive evaluates L_query(φ_{t+1}) right after step t, so the query's dropout draws
     # come between step t's and step t+1's. Every strategy evaluates it at the same place
     # (inside the step), in the forward pass and in every recomputation, so a replayed RNG
     # state reproduces both, and a pullback adds w_t · ∂L_query/∂φ_{t+1} to the cotangent
     # as it passes state t+1: no query graph outlives its step's pullback.
-    """
     module = FunctionalModel(problem.model, {**consts.fixed, **state.params}, state.buffers)
     outer = None if rt is None else rt.outer
     query = move_to(problem.query, problem.device) if rt is None else rt.query(problem)
@@ -337,13 +336,13 @@ _STEP: contextvars.ContextVar[int | None] = contextvars.ContextVar("effmaml_step
 
 def current_step() -> int | None:
     """The index of the inner step running now (in the forward pass or a recomputation),
-    or the one :func:`at_step` set; None outside. What per-step modules select from."""
+    or the one ``at_step`` set; None outside. What per-step modules select from."""
     return _STEP.get()
 
 
 @contextlib.contextmanager
 def at_step(t: int | None) -> Iterator[None]:
-    """Run the body as inner step ``t`` (:func:`current_step`), restoring the previous one.
+    """Run the body as inner step ``t`` (``current_step``), restoring the previous one.
 
     A context variable, set and reset around each step: two ``MAML`` objects, or a step
     and its recomputation in backward, never see each other's index.
@@ -364,8 +363,8 @@ def at_step(t: int | None) -> Iterator[None]:
 
 def differentiable_ops(problem: InnerProblem) -> contextlib.AbstractContextManager[Any]:
     """What an inner step runs under so that it can be differentiated twice: the math
-    attention kernel (:func:`attention_kernels`) and the stand-ins of
-    :mod:`effmaml.substitutes`, each where the problem asks for it."""
+    attention kernel (``attention_kernels``) and the stand-ins of
+    ``effmaml.substitutes``, each where the problem asks for it."""
     stack = contextlib.ExitStack()
     stack.enter_context(attention_kernels(problem))
     stack.enter_context(substituted(problem.substitute_ops))
@@ -373,8 +372,7 @@ def differentiable_ops(problem: InnerProblem) -> contextlib.AbstractContextManag
 
 
 def attention_kernels(problem: InnerProblem) -> contextlib.AbstractContextManager[None]:
-    """The scaled-dot-product-attention kernels an inner step may use.
-
+    """The scaled-dot-product-attention kernels an inner step may use."""
     # Note [Attention kernels and double backward]
     # On CUDA, F.scaled_dot_product_attention picks fused kernels (flash, memory-efficient)
     # whose backward is itself not differentiable: a second-order strategy would fail at
@@ -384,7 +382,6 @@ def attention_kernels(problem: InnerProblem) -> contextlib.AbstractContextManage
     # the very numbers the forward pass gave, as naive's steps do. Cost: the math kernel
     # keeps each head's (sequence x sequence) attention matrix for backward, where flash
     # keeps O(sequence). first_order never differentiates twice and keeps the fused kernels.
-    """
     if not problem.math_attention:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -4,19 +4,19 @@ Second-order MAML differentiates every inner step's gradient, so every operation
 model needs a double backward. Two common ones have none:
 
 * the fused scaled-dot-product-attention kernels (flash, memory-efficient): handled by
-  running attention with the math kernel (:func:`effmaml.step.attention_kernels`);
+  running attention with the math kernel (``effmaml.step.attention_kernels``);
 * ``F.hardsigmoid`` (``aten::hardsigmoid_backward`` has no derivative): MobileNetV3's
-  squeeze-excitation gates. :func:`hardsigmoid` computes the same values from
+  squeeze-excitation gates. ``hardsigmoid`` computes the same values from
   twice-differentiable operations.
 
 A scan of ``torch.nn.functional``'s activations, normalisations, poolings, resampling and
-convolutions (``tests/test_zoo.py``) found no other. :class:`Substitutes` is a
+convolutions (``tests/test_zoo.py``) found no other. ``Substitutes`` is a
 ``TorchFunctionMode`` that routes each listed function to its stand-in while it is active;
 the inner steps of second-order strategies enter it (Note [Substitutes under
 recomputation]), so the forward pass and every recomputation run the same formula.
 
 Cost: one Python dispatch per torch function call inside an inner step while active, so it
-is only entered when the model holds a module that needs it (:func:`needs_substitutes`) or
+is only entered when the model holds a module that needs it (``needs_substitutes``) or
 the user asks for it.
 """
 
@@ -52,7 +52,7 @@ def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
 #: function -> its twice-differentiable stand-in
 SUBSTITUTES: dict[Callable[..., Any], Callable[..., Any]] = {F.hardsigmoid: hardsigmoid}
 
-#: module types whose forward calls a function in :data:`SUBSTITUTES`
+#: module types whose forward calls a function in ``SUBSTITUTES``
 _MODULES: tuple[type[nn.Module], ...] = (nn.Hardsigmoid,)
 
 #: the autograd node a function without double backward leaves, and the stand-in for it
@@ -63,7 +63,7 @@ class Substitutes(TorchFunctionMode):
     """While active, calls of a function in ``table`` run its stand-in instead.
 
     Args:
-        table: function -> stand-in; default :data:`SUBSTITUTES`.
+        table: function -> stand-in; default ``SUBSTITUTES``.
     """
 
     def __init__(self, table: Mapping[Callable[..., Any], Callable[..., Any]] | None = None):
@@ -84,20 +84,18 @@ class Substitutes(TorchFunctionMode):
 
 def needs_substitutes(model: nn.Module) -> list[str]:
     """The names of ``model``'s modules that call a function without double backward which
-    :data:`SUBSTITUTES` replaces (``nn.Hardsigmoid``), in module order."""
+    ``SUBSTITUTES`` replaces (``nn.Hardsigmoid``), in module order."""
     return [name for name, m in model.named_modules() if isinstance(m, _MODULES)]
 
 
 @contextlib.contextmanager
 def substituted(active: bool) -> Iterator[None]:
-    """Run the body with :class:`Substitutes` active when ``active``.
-
+    """Run the body with ``Substitutes`` active when ``active``."""
     # Note [Substitutes under recomputation]
     # A stand-in gives the original op's values bitwise on the CPU, but its first
     # derivative is computed by other kernels. Every inner step of a second-order strategy
     # (the forward's first-order advances too) runs under the same stand-ins, so a step
     # recomputed in backward gives the very numbers the forward pass gave, as naive's do.
-    """
     if not active:
         yield
         return

@@ -2,7 +2,7 @@
 
 A task family is a callable ``family(generator) -> [(support, query), ...]`` of
 ``meta_batch`` tasks that draws all its randomness from the given ``torch.Generator``
-(what :class:`effmaml.MetaTrainer` expects), plus ``sample(generator, n)`` for held-out
+(what ``effmaml.MetaTrainer`` expects), plus ``sample(generator, n)`` for held-out
 tasks. The benchmark's families (few-shot image classification) live in ``bench/``.
 """
 
@@ -65,7 +65,7 @@ class SineTasks(TaskFamily):
     """y = A sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5] (Finn et al. 2017).
 
     ``SineTasks(m)(generator)`` draws ``m`` tasks, each ``((x_s, y_s), (x_q, y_q))``: the
-    ``sample_tasks`` a :class:`~effmaml.MetaTrainer` takes.
+    ``sample_tasks`` a ``MetaTrainer`` takes.
 
     Attributes:
         meta_batch: tasks per call.

@@ -71,3 +71,37 @@ def test_every_docs_page_is_in_the_navigation():
     nav = (ROOT / "mkdocs.yml").read_text()
     for page in (ROOT / "docs").rglob("*.md"):
         assert str(page.relative_to(ROOT / "docs")) in nav, page
+
+
+def test_the_docstrings_state_the_probes_cost_as_counted():
+    """Every docstring or comment in effmaml that gives the probe's evaluations as a number
+    gives PROBE_EVALS, and says which constant it is; and no docstring uses a Sphinx role
+    (``:class:`X```), which the API pages would show raw."""
+    from effmaml.probe import PROBE_EVALS
+
+    claims = []
+    for path in sorted((ROOT / "effmaml").rglob("*.py")):
+        text = path.read_text()
+        claims += [(path.name, int(n)) for n in re.findall(r"PROBE_EVALS`*\)?\s*=\s*(\d+)", text)]
+        claims += [
+            (path.name, int(n))
+            for n in re.findall(r"(\d+) step evaluations \(``PROBE_EVALS``\)", text)
+        ]
+        stale = re.findall(r"probe(?:s first|'s) \(?(\d+)\b", text)
+        assert not stale, f"{path.name} states the probe's cost without PROBE_EVALS: {stale}"
+        roles = re.findall(r":(?:class|attr|func|meth|data|mod|exc|obj):`[^`]+`", text)
+        assert not roles, f"{path.name}: Sphinx roles show raw on the API pages: {roles[:3]}"
+    assert len(claims) >= 3, claims
+    assert all(n == PROBE_EVALS for _, n in claims), claims
+
+
+def test_notes_are_comments_not_docstrings():
+    """A ``# Note [...]`` written inside a docstring renders as a heading on the API pages;
+    notes are comments, as in PyTorch."""
+    import ast
+
+    for path in sorted((ROOT / "effmaml").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node) or ""
+                assert "# Note [" not in doc, f"{path.name}: {getattr(node, 'name', 'module')}"

@@ -42,7 +42,7 @@ class Auto(Strategy):
 
     Considered, from the probe (P, A, the step times t₁ and t₂, on CUDA the pinned
     bandwidth; Note [The time model]): what every registered exact strategy offers
-    (:meth:`Strategy.auto_candidates`): ``naive``, ``checkpoint`` with ``pullback="segment"``
+    (``Strategy.auto_candidates``): ``naive``, ``checkpoint`` with ``pullback="segment"``
     and ``"step"`` over every segment length, ``revolve`` over every slot count, and on CUDA
     ``offload`` with both pullbacks (its pinned host memory within
     ``host_memory_budget``). Ties go to fewer step evaluations, then the smaller peak. The

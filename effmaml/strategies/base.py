@@ -65,7 +65,7 @@ class RunFacts:
     """Facts about one ``adapt``: what ran and what the cost model predicted for it.
 
     What the run measures as it goes (evaluations, pinned host memory) is on the call's
-    :class:`~effmaml.step.Runtime` (``Adapted.step_evals``, ``Adapted.host_peak_bytes()``).
+    ``Runtime`` (``Adapted.step_evals``, ``Adapted.host_peak_bytes()``).
 
     Attributes:
         strategy: the strategy as run with its resolved options, e.g.
@@ -74,16 +74,16 @@ class RunFacts:
         probe: what the probe measured (P, A, times; its own evaluations and seconds, 0 when
             cached), or None when none ran (``naive``, ``first_order``, ``implicit``).
         prediction: the cost model's prediction for this call, or None.
-        schedule: the :class:`~effmaml.engine.Schedule` run, for engine-based strategies.
+        schedule: the ``Schedule`` run, for engine-based strategies.
         chosen: what ``auto`` chose (its label), else ``""``.
         memory_budget: the budget ``auto``'s choice fits (bytes), else None.
         considered: every candidate ``auto`` weighed, with its prediction.
-        solve: ``implicit``'s solve (:class:`SolveStats`, completed in backward), else None.
+        solve: ``implicit``'s solve (``SolveStats``, completed in backward), else None.
         exact_states: whether the forward's advances kept each step's graph so that the
             stored states are bitwise naive's (Note [States bitwise naive's]); None where
             nothing advanced for a later pullback.
         outer: the outer tensors the steps read, one description each (shape, dtype, where
-            first read; :mod:`effmaml.outer`); empty under ``naive``, whose graph reaches
+            first read; ``effmaml.outer``); empty under ``naive``, whose graph reaches
             them without being told.
         outer_bytes: their bytes: the gradient buffers the backward returns for them.
     """
@@ -142,7 +142,7 @@ class Outcome:
     Attributes:
         state: φ_N, the optimizer state and buffers after N steps.
         losses: the N inner losses, differentiable under exact strategies.
-        facts: what ran and what was predicted (:class:`RunFacts`).
+        facts: what ran and what was predicted (``RunFacts``).
         queries: with a multi-step loss, the N query losses L_query(φ_{t+1}) (0 where the
             weight is 0); else empty.
         query_loss: with a multi-step loss, Σ_t w_t · L_query(φ_{t+1}), differentiable
@@ -168,7 +168,7 @@ def multi_step_loss(problem: InnerProblem, queries: list[Tensor]) -> Tensor | No
 
 
 class Strategy:
-    """How to differentiate through the inner loop. Subclasses implement :meth:`run`.
+    """How to differentiate through the inner loop. Subclasses implement ``run``.
 
     Attributes:
         name: registry name.
@@ -233,14 +233,14 @@ STRATEGIES: dict[str, type[Strategy]] = {}
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: add ``cls`` to :data:`STRATEGIES` under ``cls.name``.
+    """Class decorator: add ``cls`` to ``STRATEGIES`` under ``cls.name``.
 
     The registry is the one list of strategies: ``MAML(strategy=name)`` builds from it,
-    ``auto`` weighs :meth:`Strategy.auto_candidates` of each exact one, the bench labels
+    ``auto`` weighs ``Strategy.auto_candidates`` of each exact one, the bench labels
     its runs with it, and a test checks that the package front exports every class in it.
 
     Args:
-        cls: a :class:`Strategy` subclass with a unique ``name``.
+        cls: a ``Strategy`` subclass with a unique ``name``.
 
     Returns:
         ``cls``.
@@ -260,7 +260,7 @@ def make_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
     """Build a strategy from its registry name and options (or pass an instance through).
 
     Args:
-        strategy: a name in :data:`STRATEGIES` or a :class:`Strategy` (returned as is, and
+        strategy: a name in ``STRATEGIES`` or a ``Strategy`` (returned as is, and
             then ``options`` must be empty).
         **options: the strategy's constructor arguments.
 

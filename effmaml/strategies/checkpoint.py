@@ -61,9 +61,10 @@ class Checkpoint(Scheduled):
     A batch sequence is indexed again during the recomputation, so a lazy sequence must
     return the same batch for the same index.
 
-    The first ``adapt`` for a batch signature probes first (3 step evaluations, see Note
-    [Why checkpoint probes one step]): step evaluations are then 2N + 3 (``"segment"``) or
-    3N - ceil(N/k) + 3 (``"step"``), and 2N or 3N - ceil(N/k) on later calls.
+    The first ``adapt`` for a batch signature probes first (``PROBE_EVALS`` = 4 step
+    evaluations, see Note [Why checkpoint probes one step]): step evaluations are then
+    2N + 4 (``"segment"``) or 3N - ceil(N/k) + 4 (``"step"``), and 2N or 3N - ceil(N/k) on
+    later calls.
 
     Args:
         segment: steps per segment ``k`` (≥ 1; values above N mean one segment), or

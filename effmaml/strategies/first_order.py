@@ -72,7 +72,7 @@ class FirstOrder(Strategy):
     hyper-parameters (a tensor inner lr) receive no meta-gradient, and the returned
     inner losses are detached. A tensor that requires grad and that the inner steps read
     (learned data in a batch, a temperature in ``loss_fn``'s closure) is refused with
-    :class:`effmaml.outer.OuterTensorError` after the unroll: it enters only through the
+    ``effmaml.outer.OuterTensorError`` after the unroll: it enters only through the
     inner gradients, which first-order MAML treats as constants, so its first-order
     meta-gradient is zero by construction.
 

@@ -57,10 +57,10 @@ class Implicit(Strategy):
     gradient at φ_N; θ receives x. Parameters that do not adapt (``params=``) receive their
     direct query gradient plus the implicit term −(1/λ) ∂²L_train/∂w∂φ · x, and so does
     every other tensor that requires grad and that L_train reads (learned data in a batch,
-    per-example weights, a temperature in ``loss_fn``'s closure: :mod:`effmaml.outer`):
+    per-example weights, a temperature in ``loss_fn``'s closure: ``effmaml.outer``):
     the implicit-function gradient, exact at the inner optimum as θ's is. A tensor read only
     by steps whose batches the solve leaves out (``hvp_batches``) has none, and is refused
-    with :class:`effmaml.outer.OuterTensorError` before backward.
+    with ``effmaml.outer.OuterTensorError`` before backward.
 
     L_train is the loss on the single batch when one batch is reused (``adapt(batch,
     steps=N)`` or a list holding one batch object N times); with distinct per-step batches

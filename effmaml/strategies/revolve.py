@@ -25,8 +25,9 @@ class Revolve(Scheduled):
     With ``slots = s`` stored states the reversal needs the provably least number of step
     recomputations: a chain of N ≤ C(s + r, s) steps recomputes each step at most r times.
     Every pullback is a single step. Memory ≈ (s + 2)·P + A (+ the working set) for any N;
-    step evaluations N + t(N, s) + 1 (t from :func:`effmaml.schedules.revolve_recomputations`),
-    plus the probe's 3 on the first call, in ``Adapted.info["step_evals_predicted"]``.
+    step evaluations N + t(N, s) + 1 (t from ``effmaml.schedules.revolve_recomputations``),
+    plus the probe's ``PROBE_EVALS`` = 4 on the first call, in
+    ``Adapted.info["step_evals_predicted"]``.
 
     Args:
         slots: stored states, the initial one included (≥ 1). ``None``: under a

@@ -37,26 +37,24 @@ def host_budget(problem: InnerProblem) -> int:
 
 
 def with_outer(prediction: Prediction, extra: int) -> Prediction:
-    """``prediction`` with the outer tensors' gradient buffers added to its peak.
-
+    """``prediction`` with the outer tensors' gradient buffers added to its peak."""
     # Note [Outer gradient buffers]
     # The backward returns one gradient per outer tensor (learned data in the batches),
     # held until it ends, and autograd accumulates them for their leaf: views of one leaf
     # read by N steps add up to one leaf-sized buffer, N separate leaves to N. Counted from
     # an in-memory source's batches before the run; a lazy source's and loss_fn's closure's
     # are found only as the forward pass reads them (Adapted.info["outer_bytes"]).
-    """
     if not extra:
         return prediction
     return dataclasses.replace(prediction, peak_bytes=prediction.peak_bytes + extra)
 
 
 class Scheduled(Strategy):
-    """An exact strategy that runs a :class:`effmaml.engine.Schedule` on the engine.
+    """An exact strategy that runs a ``effmaml.engine.Schedule`` on the engine.
 
-    Subclasses say which schedules they can run (:meth:`candidates`, one per value of their
-    free option) and how much each costs (:meth:`predict`). Every ``adapt`` probes first
-    (:func:`effmaml.probe.probe`, cached per MAML and batch signature); with a memory
+    Subclasses say which schedules they can run (``candidates``, one per value of their
+    free option) and how much each costs (``predict``). Every ``adapt`` probes first
+    (``effmaml.probe.probe``, cached per MAML and batch signature); with a memory
     budget, the candidate with the least predicted time whose predicted peak fits is run.
     """
 
@@ -147,7 +145,7 @@ class Scheduled(Strategy):
         prediction: Prediction,
         pr: Probe,
     ) -> Outcome:
-        """Run a chosen ``schedule`` on the engine (for :meth:`run` and ``auto``)."""
+        """Run a chosen ``schedule`` on the engine (for ``run`` and ``auto``)."""
         problem = resolve_states(problem, pr)
         state, losses, queries = run_schedule(problem, rt, state0, consts, schedule)
         outer = rt.outer
