@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: setup test test-slow lint docs zoo format bench bench-full bench-micro report fewshot fewshot-horizon fewshot-speed scaling clean
+.PHONY: setup test test-slow lint docs zoo format bench bench-full bench-micro report fewshot fewshot-horizon fewshot-speed scaling bilevel outer-cost clean
 
 setup: $(SETUP)
 
@@ -40,7 +40,7 @@ docs: $(SETUP)
 # lint and the docs build, then the suite without the slow tests (GPU tests skip without CUDA; micro-benchmarks
 # run once, untimed); `make test-slow` runs the slow ones (subprocess memory, ResNet18)
 test: lint docs
-	$(PY) -m pytest -q --benchmark-disable -m "not slow"
+	$(PY) -m pytest -q --benchmark-disable -m "not slow" --durations=20
 
 test-slow: $(SETUP)
 	$(PY) -m pytest -q --benchmark-disable -m slow
@@ -73,6 +73,17 @@ fewshot-horizon: $(SETUP)
 # (effmaml implicit, TorchOpt's implicit differentiation), alternated in one run
 fewshot-speed: $(SETUP)
 	$(PY) -m bench.fewshot_speed
+
+# exact hypergradients through long unrolls on real data (scikit-learn's digits, MNIST-1D):
+# dataset distillation at N = 10, 100, 300, a learning-rate schedule through 200 steps,
+# data hyper-cleaning -> results/bilevel/ (about 12 minutes on 2 cores)
+bilevel: $(SETUP)
+	$(PY) -m bench.bilevel
+
+# what differentiating with respect to the data costs: each exact schedule with learned
+# images against the same without, and finding outer tensors where there are none
+outer-cost: $(SETUP)
+	$(PY) -m bench.outer_cost
 
 # every torchvision classification model up to 8 M parameters and six Hugging Face families
 # at tiny size, through every exact strategy against naive -> results/zoo/

@@ -346,11 +346,13 @@ BELOW_NAIVE = "below_naive"
 
 
 def _below_naive(opt: Opt, steps: int, dtype) -> int:
-    model, lr, adapted_names, batches, steps_kw = build(opt, steps, dtype)
+    model, lr, adapted_names, *_ = build(opt, steps, dtype)
+    batches, steps_kw, loss_fn, query, _ = with_outer(opt.outer, opt.batches, steps, dtype)
     maml = effmaml.MAML(
-        model, ce_loss, inner_for(opt, lr), params=adapted_names, prox_lambda=opt.prox
+        model, loss_fn, inner_for(opt, lr), params=adapted_names, prox_lambda=opt.prox
     )
-    return _midpoint(maml.estimate(batches if steps_kw else batches[0], steps))
+    msl = {"query": query, "step_weights": msl_weights_for(steps)} if opt.msl else {}
+    return _midpoint(maml.estimate(batches if steps_kw else batches[0], steps, **msl))
 
 
 def below_naive_for(model, loss_fn, batches, inner=None) -> int:
@@ -534,16 +536,19 @@ GRID_FACTORS = {
 }
 
 GRID = [Opt(**row) for row in pairwise(GRID_FACTORS)]
-# every option at its hardest value at once
+# every option at its hardest value at once: Adam, a learned rate per parameter and step,
+# per-step BatchNorm (updated), dropout, clipping, the ANIL head, a lazy source, the
+# proximal term and the multi-step loss
 FULL_ROW = Opt(
     optim="adam",
-    lr="per_param",
-    bn="update",
+    lr="per_step",
+    bn="per_step",
     dropout=True,
     clip=0.5,
     select="head",
     batches="lazy",
     prox=0.3,
+    msl=True,
 )
 
 
