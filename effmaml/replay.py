@@ -31,6 +31,7 @@ __all__ = [
     "batch_fingerprint",
     "capture_autocast",
     "capture_rng",
+    "forked_rng",
     "loss_rtol",
     "replay_autocast",
     "replay_rng",
@@ -53,6 +54,12 @@ def capture_rng(device: torch.device) -> RngState:
     return RngState(torch.get_rng_state(), cuda, device)
 
 
+def forked_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """``torch.random.fork_rng`` for the CPU's generator and, on CUDA, ``device``'s: the
+    body may draw, and the global RNG is as it was afterwards."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 @contextlib.contextmanager
 def replay_rng(state: RngState) -> Iterator[None]:
     """Run the body from RNG ``state`` and restore the global RNG afterwards."""
@@ -61,8 +68,7 @@ def replay_rng(state: RngState) -> Iterator[None]:
     # backward pass must not disturb the RNG that the user's code sees after it. fork_rng
     # saves and restores the global state around the body; inside it we jump to the state
     # captured when the step first ran.
-    devices = [state.device] if state.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(state.device):
         torch.set_rng_state(state.cpu)
         if state.cuda is not None:
             torch.cuda.set_rng_state(state.cuda, state.device)
@@ -206,7 +212,8 @@ class Witness:
 
     def batch(self, t: int, batch: Any) -> None:
         """See batch ``t`` (record it the first time, compare it afterwards)."""
-        fp = batch_fingerprint(batch, self.device)
+        with torch.no_grad():  # a batch of learned data must not grow a graph per step
+            fp = batch_fingerprint(batch, self.device)
         ref = self.prints[t]
         if ref is None:
             self.prints[t] = fp
