@@ -22,9 +22,9 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .checks import find_no_double_backward
-from .replay import replay_autocast
+from .replay import forked_rng
 from .state import Consts, InnerState
-from .step import FunctionalModel, InnerProblem, at_step, differentiable_ops
+from .step import FunctionalModel, InnerProblem, step_context
 from .substitutes import NODES
 
 __all__ = ["NoDoubleBackwardError", "culprit", "no_double_backward_error"]
@@ -96,16 +96,13 @@ def culprit(problem: InnerProblem, state: InnerState, consts: Consts) -> list[tu
     )
 
     handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
-    devices = [problem.device] if problem.device.type == "cuda" else []
     try:
         with (
-            torch.random.fork_rng(devices=devices),
+            forked_rng(problem.device),
             torch.autograd.set_detect_anomaly(True, check_nan=False),
             torch.enable_grad(),
             _Trace(stack, created),
-            replay_autocast(problem.autocast),
-            differentiable_ops(problem),
-            at_step(0),
+            step_context(problem, 0, grad=False),
         ):
             params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
             buffers = {k: b.clone() for k, b in state.buffers.items()}

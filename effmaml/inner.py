@@ -265,7 +265,14 @@ class SGD(InnerOptimizer):
             return {}
         return {f"momentum.{k}": torch.zeros_like(p) for k, p in params.items()}
 
-    def step(self, state, params, grads, t, hyper):
+    def step(
+        self,
+        state: Mapping[str, Tensor],
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        t: int,
+        hyper: Mapping[str, Tensor],
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         new_state: dict[str, Tensor] = {}
         new_params: dict[str, Tensor] = {}
         for name, p in params.items():
@@ -332,7 +339,14 @@ class Adam(InnerOptimizer):
             state[f"exp_avg_sq.{k}"] = torch.zeros_like(p)
         return state
 
-    def step(self, state, params, grads, t, hyper):
+    def step(
+        self,
+        state: Mapping[str, Tensor],
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        t: int,
+        hyper: Mapping[str, Tensor],
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         b1, b2 = self.betas
         c1 = 1.0 - b1 ** (t + 1)
         c2 = 1.0 - b2 ** (t + 1)

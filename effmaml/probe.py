@@ -31,19 +31,19 @@ import torch
 from torch import Tensor
 
 from .checks import find_no_double_backward, is_no_double_backward
+from .costs import Probe
 from .diagnose import NoDoubleBackwardError, no_double_backward_error
 from .engine import pullback
 from .measure import clock, host_link
-from .memory import Probe, nbytes, saved_bytes
-from .replay import capture_rng, replay_autocast, replay_rng
+from .memory import nbytes, saved_bytes
+from .replay import capture_rng, forked_rng, replay_rng
 from .state import Consts, InnerState
 from .step import (
     FunctionalModel,
     InnerProblem,
     Runtime,
-    at_step,
-    differentiable_ops,
     inner_step,
+    step_context,
 )
 
 __all__ = ["PROBE_EVALS", "probe", "signature"]
@@ -106,8 +106,7 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     # schedule's choice needs (Note [The time model]). RNG and buffers are left as they
     # were; the step evaluations are counted in step_evals.
     device = problem.device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # indexing a batch may draw from the RNG
+    with forked_rng(device):  # indexing a batch may draw from the RNG
         batch0 = problem.batches[0]
     key = signature(problem, batch0)
     if key in rt.probes:
@@ -123,7 +122,7 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         weights = (1.0, *problem.step_weights[1:])
         problem = dataclasses.replace(problem, step_weights=weights)
     start = clock(device)
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(device):
         rng = capture_rng(device)  # every probe step starts from it (dropout draws alike)
         with replay_rng(rng):
             t_fo1, fo_bytes = _first_order(problem, rt, state0, consts)
@@ -213,12 +212,7 @@ def _gradients_agree(problem: InnerProblem, state0: InnerState, consts: Consts) 
     params = {k: v.detach().requires_grad_(True) for k, v in state0.params.items()}
     buffers = {k: b.clone() for k, b in state0.buffers.items()}
     module = FunctionalModel(problem.model, {**consts.fixed, **params}, buffers, False)
-    with (
-        replay_autocast(problem.autocast),
-        differentiable_ops(problem),
-        at_step(0),
-        torch.enable_grad(),
-    ):
+    with step_context(problem, 0):
         loss = problem.loss_fn(module, problem.batch(0))
         wrt = list(params.values())
         plain = torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)

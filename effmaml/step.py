@@ -45,6 +45,7 @@ __all__ = [
     "inner_step",
     "move_to",
     "query_loss",
+    "step_context",
 ]
 
 LossFn = Callable[[Callable[..., Any], Any], Tensor]
@@ -259,12 +260,7 @@ def inner_step(
     module = FunctionalModel(
         problem.model, {**consts.fixed, **state.params}, buffers, copy_buffers=False
     )
-    with (
-        replay_autocast(problem.autocast),
-        differentiable_ops(problem),
-        at_step(t),
-        torch.enable_grad(),
-    ):
+    with step_context(problem, t):
         batch = rt.batch(problem, t)
         if rt.witness is not None:
             rt.witness.batch(t, batch)
@@ -359,6 +355,23 @@ def at_step(t: int | None) -> Iterator[None]:
         yield
     finally:
         _STEP.reset(token)
+
+
+def step_context(
+    problem: InnerProblem, t: int, grad: bool = True
+) -> contextlib.AbstractContextManager[Any]:
+    """What inner step ``t``'s user code runs under, wherever it runs (the forward pass, a
+    recomputation, the probe, the first-order multi-step loss, iMAML's solve, a diagnosis):
+    the autocast state ``adapt`` started in (Note [Autocast under recomputation]), the
+    double-backward kernels and stand-ins (:func:`differentiable_ops`), the step index
+    (:func:`at_step`) and, with ``grad``, grad mode on."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(replay_autocast(problem.autocast))
+    stack.enter_context(differentiable_ops(problem))
+    stack.enter_context(at_step(t))
+    if grad:
+        stack.enter_context(torch.enable_grad())
+    return stack
 
 
 def differentiable_ops(problem: InnerProblem) -> contextlib.AbstractContextManager[Any]:

@@ -31,6 +31,7 @@ from .checkpoints import CHECKPOINT_NAME, PREVIOUS_NAME
 from .distributed import all_reduce_sum, rank_slice, world
 from .maml import MAML
 from .preemption import STOP_SIGNALS, Preemption
+from .replay import forked_rng
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -474,8 +475,7 @@ def task_rng(seed: int, device: torch.device) -> Iterator[None]:
     # dropout 0.2. Seeding each task's stream from (seed, iteration, index) makes it a
     # property of the task. Recomputing strategies replay it exactly (they capture and
     # restore the RNG around each step).
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(device):
         torch.default_generator.manual_seed(seed)
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()

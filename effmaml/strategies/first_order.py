@@ -9,19 +9,17 @@ import torch
 from torch import Tensor
 
 from ..clip import clip_backward
+from ..costs import Prediction, Probe, first_order_peak, predict_seconds
 from ..engine import advance
-from ..memory import Prediction, Probe, first_order_peak, predict_seconds
 from ..outer import OuterTensors
-from ..replay import replay_autocast
 from ..state import InnerState
 from ..step import (
     Consts,
     InnerProblem,
     Runtime,
-    at_step,
-    differentiable_ops,
     inner_step,
     query_loss,
+    step_context,
 )
 from .base import Outcome, RunFacts, Strategy, register_strategy, warn_learned_hyper
 
@@ -123,12 +121,7 @@ class FirstOrder(Strategy):
                 fixed.hyper,
                 fixed.theta0,
             )
-            with (
-                replay_autocast(problem.autocast),
-                differentiable_ops(problem),
-                at_step(t),
-                torch.enable_grad(),
-            ):
+            with step_context(problem, t):
                 q = query_loss(problem, leaves, consts_t, rt, t)
                 wrt = [*leaves.params.values(), *consts_t.fixed.values()]
                 grads = torch.autograd.grad(q, wrt, allow_unused=True)

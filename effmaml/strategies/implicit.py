@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..costs import Prediction, Probe, implicit_peak, predict_seconds
 from ..engine import advance
-from ..memory import Prediction, Probe, implicit_peak, predict_seconds
 from ..notices import warn
 from ..outer import OuterTensorError, OuterTensors, reading
-from ..replay import replay_autocast
 from ..step import (
     Consts,
     FunctionalModel,
@@ -31,8 +30,7 @@ from ..step import (
     InnerState,
     RepeatedBatch,
     Runtime,
-    at_step,
-    differentiable_ops,
+    step_context,
 )
 from .base import (
     Outcome,
@@ -298,9 +296,7 @@ class _Solver:
             self.stats.hvp_batch_passes += 1
             # at φ_N: per-step modules use the last step's slice, as the adapted model does
             with (
-                replay_autocast(self.problem.autocast),
-                differentiable_ops(self.problem),
-                at_step(self.problem.steps - 1),
+                step_context(self.problem, self.problem.steps - 1, grad=False),
                 reading(self.rt.outer, self.problem.steps - 1, [*phi.values(), *fixed.values()]),
             ):
                 loss = self.problem.loss_fn(module, self.rt.batch(self.problem, t)) / n
@@ -330,11 +326,7 @@ class _Solver:
         """
         leaves = list(phi.values())
         for loss in self._grad_terms(phi, fixed):
-            with (
-                replay_autocast(self.problem.autocast),
-                differentiable_ops(self.problem),
-                at_step(self.problem.steps - 1),
-            ):
+            with step_context(self.problem, self.problem.steps - 1, grad=False):
                 g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 dot = sum((gi * vi).sum() for gi, vi in zip(g, vec) if gi is not None)
             if isinstance(dot, Tensor) and dot.requires_grad:
