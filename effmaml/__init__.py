@@ -46,7 +46,7 @@ _EXPORTS = {
         )
     },
 }
-_MODULES = ("distributed", "measure", "memory", "replay", "tasks")
+_MODULES = ("costs", "distributed", "measure", "memory", "replay", "tasks")
 
 # the names the package exports; tests/test_api.py checks that this list, the lazy table
 # above, the imports for type checkers below and the strategy registry agree
@@ -70,6 +70,7 @@ __all__ = [
     "RunFacts",
     "Strategy",
     "at_step",
+    "costs",
     "distributed",
     "make_strategy",
     "measure",
@@ -98,7 +99,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
-    from . import distributed, measure, memory, replay, tasks
+    from . import costs, distributed, measure, memory, replay, tasks
     from .inner import SGD, Adam, InnerOptimizer
     from .maml import MAML, Adapted
     from .perstep import PerStepBatchNorm, msl_weights, per_step_batchnorm

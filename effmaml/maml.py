@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from . import perstep
+from .costs import Prediction, Probe
 from .inner import InnerOptimizer
-from .memory import Prediction, Probe, parse_bytes
+from .memory import parse_bytes
 from .probe import probe
 from .sources import as_source, check_buffers
 from .step import (
@@ -369,7 +370,7 @@ class MAML:
         The probe (``effmaml.probe.probe``) runs on ``batch``: P (the state's bytes), A
         (the bytes autograd saves for a second-order step), t₁ and t₂ (a first-order step;
         a step with graph and its pullback); each strategy's formulas
-        (``effmaml.memory``) turn them into a prediction. Nothing else runs; the model is
+        (``effmaml.costs``) turn them into a prediction. Nothing else runs; the model is
         not changed. The probe's result is cached here, so a following ``adapt`` with
         batches like ``batch`` does not probe again: the predictions are for that ``adapt``
         (without the probe's evaluations and time).

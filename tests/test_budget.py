@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import effmaml
+from effmaml.costs import Probe
 from effmaml.engine import Store
-from effmaml.memory import Probe, format_bytes, parse_bytes
+from effmaml.memory import format_bytes, parse_bytes
 from effmaml.probe import PROBE_EVALS
 
 from .helpers import (
@@ -51,14 +52,14 @@ def test_estimate_follows_the_formulas():
     m = maml_for(width=32, strategy="revolve", slots=3)
     (pred,) = m.estimate(make_batch(0), 10, "revolve", slots=3).values()
     adapted = m.adapt(make_batch(0), steps=10)
-    assert adapted.info["probe_evals"] == 0
-    assert adapted.info["predicted_peak_bytes"] == pred.peak_bytes
-    assert adapted.info["step_evals_predicted"] == pred.step_evals
-    assert adapted.info["predicted_seconds"] == pred.seconds > 0
+    assert adapted.facts.probe.evals == 0
+    assert adapted.facts.prediction.peak_bytes == pred.peak_bytes
+    assert adapted.facts.prediction.step_evals == pred.step_evals
+    assert adapted.facts.prediction.seconds == pred.seconds > 0
     # a fresh front probes in adapt: its prediction adds the probe's evaluations and time
     fresh = maml_for(width=32, strategy="revolve", slots=3).adapt(make_batch(0), steps=10)
-    assert fresh.info["step_evals_predicted"] == pred.step_evals + PROBE_EVALS
-    assert fresh.info["predicted_seconds"] > fresh.info["probe_seconds"] > 0
+    assert fresh.facts.prediction.step_evals == pred.step_evals + PROBE_EVALS
+    assert fresh.facts.prediction.seconds > fresh.facts.probe.seconds > 0
     assert model_untouched(maml)
 
 
@@ -75,13 +76,13 @@ def test_auto_picks_naive_when_it_fits_and_checkpoint_when_not():
     naive = preds["naive"].peak_bytes
     roomy = maml_for(width=32, strategy="auto", memory_budget=int(naive * 1.01))
     a = roomy.adapt([make_batch(t) for t in range(N)])
-    assert a.info["chosen"] == "naive"
+    assert a.facts.chosen == "naive"
     tight = maml_for(width=32, strategy="auto", memory_budget=int(naive * 0.9))
     a = tight.adapt([make_batch(t) for t in range(N)])
-    assert a.info["chosen"].startswith("checkpoint(") and "pullback='segment'" in a.info["chosen"]
-    assert a.info["predicted_peak_bytes"] <= naive * 0.9
+    assert a.facts.chosen.startswith("checkpoint(") and "pullback='segment'" in a.facts.chosen
+    assert a.facts.prediction.peak_bytes <= naive * 0.9
     ce_loss(a, make_batch(99)).backward()
-    assert a.step_evals == a.info["step_evals_predicted"]
+    assert a.step_evals == a.facts.prediction.step_evals
 
 
 def test_estimate_under_another_budget_is_what_auto_would_choose():
@@ -95,7 +96,7 @@ def test_estimate_under_another_budget_is_what_auto_would_choose():
         a = maml_for(width=32, strategy="auto", memory_budget=budget).adapt(
             [make_batch(t) for t in range(N)]
         )
-        assert label == "auto -> " + a.info["chosen"]
+        assert label == "auto -> " + a.facts.chosen
     assert maml.memory_budget is None
     # None means this front's budget, as in MAML(...)
     assert maml.estimate(make_batch(0), N, "naive", memory_budget=None)["naive"].peak_bytes == naive
@@ -128,12 +129,12 @@ def test_budget_picks_segment_and_slots():
     a = maml_for(width=32, strategy="checkpoint", pullback="step", memory_budget=budget).adapt(
         make_batch(0), steps=N
     )
-    assert a.info["segment"] == 2 and a.info["predicted_peak_bytes"] <= budget
+    assert a.facts.options["segment"] == 2 and a.facts.prediction.peak_bytes <= budget
     # revolve: the most slots (the fastest) that fit
     r4 = maml_for(width=32).estimate(make_batch(0), N, "revolve", slots=4)
     budget = next(iter(r4.values())).peak_bytes
     a = maml_for(width=32, strategy="revolve", memory_budget=budget).adapt(make_batch(0), steps=N)
-    assert a.info["slots"] == 4
+    assert a.facts.options["slots"] == 4
 
 
 def test_named_strategy_over_budget_is_an_error():
@@ -150,8 +151,8 @@ def test_auto_without_budget_uses_free_memory(monkeypatch):
     preds = _predictions()
     monkeypatch.setattr(auto, "available_bytes", lambda d: int(preds["naive"].peak_bytes * 0.5))
     a = maml_for(width=32, strategy="auto").adapt(make_batch(0), steps=N)
-    assert a.info["chosen"] != "naive"
-    assert a.info["memory_budget"] == int(0.9 * int(preds["naive"].peak_bytes * 0.5))
+    assert a.facts.chosen != "naive"
+    assert a.facts.memory_budget == int(0.9 * int(preds["naive"].peak_bytes * 0.5))
     assert torch.is_tensor(a.losses[0])
 
 
@@ -242,7 +243,7 @@ def test_default_host_budget_is_a_fraction_of_available_memory(monkeypatch):
 def test_predicted_seconds_are_reported():
     maml = maml_for(width=32, strategy="checkpoint", pullback="step")
     a = maml.adapt([make_batch(t) for t in range(N)])
-    assert a.info["predicted_seconds"] > a.info["probe_seconds"] > 0
+    assert a.facts.prediction.seconds > a.facts.probe.seconds > 0
     preds = maml_for(width=32).estimate(make_batch(0), N)
     seg = next(p for k, p in preds.items() if "pullback='segment'" in k)
     step = next(p for k, p in preds.items() if "pullback='step'" in k)

@@ -35,6 +35,7 @@ ORDER = [
     "diagnose",
     "engine",
     "schedules",
+    "costs",
     "offload",
     "probe",
     "strategies.base",
@@ -120,7 +121,7 @@ def test_the_front_imports_nothing_eagerly():
 
 def test_importing_the_memory_model_loads_no_strategy():
     code = (
-        "import sys, effmaml.memory; "
+        "import sys, effmaml.memory, effmaml.costs; "
         "print([m for m in sys.modules if m.startswith(('effmaml.strategies', 'effmaml.maml'))])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

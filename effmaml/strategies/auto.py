@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..costs import Prediction, Probe
 from ..engine import Schedule
-from ..memory import Prediction, Probe, available_bytes, format_bytes
+from ..memory import available_bytes, format_bytes
 from ..probe import probe
 from ..step import Consts, InnerProblem, InnerState, Runtime
 from .base import STRATEGIES, Outcome, Strategy, register_strategy

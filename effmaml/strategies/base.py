@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..costs import Prediction, Probe
 from ..engine import Schedule
-from ..memory import Prediction, Probe
 from ..notices import warn
 from ..step import Consts, InnerProblem, InnerState, Runtime
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from ..costs import Prediction, Probe, predict_seconds, schedule_peak
 from ..engine import Schedule, Store
-from ..memory import Prediction, Probe, predict_seconds, schedule_peak
 from ..schedules import UniformSchedule
 from ..step import InnerProblem
 from .base import Strategy, check_count, register_strategy

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from ..checks import find_no_double_backward
+from ..costs import Prediction, Probe, naive_peak, predict_seconds
 from ..diagnose import no_double_backward_error
-from ..memory import Prediction, Probe, naive_peak, predict_seconds
 from ..sources import outer_bytes
 from ..step import Consts, InnerProblem, InnerState, Runtime, inner_step
 from .base import Outcome, RunFacts, Strategy, multi_step_loss, register_strategy

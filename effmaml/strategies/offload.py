@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..costs import Prediction, Probe, predict_seconds, schedule_peak
 from ..engine import Schedule, Store
-from ..memory import Prediction, Probe, predict_seconds, schedule_peak
 from ..offload import make_store, pinned_high_water
 from ..schedules import UniformSchedule
 from ..step import InnerProblem

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from ..costs import Prediction, Probe, predict_seconds, schedule_peak
 from ..engine import Schedule
-from ..memory import Prediction, Probe, predict_seconds, schedule_peak
 from ..schedules import RevolveSchedule
 from ..step import InnerProblem
 from .base import Strategy, check_count, register_strategy

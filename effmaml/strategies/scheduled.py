@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..costs import Prediction, Probe
 from ..engine import Schedule, run_schedule
-from ..memory import Prediction, Probe, available_host_bytes, format_bytes
+from ..memory import available_host_bytes, format_bytes
 from ..probe import probe
 from ..sources import outer_bytes
 from ..step import Consts, InnerProblem, InnerState, Runtime
