@@ -144,7 +144,7 @@ def test_silu_model_is_bitwise_naive_by_default(strategy, kw):
     """SiLU's first derivative differs (1 ulp) with and without create_graph; the probe
     sees it and the advances keep each step's graph: values bitwise naive's."""
     ours = compare_to_naive(SILU_ROW, strategy, STEPS, **kw)
-    assert ours["adapted"].info["exact_states"] is True
+    assert ours["adapted"].facts.exact_states is True
 
 
 def test_silu_model_with_first_order_advances_is_within_rounding_times_conditioning():
@@ -155,7 +155,7 @@ def test_silu_model_with_first_order_advances_is_within_rounding_times_condition
     eps = torch.finfo(torch.float64).eps
     ref = run_effmaml(SILU_ROW, "naive", STEPS)
     off = run_effmaml(SILU_ROW, "checkpoint", STEPS, segment=1, exact_states=False)
-    assert off["adapted"].info["exact_states"] is False
+    assert off["adapted"].facts.exact_states is False
     assert any(not torch.equal(off["params"][k], ref["params"][k]) for k in ref["params"])
     delta = 1e-7
     moved = run_effmaml(SILU_ROW, "naive", STEPS, theta_scale=1 + delta)
@@ -184,7 +184,6 @@ OUTER_SCHEDULES = named(
 @pytest.mark.parametrize("outer", OUTER_KINDS[1:])
 def test_outer_tensors_at_the_hardest_row(outer, strategy, kw):
     ours = compare_to_naive(dataclasses.replace(FULL_ROW, outer=outer), strategy, STEPS, **kw)
-    if "chosen" not in ours["adapted"].info or not ours["adapted"].info["chosen"].startswith(
-        "naive"
-    ):
-        assert ours["adapted"].info["outer_tensors"] >= 1
+    facts = ours["adapted"].facts
+    if not facts.chosen.startswith("naive"):  # naive finds nothing: its graph needs no help
+        assert len(facts.outer) >= 1

@@ -80,8 +80,8 @@ def test_the_imaml_comparison_is_not_at_convergence():
         warnings.simplefilter("error")  # no non-positive curvature
         adapted = maml.adapt(support, steps=TOY.imaml_steps[0])
         ce_loss(adapted, query).backward()
-    assert adapted.info["cg_iterations"] == TOY.cg_steps
-    assert adapted.info["cg_residual"] > 1e-3
+    assert adapted.facts.solve.cg_iterations == TOY.cg_steps
+    assert adapted.facts.solve.cg_residual > 1e-3
 
 
 def test_effmaml_naive_dispatches_the_hand_written_loops_ops_and_its_finiteness_check():

@@ -44,8 +44,8 @@ def test_ridge_matches_closed_form(lam):
     gq = Xq.T @ (Xq @ phi - yq) / len(Xq)
     expected = lam * torch.linalg.solve(H + lam * eye, gq)
     assert_scaled_close(model.weight.grad.reshape(-1), expected, rel=1e-10, what="grad")
-    assert adapted.info["cg_residual"] < 1e-10
-    assert adapted.info["lam"] == lam
+    assert adapted.facts.solve.cg_residual < 1e-10
+    assert adapted.facts.solve.lam == lam
 
 
 def test_distinct_batches_use_the_mean_hessian():
@@ -63,7 +63,7 @@ def test_distinct_batches_use_the_mean_hessian():
     expected = lam * torch.linalg.solve(H + lam * torch.eye(d, dtype=F64), gq)
     assert_scaled_close(model.weight.grad.reshape(-1), expected, rel=1e-10, what="grad")
     # 3 distinct batches: every Hessian-vector product passes over each of them once
-    assert adapted.info["hvp_batch_passes"] == 3 * adapted.info["cg_iterations"]
+    assert adapted.facts.solve.hvp_batch_passes == 3 * adapted.facts.solve.cg_iterations
     # hvp_batches=1: only the last distinct batch enters the Hessian
     model1 = linear()
     maml = effmaml.MAML(model1, sq_loss, effmaml.SGD(0.1), "implicit", lam=lam, hvp_batches=1)
@@ -77,7 +77,7 @@ def test_distinct_batches_use_the_mean_hessian():
     one = effmaml.MAML(linear(), sq_loss, effmaml.SGD(0.1), "implicit", lam=lam)
     a1 = one.adapt([batches[0]] * 4)
     sq_loss(a1, (Xq, yq)).backward()
-    assert a1.info["hvp_batch_passes"] == a1.info["cg_iterations"]
+    assert a1.facts.solve.hvp_batch_passes == a1.facts.solve.cg_iterations
 
 
 class Smooth(nn.Sequential):
@@ -139,7 +139,7 @@ def test_options_and_warnings():
     a = effmaml.MAML(linear(), sq_loss, effmaml.SGD(0.1), "implicit", prox_lambda=3.0).adapt(
         (X, y), steps=2
     )
-    assert a.info["lam"] == 3.0
+    assert a.facts.solve.lam == 3.0
     lr = torch.tensor(0.1, dtype=F64, requires_grad=True)
     maml = effmaml.MAML(linear(), sq_loss, effmaml.SGD(lr), "implicit")
     with pytest.warns(UserWarning, match="no meta-gradient to the learned"):

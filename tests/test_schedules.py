@@ -71,7 +71,7 @@ def test_revolve_recomputation_count(slots):
     ce_loss(adapted, make_batch(1)).backward()
     s = min(slots, STEPS)
     expected = STEPS + revolve_recomputations(STEPS, s) + 1  # + the output step
-    assert adapted.step_evals == expected + PROBE_EVALS == adapted.info["step_evals_predicted"]
+    assert adapted.step_evals == expected + PROBE_EVALS == adapted.facts.prediction.step_evals
     assert batches.calls == expected + 1  # + the probe's read of batch 0
     r = binomial_repetitions(STEPS, s)
     assert expected <= (r + 1) * STEPS + 1
@@ -109,12 +109,12 @@ def test_recomputation_happens(strategy, pullback, expected):
     for probe_evals in (PROBE_EVALS, 0):  # the second call reuses the probe
         batches.calls = 0
         adapted = maml.adapt(batches)
-        assert adapted.info["probe_evals"] == probe_evals
+        assert adapted.facts.probe.evals == probe_evals
         # the probe reads batch 0 once (for its signature) and reuses it for its steps
         assert adapted.step_evals == STEPS + probe_evals and batches.calls == STEPS + 1
         ce_loss(adapted, make_batch(1)).backward()
         total = expected + probe_evals
-        assert adapted.step_evals == total == adapted.info["step_evals_predicted"]
+        assert adapted.step_evals == total == adapted.facts.prediction.step_evals
         assert batches.calls == expected + 1  # each evaluation indexed its batch again
 
 

@@ -139,11 +139,11 @@ def test_the_probe_finds_models_whose_first_derivatives_depend_on_the_graph(fami
     torch.manual_seed(0)
     m = FAMILIES[family]().to(F64)
     a = effmaml.MAML(m, image_loss, effmaml.SGD(0.01), "checkpoint", segment=1).adapt(images(2))
-    assert a.info["exact_states"] is True
+    assert a.facts.exact_states is True
     torch.manual_seed(0)
     plain = FAMILIES["stochastic_depth"]().to(F64)
     a = effmaml.MAML(plain, image_loss, effmaml.SGD(0.01), "checkpoint").adapt(images(2))
-    assert a.info["exact_states"] is False
+    assert a.facts.exact_states is False
 
 
 def test_auto_under_a_budget_naive_does_not_fit_on_a_silu_model():
@@ -155,7 +155,7 @@ def test_auto_under_a_budget_naive_does_not_fit_on_a_silu_model():
     budget = below_naive_for(model(), image_loss, batches)
     ref = run_model(model(), image_loss, batches, query, "naive")
     ours = run_model(model(), image_loss, batches, query, "auto", memory_budget=budget)
-    assert not ours["adapted"].info["chosen"].startswith("naive")
+    assert not ours["adapted"].facts.chosen.startswith("naive")
     assert_same_as_naive(ours, ref)
 
 
