@@ -363,8 +363,8 @@ def step_context(
     """What inner step ``t``'s user code runs under, wherever it runs (the forward pass, a
     recomputation, the probe, the first-order multi-step loss, iMAML's solve, a diagnosis):
     the autocast state ``adapt`` started in (Note [Autocast under recomputation]), the
-    double-backward kernels and stand-ins (:func:`differentiable_ops`), the step index
-    (:func:`at_step`) and, with ``grad``, grad mode on."""
+    double-backward kernels and stand-ins (``differentiable_ops``), the step index
+    (``at_step``) and, with ``grad``, grad mode on."""
     stack = contextlib.ExitStack()
     stack.enter_context(replay_autocast(problem.autocast))
     stack.enter_context(differentiable_ops(problem))

@@ -12,7 +12,6 @@ and all ranks take the same outer step. Rank 0 alone writes the log and checkpoi
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import os
 import sys
@@ -28,10 +27,12 @@ from torch import Tensor
 
 from . import checkpoints
 from .checkpoints import CHECKPOINT_NAME, PREVIOUS_NAME
+from .curriculum import Curriculum
 from .distributed import all_reduce_sum, rank_slice, world
 from .maml import MAML
 from .preemption import STOP_SIGNALS, Preemption
 from .replay import forked_rng
+from .runlog import LOG_COLUMNS, RunLog
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -42,8 +43,6 @@ __all__ = [
     "task_seed",
 ]
 
-LOG_COLUMNS = ["iteration", "meta_loss", "seconds", "tasks_per_s", "order", "outer_lr"]
-EVENTS_NAME = "events.log"  # pre-emption and other notes, one line each
 
 Task = tuple[Any, Any]
 
@@ -130,8 +129,6 @@ class MetaTrainer:
             raise ValueError(f"checkpoint_every must be >= 0 (got {checkpoint_every})")
         if checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs checkpoint_dir= to know where to write")
-        if first_order_iterations < 0:
-            raise ValueError(f"first_order_iterations must be >= 0 (got {first_order_iterations})")
         if scheduler is not None and getattr(scheduler, "optimizer", None) is not outer_optimizer:
             raise ValueError("scheduler must schedule outer_optimizer (built on it)")
         if step_weights is not None and query_loss_fn is not None:
@@ -150,14 +147,15 @@ class MetaTrainer:
         self.rank, self.world_size = world(group)
         self.share = rank_slice(meta_batch, self.rank, self.world_size)
         self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.log = RunLog(self.dir, writer=self.rank == 0)
         self.checkpoint_every = checkpoint_every
         self.progress = progress
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.scheduler = scheduler
+        self.curriculum = Curriculum(maml, first_order_iterations, step_weights)
         self.first_order_iterations = first_order_iterations
-        self._first_order = maml.with_strategy("first_order") if first_order_iterations else None
         self.step_weights = step_weights
         self.stop_signals = tuple(stop_signals)
         self.config = {
@@ -235,18 +233,12 @@ class MetaTrainer:
             del adapted, loss
 
     def maml_at(self, iteration: int) -> MAML:
-        """The front iteration ``iteration`` adapts with (first order during the
-        derivative-order annealing's first iterations, then ``maml``)."""
-        if self._first_order is not None and iteration < self.first_order_iterations:
-            return self._first_order
-        return self.maml
+        """The front iteration ``iteration`` adapts with (``Curriculum``)."""
+        return self.curriculum.maml_at(iteration)
 
     def weights_at(self, iteration: int) -> list[float] | None:
-        """The multi-step loss's weights at ``iteration``, or None without one."""
-        if self.step_weights is None:
-            return None
-        w = self.step_weights(iteration) if callable(self.step_weights) else self.step_weights
-        return [float(x) for x in w]
+        """The multi-step loss's weights at ``iteration`` (``Curriculum``)."""
+        return self.curriculum.weights_at(iteration)
 
     def train(self, iterations: int, resume: bool = False) -> list[float]:
         """Run outer steps until ``iterations`` have been done in total.
@@ -262,7 +254,7 @@ class MetaTrainer:
         if resume:
             self.load_latest()
         self._sync_parameters()
-        self._open_log(resume)
+        self.log.open(resume, self.iteration)
         losses: list[float] = []
         bar = None
         if self.progress and self.rank == 0:
@@ -313,47 +305,22 @@ class MetaTrainer:
         )
         if self.rank == 0:
             print(line, file=sys.stderr, flush=True)
-            if self.dir is not None:
-                with open(self.dir / EVENTS_NAME, "a") as f:
-                    f.write(line + "\n")
+        self.log.event(line)
         raise SystemExit(0)
 
     # -- log -------------------------------------------------------------------------------
-    def _log_path(self) -> Path | None:
-        return None if self.dir is None else self.dir / "log.csv"
-
-    def _open_log(self, resume: bool) -> None:
-        path = self._log_path()
-        if path is None or self.rank != 0:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if resume and path.exists():
-            # rows written after the checkpoint (a crash between the two) are dropped
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= self.iteration]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-
     def _log(self, loss: float, seconds: float) -> None:
-        path = self._log_path()
-        if path is None or self.rank != 0:
-            return
-        with open(path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=LOG_COLUMNS).writerow(
-                {
-                    "iteration": self.iteration,
-                    "meta_loss": repr(loss),
-                    "seconds": f"{seconds:.4f}",
-                    "tasks_per_s": f"{self.meta_batch / seconds:.3f}",
-                    "order": "first"
-                    if self.maml_at(self.iteration - 1) is not self.maml
-                    else "second",
-                    "outer_lr": repr(self.optimizer.param_groups[0]["lr"]),
-                }
-            )
+        first = self.maml_at(self.iteration - 1) is not self.maml
+        self.log.write(
+            {
+                "iteration": self.iteration,
+                "meta_loss": repr(loss),
+                "seconds": f"{seconds:.4f}",
+                "tasks_per_s": f"{self.meta_batch / seconds:.3f}",
+                "order": "first" if first else "second",
+                "outer_lr": repr(self.optimizer.param_groups[0]["lr"]),
+            }
+        )
 
     # -- checkpoints -----------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:

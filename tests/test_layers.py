@@ -51,6 +51,8 @@ ORDER = [
     "maml",
     "distributed",
     "preemption",
+    "runlog",
+    "curriculum",
     "train",
     "",  # effmaml/__init__.py
 ]

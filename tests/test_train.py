@@ -384,3 +384,42 @@ def test_the_stop_flag_lives_on_the_gradients_device_and_needs_no_collective_unw
     with off.catching():
         assert not off.stopping()
     assert len(calls) == 2
+
+
+def test_the_run_log_on_its_own(tmp_path):
+    """Rank 0 writes a header and a row per step; a resume keeps the rows up to the
+    checkpoint's iteration and drops the later ones (written before a crash); other ranks
+    and a run without a directory write nothing."""
+    import csv
+
+    from effmaml.runlog import LOG_COLUMNS, RunLog
+
+    log = RunLog(tmp_path)
+    log.open(resume=False, iteration=0)
+    for i in range(1, 5):
+        log.write({c: i if c == "iteration" else "x" for c in LOG_COLUMNS})
+    log.event("a note")
+    RunLog(tmp_path).open(resume=True, iteration=2)
+    with open(tmp_path / "log.csv", newline="") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2]
+    assert (tmp_path / "events.log").read_text() == "a note\n"
+    other = tmp_path / "other"
+    RunLog(other, writer=False).open(resume=False, iteration=0)
+    RunLog(None).write({})
+    assert not other.exists()
+
+
+def test_the_curriculum_on_its_own():
+    """Derivative-order annealing and the multi-step loss's weights, by iteration alone."""
+    from effmaml.curriculum import Curriculum
+
+    maml = effmaml.MAML(mlp(width=8), mse_loss, effmaml.SGD(0.01), "checkpoint")
+    c = Curriculum(maml, first_order_iterations=2, step_weights=lambda i: [i, 1])
+    assert [c.maml_at(i).strategy.name for i in range(4)] == ["first_order"] * 2 + [
+        "checkpoint"
+    ] * 2
+    assert c.maml_at(3) is maml and c.maml_at(0) is c.maml_at(1)
+    assert c.weights_at(5) == [5.0, 1.0]
+    assert Curriculum(maml).weights_at(0) is None and Curriculum(maml).maml_at(0) is maml
+    with pytest.raises(ValueError, match="first_order_iterations must be >= 0"):
+        Curriculum(maml, first_order_iterations=-1)
