@@ -565,16 +565,17 @@ def compare_to_naive(opt: Opt, strategy: str, steps: int, **strategy_kw):
     fixed parameters, θ₀) accumulate in another order: scaled 1e-12. The RNG after the
     query must be naive's.
     """
-    ref = naive_reference(opt, steps)
+    ref = naive_reference(opt, steps, torch.get_num_threads())
     ours = run_effmaml(opt, strategy, steps, **strategy_kw)
     assert_same_as_naive(ours, ref)
     return ours
 
 
 @functools.cache
-def naive_reference(opt: Opt, steps: int) -> dict:
-    """naive's results for a grid row, computed once per session (every schedule of the
-    row compares with the same ones; the run is seeded, so the cache changes nothing)."""
+def naive_reference(opt: Opt, steps: int, threads: int) -> dict:
+    """naive's results for a grid row, computed once per session and thread count (every
+    schedule of the row compares with the same ones; the run is seeded, and the thread
+    count, which some tests change, picks the kernels' summation order)."""
     return run_effmaml(opt, "naive", steps)
 
 
@@ -592,3 +593,19 @@ def assert_same_as_naive(ours, ref):
     """The exactness rules: values bitwise, gradients to summation order, naive's RNG."""
     assert_results_match(ours, ref, grad_rel=1e-12, exact_values=True)
     assert torch.equal(ours["rng"], ref["rng"]), "RNG after the query differs from naive's"
+
+
+def objects_in_cycles(meta_iteration) -> int:
+    """How many objects two calls of ``meta_iteration`` (after a first, which probes and
+    warms up) leave for the cyclic collector: 0 when reference counting frees it all."""
+    import gc
+
+    meta_iteration()
+    gc.collect()
+    gc.disable()
+    try:
+        meta_iteration()
+        meta_iteration()
+        return gc.collect()
+    finally:
+        gc.enable()

@@ -7,8 +7,6 @@ refusals and their messages, the memory model's count, and the guards (in-place 
 reference cycles).
 """
 
-import gc
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +24,7 @@ from .helpers import (
     grad_scale,
     make_batch,
     make_model,
+    objects_in_cycles,
 )
 
 STEPS = 6
@@ -274,16 +273,7 @@ def test_no_reference_cycles_with_outer_tensors():
         adapted = maml.adapt([(x[t], y[t]) for t in range(STEPS)])
         loss_fn(adapted, make_batch(9)).backward()
 
-    meta_iteration()
-    gc.collect()
-    gc.disable()
-    try:
-        meta_iteration()
-        meta_iteration()
-        unreachable = gc.collect()
-    finally:
-        gc.enable()
-    assert unreachable == 0
+    assert objects_in_cycles(meta_iteration) == 0
 
 
 def test_the_forward_pass_keeps_no_graph_of_learned_data():
