@@ -56,6 +56,33 @@ def _first_table(name: str, path: Path) -> str:
     return "\n".join([*out, *table])
 
 
+def _distillation_line(root: Path) -> str:
+    """One line on ``make bilevel``'s distillation table (its longest horizon), or ""."""
+    import csv
+
+    path = root / "bilevel" / "distill.csv"
+    if not path.exists():
+        return ""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    n = max(int(r["steps"]) for r in rows)
+    at = {r["init"]: r for r in rows if int(r["steps"]) == n}
+
+    def pct(row: dict, key: str) -> str:
+        return f"{100 * float(row[key]):.1f}%"
+
+    parts = [
+        f"{init} init {pct(r, 'distilled')} (10 random real images: {pct(r, 'random_real')}, "
+        f"class means {pct(r, 'class_means')}, all 1,000: {pct(r, 'full_train')})"
+        for init, r in at.items()
+    ]
+    return (
+        f"**Dataset distillation, exact through N = {n} steps** (`make bilevel`, scikit-learn's "
+        f"real digits): 10 learned 8x8 images train an MLP to " + "; ".join(parts) + " on the "
+        f"held-out test digits; [the tables]({(root / 'bilevel' / 'summary.md').as_posix()})."
+    )
+
+
 def headline_block(root: Path | str = "results") -> str:
     """README's block: the headline summaries' first tables and plots, and a pointer to
     results/README.md for the rest."""
@@ -68,6 +95,9 @@ def headline_block(root: Path | str = "results") -> str:
         png = path.parent / "memory_vs_steps.png"
         if name == "cpu-quick" and png.exists():
             parts += [f"![{name}: peak memory vs inner steps]({png.as_posix()})", ""]
+    line = _distillation_line(root)
+    if line:
+        parts += [line, ""]
     parts += [
         "Every preset's full tables, targets and runs that did not finish: "
         f"[{root}/README.md]({root}/README.md).",
