@@ -287,3 +287,35 @@ def test_the_forward_pass_keeps_no_graph_of_learned_data():
     witness = adapted._runtime.witness
     assert all(p is not None and p.grad_fn is None for p in witness.prints)
     assert all(v is not None and v.grad_fn is None for v in witness.losses)
+
+
+class _Scaled(nn.Module):
+    """A model whose forward reads a plain tensor attribute that requires grad (neither a
+    parameter nor a buffer: functional_call does not replace it)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.body = make_model()
+        self.scale = scale
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "revolve"])
+def test_a_tensor_attribute_of_the_model_gets_naives_gradient(strategy):
+    def run(name):
+        scale = torch.tensor(1.3, dtype=F64, requires_grad=True)
+        model = _Scaled(scale)
+        kw = {"segment": 2} if name == "checkpoint" else {"slots": 2} if name == "revolve" else {}
+        maml = effmaml.MAML(model, ce_loss, effmaml.SGD(0.3), name, **kw)
+        adapted = maml.adapt([make_batch(t) for t in range(STEPS)])
+        ce_loss(adapted, make_batch(99)).backward()
+        return [scale.grad, *(p.grad for p in model.parameters())], adapted
+
+    ref, _ = run("naive")
+    ours, adapted = run(strategy)
+    assert ours[0] is not None and "attribute of the model" in adapted.facts.outer[0]
+    scale = grad_scale(ref)
+    for a, b in zip(ours, ref):
+        assert_scaled_close(a, b, 1e-12, scale=scale)
