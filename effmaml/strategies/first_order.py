@@ -91,6 +91,7 @@ class FirstOrder(Strategy):
             return self._multi_step(problem, rt, state0, consts)
         state, losses, _ = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
         rt.outer.refuse(self.name, _WHY)
+        rt.outer.release()  # nothing to recompute: no batch need stay pinned
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
         params = clip_backward(params, problem.clip)
         return Outcome(InnerState(params, state.opt, state.buffers), losses, RunFacts(self.name))
@@ -132,6 +133,7 @@ class FirstOrder(Strategy):
             queries.append(q.detach())
         assert rt.outer is not None
         rt.outer.refuse(self.name, _WHY)
+        rt.outer.release()  # nothing to recompute: no batch need stay pinned
         inputs = [*state0.params.values(), *consts.fixed.values()]
         total = sum(problem.weight(t) * q for t, q in enumerate(queries))
         summed = [torch.zeros_like(x) if g is None else g for g, x in zip(acc, inputs)]
