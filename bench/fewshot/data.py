@@ -391,7 +391,9 @@ class MiniImageNetFolder(ImageFolderData):
 
 
 def load(spec: str) -> FewShotData:
-    """``"characters"``, ``"omniglot:/path"`` or ``"miniimagenet:/path"``.
+    """``"characters"``, ``"omniglot-small1"``/``"omniglot-small2"`` (real Omniglot's minimal
+    background sets, read from the committed zips), ``"omniglot:/path"`` or
+    ``"miniimagenet:/path"``.
 
     Raises:
         ValueError: an unknown kind (lists the known ones).
@@ -404,8 +406,13 @@ def load(spec: str) -> FewShotData:
         return OmniglotFolder(path)
     if kind == "miniimagenet" and path:
         return MiniImageNetFolder(path)
+    if kind in ("omniglot-small1", "omniglot-small2") and not path:
+        from ..omniglot.data import MinimalSet  # the committed zips (make fewshot-omniglot)
+
+        return MinimalSet(kind.removeprefix("omniglot-"))
     raise ValueError(
         f"unknown data {spec!r}: use 'characters' (embedded, the default), "
+        f"'omniglot-small1' or 'omniglot-small2' (the committed minimal sets), "
         f"'omniglot:/path/to/omniglot' or 'miniimagenet:/path/to/miniimagenet'"
     )
 

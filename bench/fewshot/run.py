@@ -11,10 +11,10 @@ from .evaluation import ci95, evaluate
 from .methods import train_method
 from .problems import METHODS, VAL_SEED, Problem, data_for
 
-__all__ = ["run"]
+__all__ = ["choose_lam", "run"]
 
 
-def _choose_lam(args) -> tuple[float, float]:
+def choose_lam(args) -> tuple[float, float]:
     """iMAML's λ candidate ``lam``: a quarter budget on seed 0, accuracy on validation."""
     problem, lam = args
     torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def run(
         lams = {}
         for p in problems:
             if "implicit" in methods and "implicit" in p.methods and len(p.imaml_lams) > 1:
-                scores = _map(pool, _choose_lam, [(p, lam) for lam in p.imaml_lams])
+                scores = _map(pool, choose_lam, [(p, lam) for lam in p.imaml_lams])
                 lams[p.name] = {"chosen": max(scores, key=lambda s: s[1])[0], "scores": scores}
             else:
                 lams[p.name] = {"chosen": p.imaml_lams[0], "scores": []}

@@ -83,6 +83,46 @@ def _distillation_line(root: Path) -> str:
     )
 
 
+def _omniglot_line(root: Path) -> str:
+    """One line on ``make fewshot-omniglot``'s 20 runs (error % per method and minimal
+    set, the MHD baseline and the published figures), or ""."""
+    import csv
+
+    path = root / "fewshot-omniglot" / "values.csv"
+    if not path.exists():
+        return ""
+    errors: dict[tuple[str, str], list[float]] = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            if r["score"] == "runs":
+                errors.setdefault((r["method"], r["set"]), []).append(float(r["value"]))
+    mean = {k: sum(v) / len(v) for k, v in errors.items()}
+    sets = sorted({s for _, s in mean if s})
+    learned = sorted({m for m, s in mean if s}, key=lambda m: min(mean[m, s] for s in sets))
+
+    def cell(method: str) -> str:
+        return " / ".join(f"{mean[method, s]:.1f}%" for s in sets)
+
+    best = learned[0]
+    mhd = mean.get(("mhd", ""), float("nan"))
+    verdict = (
+        "; no learned method beats it at this budget"
+        if all(mean[best, s] > mhd for s in sets)
+        else ""
+    )
+    parts = [f"MAML {cell('maml')}"] if "maml" in learned and best != "maml" else []
+    return (
+        f"**Real Omniglot, Lake et al.'s 20 one-shot runs** (`make fewshot-omniglot`, "
+        f"20-way within an unseen alphabet, meta-trained on each 5-alphabet minimal set "
+        f"({' / '.join(s.removeprefix('omniglot-') for s in sets)}) at a CPU's budget): "
+        f"error, best of ours {best} {cell(best)}"
+        + "".join(f", {p}" for p in parts)
+        + f"; the dataset's own MHD baseline {mhd:.1f}%{verdict}; "
+        f"people 4.5%, BPL 3.3% (Lake et al. 2015, 30 background alphabets); "
+        f"[the tables]({(root / 'fewshot-omniglot' / 'summary.md').as_posix()})."
+    )
+
+
 def headline_block(root: Path | str = "results") -> str:
     """README's block: the headline summaries' first tables and plots, and a pointer to
     results/README.md for the rest."""
@@ -95,9 +135,9 @@ def headline_block(root: Path | str = "results") -> str:
         png = path.parent / "memory_vs_steps.png"
         if name == "cpu-quick" and png.exists():
             parts += [f"![{name}: peak memory vs inner steps]({png.as_posix()})", ""]
-    line = _distillation_line(root)
-    if line:
-        parts += [line, ""]
+    for line in (_omniglot_line(root), _distillation_line(root)):
+        if line:
+            parts += [line, ""]
     parts += [
         "Every preset's full tables, targets and runs that did not finish: "
         f"[{root}/README.md]({root}/README.md).",
