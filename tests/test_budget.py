@@ -37,12 +37,16 @@ def test_estimate_follows_the_formulas():
     maml = maml_for(width=32)
     small = maml.estimate(make_batch(0), 10)
     large = maml.estimate(make_batch(0), 40)
-    assert len(small) == len(large) == 6  # naive, 2 checkpoint, 3 revolve (no CUDA: no offload)
-    assert {"naive"} <= set(small)
-    revolve4 = next(k for k in small if k.startswith("revolve(slots=4"))
+    # the default candidates are auto's, read from the registry (no CUDA: no offload)
+    expected = {st.plan(maml.problem(make_batch(0), 10)[0], maml.measure(make_batch(0)))[0]
+                for st in effmaml.Auto.candidates(maml.problem(make_batch(0), 10)[0])}  # fmt: skip
+    assert set(small) == expected and len(large) == len(small)
+    assert {"naive", "revolve(slots=8)"} <= set(small)
     # naive grows with N, revolve with fixed slots does not
     assert large["naive"].peak_bytes > 3.5 * small["naive"].peak_bytes / 1.2
-    assert large[revolve4].peak_bytes == small[revolve4].peak_bytes
+    assert large["revolve(slots=8)"].peak_bytes == small["revolve(slots=8)"].peak_bytes
+    with pytest.raises(TypeError, match="without a strategy"):
+        maml.estimate(make_batch(0), 10, slots=4)
     # predictions for the next adapt, which reuses the probe that ran for the estimate
     assert small["naive"].step_evals == 10
     seg = next(k for k in small if "pullback='segment'" in k)
@@ -186,9 +190,7 @@ def _cuda_problem(monkeypatch, steps, budget, host_budget=None):
     monkeypatch.setattr(offload, "make_store", lambda device: _FakeHostStore())
     monkeypatch.setattr(offload, "pinned_high_water", lambda: 0)
     problem, _, _ = maml_for(width=32).problem(make_batch(0), steps)
-    return dataclasses.replace(
-        problem,
-        device=torch.device("cuda"),
+    return dataclasses.replace(problem, device=torch.device("cuda")).with_settings(
         memory_budget=parse_bytes(budget),
         host_memory_budget=None if host_budget is None else parse_bytes(host_budget),
     )

@@ -48,6 +48,7 @@ ORDER = [
     "strategies.implicit",
     "strategies.auto",
     "strategies",
+    "adapted",
     "maml",
     "distributed",
     "preemption",

@@ -78,10 +78,10 @@ class Auto(Strategy):
         Raises:
             MemoryError: nothing fits.
         """
-        budget = problem.memory_budget
+        budget = problem.settings.memory_budget
         if budget is None:
             budget = int(0.9 * available_bytes(problem.device))
-        problem = dataclasses.replace(problem, memory_budget=budget)
+        problem = problem.with_settings(memory_budget=budget)
         considered: list[tuple[str, Prediction]] = []
         best: tuple[tuple, Decision] | None = None
         for st in self.candidates(problem):

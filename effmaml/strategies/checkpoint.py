@@ -101,7 +101,9 @@ class Checkpoint(Scheduled):
         if self.segment is not None:
             return [UniformSchedule(min(self.segment, n), self.pullback, store)]
         k0 = best_segment(n, self.pullback, probe.state_bytes, probe.step_graph_bytes)
-        ks = [k0] + ([k for k in range(1, n + 1) if k != k0] if problem.memory_budget else [])
+        ks = [k0] + (
+            [k for k in range(1, n + 1) if k != k0] if problem.settings.memory_budget else []
+        )
         return [UniformSchedule(k, self.pullback, store) for k in ks]
 
     def predict(self, schedule: Schedule, problem: InnerProblem, probe: Probe) -> Prediction:
@@ -111,7 +113,7 @@ class Checkpoint(Scheduled):
             schedule_peak(schedule.stored_states(n), schedule.graph_steps(n), probe),
             schedule.step_evals(n) + probe.evals,
             seconds=predict_seconds(
-                probe, schedule.advances(n), n, graph_advances=bool(problem.exact_states)
+                probe, schedule.advances(n), n, graph_advances=bool(problem.settings.exact_states)
             ),
         )
 

@@ -93,7 +93,7 @@ class FirstOrder(Strategy):
         rt.outer.refuse(self.name, _WHY)
         rt.outer.release()  # nothing to recompute: no batch need stay pinned
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
-        params = clip_backward(params, problem.clip)
+        params = clip_backward(params, problem.settings.clip)
         return Outcome(InnerState(params, state.opt, state.buffers), losses, RunFacts(self.name))
 
     def _multi_step(
@@ -139,7 +139,7 @@ class FirstOrder(Strategy):
         summed = [torch.zeros_like(x) if g is None else g for g, x in zip(acc, inputs)]
         query = _Precomputed.apply(torch.as_tensor(total), len(summed), *summed, *inputs)
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
-        params = clip_backward(params, problem.clip)
+        params = clip_backward(params, problem.settings.clip)
         out = InnerState(params, state.opt, state.buffers)
         return Outcome(out, losses, RunFacts(self.name), queries, query)
 

@@ -11,7 +11,6 @@ conjugate gradient and Hessian-vector products.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -142,9 +141,9 @@ class Implicit(Strategy):
                 "inner solution φ_N only. Use an exact strategy (naive, checkpoint, revolve, "
                 "auto) or first_order with step_weights, or adapt without step_weights"
             )
-        lam = self.resolve_lam(problem.prox)
+        lam = self.resolve_lam(problem.settings.prox)
         warn_learned_hyper(consts, self.name, ": the inner solution does not depend on them")
-        problem = dataclasses.replace(problem, prox=lam)
+        problem = problem.with_settings(prox=lam)
         theta0 = {k: v.detach() for k, v in state0.params.items()}
         consts = Consts(consts.fixed, consts.hyper, theta0)
         rt.outer = OuterTensors(problem.steps)

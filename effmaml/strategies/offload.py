@@ -61,7 +61,7 @@ class Offload(Checkpoint):
             n,
             moved_bytes=2 * schedule.moved_states(n) * p,
             pinned_bytes=max(0, host - pinned_high_water()),
-            graph_advances=bool(problem.exact_states),
+            graph_advances=bool(problem.settings.exact_states),
         )
         # on the device: the working state, the one being prefetched, the graph(s)
         peak = schedule_peak(1, schedule.graph_steps(n), probe)

@@ -51,7 +51,7 @@ class Revolve(Scheduled):
         n = problem.steps
         if self.slots is not None:
             return [RevolveSchedule(min(self.slots, n))]
-        if problem.memory_budget is None:
+        if problem.settings.memory_budget is None:
             return [RevolveSchedule(min(DEFAULT_SLOTS, n))]
         return [RevolveSchedule(s) for s in range(1, n + 1)]
 
@@ -61,7 +61,7 @@ class Revolve(Scheduled):
         # + 1 state: the output φ_N, alive while backward walks the plan
         peak = schedule_peak(schedule.stored_states(n) + 1, 1, probe)
         seconds = predict_seconds(
-            probe, schedule.advances(n), n, graph_advances=bool(problem.exact_states)
+            probe, schedule.advances(n), n, graph_advances=bool(problem.settings.exact_states)
         )
         return Prediction(peak, schedule.step_evals(n) + probe.evals, seconds=seconds)
 

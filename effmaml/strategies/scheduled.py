@@ -25,15 +25,15 @@ def resolve_states(problem: InnerProblem, probe: Probe) -> InnerProblem:
     """The problem with ``exact_states`` decided: the user's choice, or what the probe
     found (Note [States bitwise naive's]): keep each advance's graph only where a
     first-order step does not reproduce a step with graph."""
-    if problem.exact_states is not None:
+    if problem.settings.exact_states is not None:
         return problem
-    return dataclasses.replace(problem, exact_states=not probe.first_order_exact)
+    return problem.with_settings(exact_states=not probe.first_order_exact)
 
 
 def host_budget(problem: InnerProblem) -> int:
     """The pinned host memory offload may use: the user's budget, or a safe default."""
-    if problem.host_memory_budget is not None:
-        return problem.host_memory_budget
+    if problem.settings.host_memory_budget is not None:
+        return problem.settings.host_memory_budget
     return int(HOST_BUDGET_FRACTION * available_host_bytes())
 
 
@@ -79,14 +79,14 @@ class Scheduled(Strategy):
         ]
 
     def choose(self, problem: InnerProblem, probe: Probe) -> tuple[Schedule, Prediction]:
-        """The schedule to run: the default, or under ``problem.memory_budget`` the fastest
+        """The schedule to run: the default, or under ``problem.settings.memory_budget`` the fastest
         candidate that fits. Host memory (``offload``) must fit the host budget too.
 
         Raises:
             MemoryError: nothing fits (says the smallest budget that would, and why).
         """
         options = self.predictions(problem, probe)
-        budget = problem.memory_budget
+        budget = problem.settings.memory_budget
         if budget is None:
             options = options[:1]
         host = host_budget(problem) if any(p.host_bytes for _, p in options) else None
@@ -157,7 +157,7 @@ class Scheduled(Strategy):
             pr,
             prediction,
             schedule,
-            exact_states=problem.exact_states,
+            exact_states=problem.settings.exact_states,
             outer=tuple(outer.describe(i) for i in range(len(outer.tensors))),
             outer_bytes=outer.nbytes(),
         )
