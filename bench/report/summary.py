@@ -136,7 +136,9 @@ def _plot(df: pd.DataFrame, column: str, ylabel: str, path: Path, title: str) ->
 
 
 def summary_table(df: pd.DataFrame) -> str:
-    """Per strategy, at the largest N where it ran: memory, time, overhead, agreement."""
+    """Per strategy, at the largest N where it ran and was timed (where it ran, if the
+    preset timed it nowhere): memory, time, overhead, agreement. The peak table beside it
+    has every N."""
     # under autocast: also the cosine with float32 naive's meta-gradient (what AMP costs)
     fp32 = "grad_cosine_fp32" in df and df.grad_cosine_fp32.notna().any()
     lines = [
@@ -147,6 +149,8 @@ def summary_table(df: pd.DataFrame) -> str:
     ]
     for label, g in df.groupby("strategy", sort=False):
         ok = g[g.status == "ok"]
+        if ok.time_s.notna().any():
+            ok = ok[ok.time_s.notna()]
         r = ok.loc[ok.steps.idxmax()] if len(ok) else g.loc[g.steps.idxmax()]
 
         def fmt(v, spec):
