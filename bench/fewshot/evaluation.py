@@ -58,5 +58,6 @@ def ci95(values) -> float:
     return float(1.96 * values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else 0.0
 
 
-def mean_ci(values: pd.Series, scale: float = 1.0) -> str:
-    return f"{scale * values.mean():.2f} ± {scale * ci95(values):.2f}"
+def mean_ci(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
+    """``"mean ± half-width"`` of the 95% interval, times ``scale``, to ``digits`` places."""
+    return f"{scale * values.mean():.{digits}f} ± {scale * ci95(values):.{digits}f}"

@@ -11,7 +11,7 @@ from .evaluation import ci95, evaluate
 from .methods import train_method
 from .problems import METHODS, VAL_SEED, Problem, data_for
 
-__all__ = ["choose_lam", "run"]
+__all__ = ["choose_lam", "pool_map", "run", "worker_pool"]
 
 
 def choose_lam(args) -> tuple[float, float]:
@@ -33,11 +33,13 @@ def _job(args):
     return problem.name, method, seed, inner_steps, cost, res
 
 
-def _pool(workers: int):
+def worker_pool(workers: int):
+    """A pool of ``workers`` spawned processes, or None for one (jobs run in this one)."""
     return mp.get_context("spawn").Pool(workers) if workers > 1 else None
 
 
-def _map(pool, fn, jobs):
+def pool_map(pool, fn, jobs):
+    """``fn`` over ``jobs`` in order, in ``pool`` or (None) here."""
     return pool.map(fn, jobs, chunksize=1) if pool is not None else [fn(j) for j in jobs]
 
 
@@ -56,12 +58,12 @@ def run(
     """
     for p in problems:
         data_for(p)  # renders/caches the embedded characters once, before the workers
-    pool = _pool(workers)
+    pool = worker_pool(workers)
     try:
         lams = {}
         for p in problems:
             if "implicit" in methods and "implicit" in p.methods and len(p.imaml_lams) > 1:
-                scores = _map(pool, choose_lam, [(p, lam) for lam in p.imaml_lams])
+                scores = pool_map(pool, choose_lam, [(p, lam) for lam in p.imaml_lams])
                 lams[p.name] = {"chosen": max(scores, key=lambda s: s[1])[0], "scores": scores}
             else:
                 lams[p.name] = {"chosen": p.imaml_lams[0], "scores": []}
@@ -73,7 +75,7 @@ def run(
             for m in methods
             if m in p.methods
         ]
-        results = _map(pool, _job, jobs)
+        results = pool_map(pool, _job, jobs)
     finally:
         if pool is not None:
             pool.close()

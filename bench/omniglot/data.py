@@ -117,7 +117,7 @@ class MinimalSet(FewShotData):
 
     Characters are split as :func:`bench.fewshot.data.character_split` does for the full set
     (shuffled with seed 1; 1100/100/423 of 1623 in proportion: 92/8/36 of 136 characters,
-    106/9/41 of 156): ``"train"`` to meta-train on, ``"val"`` to choose hyperparameters on,
+    106/10/40 of 156): ``"train"`` to meta-train on, ``"val"`` to choose hyperparameters on,
     ``"test"`` for the usual held-out episodes. Each character under four quarter turns is
     four classes (Finn et al.'s augmentation). Every image is decoded once, at construction
     (2720 or 3120 PNGs, about a second), and kept at 28x28 (3 KiB each).

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import multiprocessing as mp
 import warnings
 
 import torch
 
 from ..fewshot.evaluation import evaluate
 from ..fewshot.methods import own_steps, train_method, tuner
-from ..fewshot.problems import METHODS, Problem
-from ..fewshot.run import choose_lam
+from ..fewshot.problems import METHODS, PROBLEMS, Problem
+from ..fewshot.run import choose_lam, pool_map, worker_pool
 from .baselines import error_percent, mhd_error, pixel_error
 from .data import BACKGROUND, Run, load_runs
 
@@ -42,23 +41,16 @@ SETS = tuple(BACKGROUND)  # "small1", "small2"
 # 64 filters, 60000 outer steps) shrunk to fit 2 CPU cores in about 30 minutes for both sets
 # and 3 seeds: 16 filters, one inner step of 0.4 at train (their 5-way step),
 # meta-batch 4, 250 outer steps; one query per class at train as in their code (15 at test).
-OMNIGLOT = Problem(
-    "omniglot",
-    "image",
+OMNIGLOT = dataclasses.replace(
+    PROBLEMS["characters"],  # its filters, inner steps and iMAML's candidates
+    name="omniglot",
     data="omniglot-small1",
     n_way=20,
-    k_shot=1,
     k_query=1,
-    width=16,
-    inner_lr=0.4,
-    inner_steps=1,
     iterations=250,
     meta_batch=4,
     eval_steps=(10,),  # transfer and random: 10 SGD steps on the support set
     eval_tasks=50,
-    imaml_steps=10,
-    imaml_lr=0.1,
-    imaml_lams=(0.5, 2.0),
 )
 EVAL_QUERIES = 15
 
@@ -120,22 +112,18 @@ def _job(args):
     return problem.name, method, seed, cost, out
 
 
-def _map(pool, fn, jobs):
-    return pool.map(fn, jobs, chunksize=1) if pool is not None else [fn(j) for j in jobs]
-
-
 def run(problems: list[Problem], seeds=(0, 1, 2), workers: int = 2, methods=METHODS):
     """Every (problem, method, seed): ``[(problem, method, seed, cost, scores), ...]`` with
     ``scores`` ``{"runs": [error % per run], "20-way": [...], "5-way": [...]}`` (accuracy per
     episode), and ``lams``: iMAML's λ per problem with the validation scores it chose by."""
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    pool = worker_pool(workers)
     try:
         lams = {}
         for p in problems:
             if "implicit" in methods and len(p.imaml_lams) > 1:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    scores = _map(pool, choose_lam, [(p, lam) for lam in p.imaml_lams])
+                    scores = pool_map(pool, choose_lam, [(p, lam) for lam in p.imaml_lams])
                 lams[p.name] = {"chosen": max(scores, key=lambda s: s[1])[0], "scores": scores}
             else:
                 lams[p.name] = {"chosen": p.imaml_lams[0], "scores": []}
@@ -150,7 +138,7 @@ def run(problems: list[Problem], seeds=(0, 1, 2), workers: int = 2, methods=METH
             ],
             key=lambda j: order.get(j[1], len(order)),
         )
-        results = _map(pool, _job, jobs)
+        results = pool_map(pool, _job, jobs)
     finally:
         if pool is not None:
             pool.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..env import device_name
-from ..fewshot.evaluation import ci95
+from ..fewshot.evaluation import ci95, mean_ci
 from ..fewshot.problems import METHODS, Problem
 
 __all__ = ["PUBLISHED", "values_frame", "write"]
@@ -43,7 +43,7 @@ def values_frame(results, baselines: dict[str, list[float]]) -> pd.DataFrame:
 
 
 def _cell(values: pd.Series) -> str:
-    return f"{values.mean():.1f} ± {ci95(values):.1f}"
+    return mean_ci(values, digits=1)
 
 
 def write(
