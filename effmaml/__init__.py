@@ -20,8 +20,11 @@ _EXPORTS = {
     "MAML": "maml",
     "Adapted": "adapted",
     "RepeatedBatch": "step",
-    "SGD": "inner",
-    "Adam": "inner",
+    "SGD": "optim",
+    "Adam": "optim",
+    "AdamW": "optim",
+    "RMSprop": "optim",
+    "Adagrad": "optim",
     "InnerOptimizer": "inner",
     "MetaTrainer": "train",
     "PerStepBatchNorm": "perstep",
@@ -54,7 +57,9 @@ __all__ = [
     "MAML",
     "SGD",
     "STRATEGIES",
+    "Adagrad",
     "Adam",
+    "AdamW",
     "Adapted",
     "Auto",
     "Checkpoint",
@@ -65,6 +70,7 @@ __all__ = [
     "Naive",
     "Offload",
     "PerStepBatchNorm",
+    "RMSprop",
     "RepeatedBatch",
     "Revolve",
     "RunFacts",
@@ -101,8 +107,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from . import costs, distributed, measure, memory, replay, tasks
     from .adapted import Adapted
-    from .inner import SGD, Adam, InnerOptimizer
+    from .inner import InnerOptimizer
     from .maml import MAML
+    from .optim import SGD, Adagrad, Adam, AdamW, RMSprop
     from .perstep import PerStepBatchNorm, msl_weights, per_step_batchnorm
     from .step import RepeatedBatch, at_step
     from .strategies import (

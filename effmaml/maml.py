@@ -360,7 +360,7 @@ class MAML:
         fixed = {n: p for n, p in named.items() if n not in theta}
         check_buffers(self.model)
         with torch.no_grad():  # the initial optimizer state: no graph
-            opt0 = self.inner.init(theta)
+            opt0 = self.inner.init_state(theta)
             buffers0 = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         state0 = InnerState(dict(theta), opt0, buffers0)
         consts = Consts(

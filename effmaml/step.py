@@ -310,7 +310,7 @@ def inner_step(
         grads_d = {
             k: torch.zeros_like(state.params[k]) if g is None else g for k, g in zip(names, grads)
         }
-        opt, params = problem.inner.step(state.opt, state.params, grads_d, t, consts.hyper)
+        opt, params = problem.inner.apply_step(state.opt, state.params, grads_d, t, consts.hyper)
         if create_graph:
             params = clip_backward(params, problem.settings.clip)
         if not problem.settings.update_running_stats:

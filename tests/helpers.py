@@ -96,7 +96,7 @@ def batches_for(kind: str, steps: int, dtype=F64):
 class Opt:
     """One row of the option grid."""
 
-    optim: str = "sgd"  # sgd | momentum | nesterov | adam
+    optim: str = "sgd"  # a key of INNER: sgd | momentum | nesterov | adam | FAMILY
     lr: str = "float"  # float | learned | per_param | per_step (per parameter and step)
     bn: str = "update"  # update | fixed | none | per_step (MAML++'s per-step BatchNorm)
     dropout: bool = False
@@ -124,7 +124,7 @@ WEIGHT_DECAY = 0.01  # plain SGD
 MOMENTUM = 0.9
 NESTEROV_MOMENTUM = 0.8
 ADAM_BETAS = (0.8, 0.95)
-ADAM_EPS = 1e-8  # enters as eps² under the square root (Note [Adam's eps inside ...])
+ADAM_EPS = 1e-8  # sqrt(v̂) + eps, the square root's derivative 0 at 0 (safe_sqrt)
 P_DROP = 0.3
 
 
@@ -140,7 +140,7 @@ def build(opt: Opt, steps: int, dtype=F64, seed=0):
     model.train()
     names = [n for n, _ in model.named_parameters()]
     adapted = list(HEAD) if opt.select == "head" else names
-    base = ADAM_LR if opt.optim == "adam" else SGD_LR
+    base = SGD_LR if opt.optim in ("sgd", "momentum", "nesterov", "dampening") else ADAM_LR
     if opt.lr == "float":
         lr = base
     elif opt.lr == "learned":
@@ -250,17 +250,36 @@ def weighted_ce(module, batch):
     return (torch.softmax(logw, 0) * F.cross_entropy(module(x), y, reduction="none")).sum()
 
 
+# the inner optimizer of each value of Opt.optim, given the rate and per_step; the first
+# four are the grid's (reference_unroll writes them inline), FAMILY the rest of the
+# torch.optim family, each with its options on (tests/test_exact.py's optimizer rows)
+INNER = {
+    "sgd": lambda lr, s: effmaml.SGD(lr, weight_decay=WEIGHT_DECAY, per_step=s),
+    "momentum": lambda lr, s: effmaml.SGD(lr, momentum=MOMENTUM, per_step=s),
+    "nesterov": lambda lr, s: effmaml.SGD(
+        lr, momentum=NESTEROV_MOMENTUM, nesterov=True, per_step=s
+    ),
+    "adam": lambda lr, s: effmaml.Adam(lr, betas=ADAM_BETAS, eps=ADAM_EPS, per_step=s),
+    "dampening": lambda lr, s: effmaml.SGD(
+        lr, momentum=MOMENTUM, dampening=0.3, weight_decay=WEIGHT_DECAY, per_step=s
+    ),
+    "adam_amsgrad": lambda lr, s: effmaml.Adam(
+        lr, ADAM_BETAS, ADAM_EPS, weight_decay=WEIGHT_DECAY, amsgrad=True, per_step=s
+    ),
+    "adamw": lambda lr, s: effmaml.AdamW(lr, ADAM_BETAS, ADAM_EPS, weight_decay=0.1, per_step=s),
+    "rmsprop": lambda lr, s: effmaml.RMSprop(lr, alpha=0.9, weight_decay=WEIGHT_DECAY, per_step=s),
+    "rmsprop_centered": lambda lr, s: effmaml.RMSprop(
+        lr, alpha=0.9, momentum=0.5, centered=True, per_step=s
+    ),
+    "adagrad": lambda lr, s: effmaml.Adagrad(
+        lr, lr_decay=0.1, weight_decay=WEIGHT_DECAY, initial_accumulator_value=0.1, per_step=s
+    ),
+}
+FAMILY = ["dampening", "adam_amsgrad", "adamw", "rmsprop", "rmsprop_centered", "adagrad"]
+
+
 def inner_for(opt: Opt, lr):
-    step = opt.lr == "per_step"
-    if opt.optim == "sgd":
-        return effmaml.SGD(lr, weight_decay=WEIGHT_DECAY, per_step=step)
-    if opt.optim == "momentum":
-        return effmaml.SGD(lr, momentum=MOMENTUM, per_step=step)
-    if opt.optim == "nesterov":
-        return effmaml.SGD(lr, momentum=NESTEROV_MOMENTUM, nesterov=True, per_step=step)
-    if opt.optim == "adam":
-        return effmaml.Adam(lr, betas=ADAM_BETAS, eps=ADAM_EPS, per_step=step)
-    raise ValueError(opt.optim)
+    return INNER[opt.optim](lr, opt.lr == "per_step")
 
 
 def learned_tensors(lr) -> list[torch.Tensor]:
@@ -410,20 +429,24 @@ def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
             r = lr[n] if isinstance(lr, dict) else lr
             if opt.lr == "per_step":
                 r = r[t]
+            # torch.optim's single-tensor updates, op for op (torch.add with alpha and
+            # addcmul round once where a * b + c rounds twice)
             if opt.optim == "sgd":
-                new[n] = p - r * (g[n] + WEIGHT_DECAY * p)
+                new[n] = _descend(p, torch.add(g[n], p, alpha=WEIGHT_DECAY), r)
             elif opt.optim in ("momentum", "nesterov"):
                 mom = MOMENTUM if opt.optim == "momentum" else NESTEROV_MOMENTUM
-                st[n][0] = mom * st[n][0] + g[n]
-                d = g[n] + mom * st[n][0] if opt.optim == "nesterov" else st[n][0]
-                new[n] = p - r * d
-            else:
+                st[n][0] = g[n] if t == 0 else torch.add(st[n][0] * mom, g[n])
+                d = torch.add(g[n], st[n][0], alpha=mom) if opt.optim == "nesterov" else st[n][0]
+                new[n] = _descend(p, d, r)
+            elif opt.optim == "adam":
                 b1, b2 = ADAM_BETAS
-                st[n][0] = b1 * st[n][0] + (1 - b1) * g[n]
-                st[n][1] = b2 * st[n][1] + (1 - b2) * g[n] ** 2
-                mh = st[n][0] / (1 - b1 ** (t + 1))
-                vh = st[n][1] / (1 - b2 ** (t + 1))
-                new[n] = p - r * mh / torch.sqrt(vh + ADAM_EPS**2)
+                st[n][0] = torch.lerp(st[n][0], g[n], 1 - b1)
+                st[n][1] = torch.addcmul(st[n][1] * b2, g[n], g[n], value=1 - b2)
+                c2_sqrt = (1 - b2 ** (t + 1)) ** 0.5
+                denom = _sqrt_zero_slope(st[n][1]) / c2_sqrt + ADAM_EPS
+                new[n] = p - ((r / (1 - b1 ** (t + 1))) * st[n][0]) / denom
+            else:  # FAMILY: checked against torch.optim in tests/test_inner.py
+                raise ValueError(f"no inline reference for {opt.optim}")
         phi = new
         if opt.bn != "fixed":
             bufs = b
@@ -441,6 +464,19 @@ def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
         "query_loss": qloss.detach(),
         "rng": torch.get_rng_state(),
     }
+
+
+def _descend(p, d, r):
+    """p - r * d as torch.optim rounds it for a float rate (p.add_(d, alpha=-r))."""
+    return p - r * d if isinstance(r, torch.Tensor) else torch.add(p, d, alpha=-r)
+
+
+def _sqrt_zero_slope(x):
+    """sqrt with derivative 0 at 0, written without effmaml.optim.safe_sqrt's custom
+    Function: the masked branch takes the square root of 1, so no order of derivative
+    meets sqrt's infinite slope at 0."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
 
 
 # -- comparisons ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 
 from .helpers import (
     BELOW_NAIVE,
+    FAMILY,
     FULL_ROW,
     GRID_FACTORS,
     OUTER_KINDS,
@@ -187,3 +188,30 @@ def test_outer_tensors_at_the_hardest_row(outer, strategy, kw):
     facts = ours["adapted"].facts
     if not facts.chosen.startswith("naive"):  # naive finds nothing: its graph needs no help
         assert len(facts.outer) >= 1
+
+
+# -- the rest of the torch.optim family (helpers.FAMILY), each at the hardest row ------------
+# Each rule meets the three ways a schedule recomputes (segment pullbacks, step pullbacks,
+# the binomial schedule) in `make test`, and every schedule of SCHEDULES under `make
+# test-slow`; the rate kind cycles through the learned ones (per parameter and step, one
+# tensor, per parameter).
+FAMILY_SCHEDULES = named(
+    "checkpoint-segment3-pullbacksegment", "checkpoint-segment3-pullbackstep", "revolve-slots2"
+)
+
+
+def _family_rows():
+    rows = []
+    for i, optim in enumerate(FAMILY):
+        opt = dataclasses.replace(
+            FULL_ROW, optim=optim, lr=("per_step", "learned", "per_param")[i % 3]
+        )
+        for strategy, kw in SCHEDULES:
+            marks = [] if (strategy, kw) in FAMILY_SCHEDULES else [pytest.mark.slow]
+            rows.append(pytest.param(opt, strategy, kw, marks=marks))
+    return rows
+
+
+@pytest.mark.parametrize("opt,strategy,kw", _family_rows(), ids=_id)
+def test_every_inner_optimizer(opt, strategy, kw):
+    compare_to_naive(opt, strategy, STEPS, **kw)

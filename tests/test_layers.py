@@ -22,6 +22,7 @@ ORDER = [
     "replay",
     "clip",
     "inner",
+    "optim",
     "checks",
     "notices",
     "checkpoints",

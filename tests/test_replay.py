@@ -59,8 +59,8 @@ def _amp_rows():
     """FULL_ROW and every grid row, each paired with one recomputing strategy.
 
     Except Adam with per-step BatchNorm: a per-step weight's slices have exactly zero inner
-    gradients until their step, where Adam's derivative is (1-β₁)/ε (Note [Adam's eps inside
-    the square root]), so float32 sums of such terms differ in their last ~1e-2 in any
+    gradients until their step, where Adam's derivative is (1-β₁)/ε (Note [Adam's eps outside
+    a safe square root]), so float32 sums of such terms differ in their last ~1e-2 in any
     order, naive's included; the float64 specification (tests/test_exact.py) covers it.
     """
     rows = [FULL_ROW, *[o for o in GRID if not (o.optim == "adam" and o.bn == "per_step")]]
