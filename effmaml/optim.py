@@ -34,6 +34,10 @@ from .inner import InnerOptimizer, LearningRate
 
 __all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop", "safe_sqrt"]
 
+Rate = float | Tensor
+In = Mapping[str, Tensor]
+Out = dict[str, Tensor]
+
 
 class _SafeSqrt(torch.autograd.Function):
     """sqrt(x) whose derivative at x == 0 is 0 instead of +inf."""
@@ -111,9 +115,37 @@ def _descend(p: Tensor, direction: Tensor, rate: float | Tensor) -> Tensor:
 
 
 class _TorchOptim(InnerOptimizer):
-    """What the family shares: a repr that lists the options."""
+    """What the family shares: the loop over parameters, L2 weight decay, a repr that lists
+    the options. A member implements ``_update`` for one parameter."""
 
     _options: tuple[str, ...] = ()
+    weight_decay: float = 0.0
+
+    def step(
+        self,
+        state: Mapping[str, Tensor],
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        t: int,
+        hyper: Mapping[str, Tensor],
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        new_state: dict[str, Tensor] = {}
+        new_params: dict[str, Tensor] = {}
+        for name, p in params.items():
+            lr = self.rate(name, hyper, t)
+            new_params[name] = self._update(name, p, grads[name], lr, t, state, new_state)
+        return new_state, new_params
+
+    def _update(
+        self, name: str, p: Tensor, g: Tensor, lr: Rate, t: int, old: In, new: Out
+    ) -> Tensor:
+        """Parameter ``name``'s new value at step ``t`` from the state ``old``; its state
+        entries go into ``new`` (a fresh dict, not one of the tensors given)."""
+        raise NotImplementedError
+
+    def _l2(self, g: Tensor, p: Tensor) -> Tensor:
+        """``g + weight_decay * p``, as torch.optim rounds it."""
+        return torch.add(g, p, alpha=self.weight_decay) if self.weight_decay else g
 
     def _repr_args(self) -> str:
         options = ", ".join(f"{k}={getattr(self, k)}" for k in self._options)
@@ -174,30 +206,17 @@ class SGD(_TorchOptim):
             return {}
         return {f"momentum_buffer.{k}": torch.zeros_like(p) for k, p in params.items()}
 
-    def step(
-        self,
-        state: Mapping[str, Tensor],
-        params: Mapping[str, Tensor],
-        grads: Mapping[str, Tensor],
-        t: int,
-        hyper: Mapping[str, Tensor],
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        new_state: dict[str, Tensor] = {}
-        new_params: dict[str, Tensor] = {}
-        for name, p in params.items():
-            g = grads[name]
-            if self.weight_decay:
-                g = torch.add(g, p, alpha=self.weight_decay)
-            if self.momentum:
-                key = f"momentum_buffer.{name}"
-                if t == 0:  # torch's first step: the buffer is g, undamped
-                    buf = g
-                else:
-                    buf = torch.add(state[key] * self.momentum, g, alpha=1 - self.dampening)
-                new_state[key] = buf
-                g = torch.add(g, buf, alpha=self.momentum) if self.nesterov else buf
-            new_params[name] = _descend(p, g, self.rate(name, hyper, t))
-        return new_state, new_params
+    def _update(
+        self, name: str, p: Tensor, g: Tensor, lr: Rate, t: int, old: In, new: Out
+    ) -> Tensor:
+        g = self._l2(g, p)
+        if self.momentum:
+            key = f"momentum_buffer.{name}"
+            # torch's first step: the buffer is g, undamped
+            buf = g if t == 0 else torch.add(old[key] * self.momentum, g, alpha=1 - self.dampening)
+            new[key] = buf
+            g = torch.add(g, buf, alpha=self.momentum) if self.nesterov else buf
+        return _descend(p, g, lr)
 
 
 class Adam(_TorchOptim):
@@ -273,36 +292,23 @@ class Adam(_TorchOptim):
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[: 3 if self.amsgrad else 2]
         return {f"{key}.{k}": torch.zeros_like(p) for k, p in params.items() for key in keys}
 
-    def step(
-        self,
-        state: Mapping[str, Tensor],
-        params: Mapping[str, Tensor],
-        grads: Mapping[str, Tensor],
-        t: int,
-        hyper: Mapping[str, Tensor],
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _update(
+        self, name: str, p: Tensor, g: Tensor, lr: Rate, t: int, old: In, new: Out
+    ) -> Tensor:
         b1, b2 = self.betas
-        c1 = 1 - b1 ** (t + 1)
-        c2_sqrt = (1 - b2 ** (t + 1)) ** 0.5
-        new_state: dict[str, Tensor] = {}
-        new_params: dict[str, Tensor] = {}
-        for name, p in params.items():
-            g = grads[name]
-            lr = self.rate(name, hyper, t)
-            if self.weight_decay and self.decoupled_weight_decay:
-                p = p * (1 - lr * self.weight_decay)
-            elif self.weight_decay:
-                g = torch.add(g, p, alpha=self.weight_decay)
-            m = torch.lerp(state[f"exp_avg.{name}"], g, 1 - b1)
-            v = torch.addcmul(state[f"exp_avg_sq.{name}"] * b2, g, g, value=1 - b2)
-            new_state[f"exp_avg.{name}"] = m
-            new_state[f"exp_avg_sq.{name}"] = v
-            if self.amsgrad:
-                v = torch.maximum(state[f"max_exp_avg_sq.{name}"], v)
-                new_state[f"max_exp_avg_sq.{name}"] = v
-            denom = safe_sqrt(v) / c2_sqrt + self.eps
-            new_params[name] = p - ((lr / c1) * m) / denom
-        return new_state, new_params
+        if self.decoupled_weight_decay:
+            p = p * (1 - lr * self.weight_decay) if self.weight_decay else p
+        else:
+            g = self._l2(g, p)
+        m = torch.lerp(old[f"exp_avg.{name}"], g, 1 - b1)
+        v = torch.addcmul(old[f"exp_avg_sq.{name}"] * b2, g, g, value=1 - b2)
+        new[f"exp_avg.{name}"] = m
+        new[f"exp_avg_sq.{name}"] = v
+        if self.amsgrad:
+            v = torch.maximum(old[f"max_exp_avg_sq.{name}"], v)
+            new[f"max_exp_avg_sq.{name}"] = v
+        denom = safe_sqrt(v) / (1 - b2 ** (t + 1)) ** 0.5 + self.eps
+        return p - ((lr / (1 - b1 ** (t + 1))) * m) / denom
 
 
 class AdamW(Adam):
@@ -395,37 +401,24 @@ class RMSprop(_TorchOptim):
         keys += ["grad_avg"] if self.centered else []
         return {f"{key}.{k}": torch.zeros_like(p) for k, p in params.items() for key in keys}
 
-    def step(
-        self,
-        state: Mapping[str, Tensor],
-        params: Mapping[str, Tensor],
-        grads: Mapping[str, Tensor],
-        t: int,
-        hyper: Mapping[str, Tensor],
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _update(
+        self, name: str, p: Tensor, g: Tensor, lr: Rate, t: int, old: In, new: Out
+    ) -> Tensor:
+        g = self._l2(g, p)
         alpha = self.alpha
-        new_state: dict[str, Tensor] = {}
-        new_params: dict[str, Tensor] = {}
-        for name, p in params.items():
-            g = grads[name]
-            lr = self.rate(name, hyper, t)
-            if self.weight_decay:
-                g = torch.add(g, p, alpha=self.weight_decay)
-            v = torch.addcmul(state[f"square_avg.{name}"] * alpha, g, g, value=1 - alpha)
-            new_state[f"square_avg.{name}"] = v
-            if self.centered:
-                mean = torch.lerp(state[f"grad_avg.{name}"], g, 1 - alpha)
-                new_state[f"grad_avg.{name}"] = mean
-                avg = safe_sqrt(torch.addcmul(v, mean, mean, value=-1)) + self.eps
-            else:
-                avg = safe_sqrt(v) + self.eps
-            if self.momentum:
-                buf = torch.addcdiv(state[f"momentum_buffer.{name}"] * self.momentum, g, avg)
-                new_state[f"momentum_buffer.{name}"] = buf
-                new_params[name] = _descend(p, buf, lr)
-            else:
-                new_params[name] = p - (lr * g) / avg
-        return new_state, new_params
+        v = torch.addcmul(old[f"square_avg.{name}"] * alpha, g, g, value=1 - alpha)
+        new[f"square_avg.{name}"] = v
+        if self.centered:
+            mean = torch.lerp(old[f"grad_avg.{name}"], g, 1 - alpha)
+            new[f"grad_avg.{name}"] = mean
+            avg = safe_sqrt(torch.addcmul(v, mean, mean, value=-1)) + self.eps
+        else:
+            avg = safe_sqrt(v) + self.eps
+        if not self.momentum:
+            return p - (lr * g) / avg
+        buf = torch.addcdiv(old[f"momentum_buffer.{name}"] * self.momentum, g, avg)
+        new[f"momentum_buffer.{name}"] = buf
+        return _descend(p, buf, lr)
 
 
 class Adagrad(_TorchOptim):
@@ -480,22 +473,10 @@ class Adagrad(_TorchOptim):
         value = self.initial_accumulator_value
         return {f"sum.{k}": torch.full_like(p, value) for k, p in params.items()}
 
-    def step(
-        self,
-        state: Mapping[str, Tensor],
-        params: Mapping[str, Tensor],
-        grads: Mapping[str, Tensor],
-        t: int,
-        hyper: Mapping[str, Tensor],
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        new_state: dict[str, Tensor] = {}
-        new_params: dict[str, Tensor] = {}
-        for name, p in params.items():
-            g = grads[name]
-            if self.weight_decay:
-                g = torch.add(g, p, alpha=self.weight_decay)
-            clr = self.rate(name, hyper, t) / (1 + t * self.lr_decay)
-            s = torch.addcmul(state[f"sum.{name}"], g, g, value=1)
-            new_state[f"sum.{name}"] = s
-            new_params[name] = p - (clr * g) / (safe_sqrt(s) + self.eps)
-        return new_state, new_params
+    def _update(
+        self, name: str, p: Tensor, g: Tensor, lr: Rate, t: int, old: In, new: Out
+    ) -> Tensor:
+        g = self._l2(g, p)
+        s = torch.addcmul(old[f"sum.{name}"], g, g, value=1)
+        new[f"sum.{name}"] = s
+        return p - ((lr / (1 + t * self.lr_decay)) * g) / (safe_sqrt(s) + self.eps)
