@@ -429,16 +429,15 @@ def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
             r = lr[n] if isinstance(lr, dict) else lr
             if opt.lr == "per_step":
                 r = r[t]
-            # torch.optim's single-tensor updates, op for op (torch.add with alpha and
-            # addcmul round once where a * b + c rounds twice)
             if opt.optim == "sgd":
-                new[n] = _descend(p, torch.add(g[n], p, alpha=WEIGHT_DECAY), r)
+                new[n] = p - r * (g[n] + WEIGHT_DECAY * p)
             elif opt.optim in ("momentum", "nesterov"):
                 mom = MOMENTUM if opt.optim == "momentum" else NESTEROV_MOMENTUM
-                st[n][0] = g[n] if t == 0 else torch.add(st[n][0] * mom, g[n])
-                d = torch.add(g[n], st[n][0], alpha=mom) if opt.optim == "nesterov" else st[n][0]
-                new[n] = _descend(p, d, r)
-            elif opt.optim == "adam":
+                st[n][0] = mom * st[n][0] + g[n]
+                d = g[n] + mom * st[n][0] if opt.optim == "nesterov" else st[n][0]
+                new[n] = p - r * d
+            elif opt.optim == "adam":  # torch.optim's operations, op for op (lerp and
+                # addcmul round once where a * b + c rounds twice)
                 b1, b2 = ADAM_BETAS
                 st[n][0] = torch.lerp(st[n][0], g[n], 1 - b1)
                 st[n][1] = torch.addcmul(st[n][1] * b2, g[n], g[n], value=1 - b2)
@@ -464,11 +463,6 @@ def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
         "query_loss": qloss.detach(),
         "rng": torch.get_rng_state(),
     }
-
-
-def _descend(p, d, r):
-    """p - r * d as torch.optim rounds it for a float rate (p.add_(d, alpha=-r))."""
-    return p - r * d if isinstance(r, torch.Tensor) else torch.add(p, d, alpha=-r)
 
 
 def _sqrt_zero_slope(x):

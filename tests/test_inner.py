@@ -149,9 +149,9 @@ def _max_deviation(name, tensor_lr):
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_matches_torch_optim_on_the_same_gradients(name):
     """Every combination of the options, STEPS steps, three shapes, a dead unit: float64
-    parameters equal torch.optim's to rounding; with a float rate, to the bit (the same
-    operations in the same order)."""
-    assert _max_deviation(name, tensor_lr=False) == 0.0
+    parameters equal torch.optim's to rounding; with a float rate, to the bit, but SGD,
+    which rounds as the peers do (Note [SGD's rounding]), a few ulps of parameters ~1."""
+    assert _max_deviation(name, tensor_lr=False) <= (1e-15 if name == "SGD" else 0.0)
     assert _max_deviation(name, tensor_lr=True) <= 1e-15
 
 
