@@ -41,12 +41,14 @@ from .state import Consts, InnerState, Spec
 from .step import InnerProblem, Runtime, inner_step
 
 __all__ = [
+    "BackwardAgainError",
     "Handle",
     "Resident",
     "Schedule",
     "Store",
     "advance",
     "advance_to",
+    "backward_again_error",
     "pullback",
     "run_schedule",
 ]
@@ -202,6 +204,22 @@ def advance_to(
         return out, capture_rng(problem.device)
 
 
+class BackwardAgainError(RuntimeError):
+    """A second backward through an unroll whose stored states the first one used up."""
+
+
+def backward_again_error(what: str) -> BackwardAgainError:
+    """The error of a second backward through one ``adapt`` run by ``what``, with the fixes."""
+    return BackwardAgainError(
+        f"backward ran a second time through one adapt run by {what}: its first backward "
+        f"used up what the forward pass kept for it (retain_graph=True keeps autograd's "
+        f"graph, not the inner states a strategy recomputes from). Take every gradient in "
+        f"one backward: sum the losses ((loss_a + loss_b).backward()), or pass them together "
+        f"to torch.autograd.grad([loss_a, loss_b], ...); or call adapt again for each "
+        f"backward; or use strategy='naive', whose graph retain_graph keeps"
+    )
+
+
 class Handle:
     """A stored state, wherever it lives; ``Store.get`` brings it to the device."""
 
@@ -323,6 +341,8 @@ class _Unroll(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         run: _Run = ctx.run
+        if run.memo is None:  # the first backward used the stored states up
+            raise backward_again_error(f"a recomputing schedule ({type(run.schedule).__name__})")
         problem, rt, spec = run.problem, run.rt, run.state_spec
         flat = ctx.saved_tensors
         n_c = run.consts_spec.size

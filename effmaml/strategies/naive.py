@@ -29,6 +29,7 @@ class Naive(Strategy):
 
     name = "naive"
     exact = True
+    streams = True
 
     @classmethod
     def auto_candidates(cls, device: torch.device) -> list[Strategy]:
@@ -47,6 +48,8 @@ class Naive(Strategy):
                 queries.append(torch.zeros_like(loss) if query is None else query)
             if t == 0 and find_no_double_backward(state.params.values()) is not None:
                 raise no_double_backward_error(problem, state0, consts)
+            if rt.watch(t, loss):  # adapt's callback: N = t + 1
+                break
         facts = RunFacts("naive")
         return Outcome(state, losses, facts, queries, multi_step_loss(problem, queries))
 

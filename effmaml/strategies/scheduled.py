@@ -129,6 +129,11 @@ class Scheduled(Strategy):
             f"strategy='auto'"
         )
 
+    def check_budget(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> None:
+        """Nothing: ``choose`` holds the budget as it picks the schedule (in ``run``)."""
+
     def run(
         self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     ) -> Outcome:
