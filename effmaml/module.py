@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["FunctionalModel", "handing_out", "inside_module"]
+__all__ = ["FunctionalModel", "inside_module"]
 
 # what would change the user's model rather than this view of it
 _MUTATORS = frozenset(
@@ -72,9 +72,6 @@ _MUTATORS = frozenset(
 )
 
 _INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("effmaml_inside", default=False)
-_HANDED: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar(
-    "effmaml_handed", default=None
-)
 
 
 def inside_module() -> bool:
@@ -82,38 +79,6 @@ def inside_module() -> bool:
     model's tensors are then the ones it was given (``effmaml.outer``'s check of the
     captured model looks only outside)."""
     return _INSIDE.get()
-
-
-@contextlib.contextmanager
-def handing_out() -> Iterator[set[int]]:
-    """Collect, while active, the ids of the tensors ``FunctionalModel`` hands out as
-    attributes or method results (``m.fc.weight``, ``m.parameters()``): reading them is
-    reading ``m``, even where they are the model's own tensors (naive's step 0)."""
-    token = _HANDED.set(set())
-    try:
-        handed = _HANDED.get()
-        assert handed is not None
-        yield handed
-    finally:
-        _HANDED.reset(token)
-
-
-def _hand_out(value: Any) -> Any:
-    handed = _HANDED.get()
-    if handed is not None:
-        _note(value, handed, 0)
-    return value
-
-
-def _note(value: Any, handed: set[int], depth: int) -> None:
-    if isinstance(value, Tensor):
-        handed.add(id(value))
-    elif depth < 2 and isinstance(value, (list, tuple)):
-        for v in value:
-            _note(v, handed, depth + 1)
-    elif depth < 2 and isinstance(value, Mapping):
-        for v in value.values():
-            _note(v, handed, depth + 1)
 
 
 class _Caller(nn.Module):
@@ -276,7 +241,7 @@ class FunctionalModel:
         for group, values in given.items():
             if name in module.__dict__.get(group, {}):
                 value = values.get(fm.alias(self._prefix + name))
-                return _hand_out(getattr(module, name) if value is None else value)
+                return getattr(module, name) if value is None else value
         if name in module.__dict__.get("_modules", {}):
             return self._child(name)
         if name in _MUTATORS:
@@ -299,7 +264,7 @@ class FunctionalModel:
         if inspect.isfunction(static) or isinstance(static, functools.partialmethod):
             return self._method(name)
         if hasattr(static, "__get__"):  # a property: evaluated with the view's tensors
-            return _hand_out(self._view(self._run(lambda: getattr(module, name))))
+            return self._view(self._run(lambda: getattr(module, name)))
         return static
 
     def _method(self, name: str) -> Callable[..., Any]:
@@ -314,8 +279,8 @@ class FunctionalModel:
 
             out = self._run(run)
             if isinstance(out, _Listed):
-                return iter([self._view(v) for v in _hand_out(out.items)])
-            return _hand_out(self._view(out))
+                return iter([self._view(v) for v in out.items])
+            return self._view(out)
 
         call.__name__ = name
         call.__doc__ = getattr(type(module), name).__doc__

@@ -42,7 +42,7 @@ from typing import Any
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .module import handing_out, inside_module
+from .module import inside_module
 
 __all__ = [
     "LOSS_FN",
@@ -275,12 +275,11 @@ class _Reading(TorchFunctionMode):
         step: int,
         own: set[int],
         captured: Mapping[int, tuple[str, str]] | None,
-        handed: set[int],
         reader: str,
     ) -> None:
         super().__init__()
         self.outer, self.step, self.own = outer, step, own
-        self.captured, self.handed, self.reader = captured, handed, reader
+        self.captured, self.reader = captured, reader
 
     def __torch_function__(
         self,
@@ -302,20 +301,19 @@ class _Reading(TorchFunctionMode):
         return out
 
     def _check(self, value: Any, func: Any) -> None:
-        """Raise if ``value`` holds one of the captured model's tensors that the step's
-        module did not hand out."""
+        """Raise if ``value`` holds one of the captured model's adapted parameters."""
         # Note [The captured model]
         # loss_fn(m, batch) that calls the model it captured, model(x), reads θ where it
-        # should read φ_t: naive differentiates that silently (48% off on a small MLP), and a
-        # recomputing strategy would count θ as an outer tensor. Inside a call of m (or of
-        # its methods) the model holds the step's tensors, so only reads outside one are
-        # looked at; there, a tensor of the model that m replaces (an adapted parameter, a
-        # buffer) is the slip, unless m handed it out itself (m.fc.weight, m.parameters():
-        # at naive's step 0 φ_0 is θ, the same tensor).
+        # should read φ_t: naive differentiated that silently (48% off on a small MLP), and a
+        # recomputing strategy counted θ as an outer tensor. The step's module never holds
+        # the model's adapted parameters (φ₀ is a node of its own under every strategy:
+        # Note [φ₀ is not θ]), so one of them handed to a torch function is the slip. Only
+        # reads outside a call of m are looked at: inside one, the model holds m's tensors.
+        # The model's fixed parameters are m's too, and reading them directly is harmless.
         assert self.captured is not None
         if isinstance(value, Tensor):
             hit = self.captured.get(id(value))
-            if hit is not None and id(value) not in self.handed:
+            if hit is not None:
                 kind, name = hit
                 raise CapturedModelError(
                     f"loss_fn read the model's own {kind} {name!r} at inner step "
@@ -378,9 +376,9 @@ def reading(
         outer: the call's record, or None.
         step: the inner step's index.
         own: the step's own tensors (its state, the constants): never outer.
-        captured: id -> ``(kind, name)`` of the model's tensors that the step's module
-            replaces (adapted parameters, buffers): read outside it, ``CapturedModelError``
-            (Note [The captured model]); None: not checked.
+        captured: id -> ``(kind, name)`` of the model's adapted parameters, which the
+            step's module replaces: read by a torch function outside a call of it,
+            ``CapturedModelError`` (Note [The captured model]); None: not checked.
         reader: ``LOSS_FN``, or the inner optimizer whose ``step`` runs (for messages).
 
     Raises:
@@ -389,8 +387,5 @@ def reading(
     if outer is None and captured is None:
         yield None
         return
-    with (
-        handing_out() as handed,
-        _Reading(outer, step, {id(t) for t in own}, captured, handed, reader) as mode,
-    ):
+    with _Reading(outer, step, {id(t) for t in own}, captured, reader) as mode:
         yield mode

@@ -396,3 +396,57 @@ def test_every_strategy_gives_tensors_the_inner_optimizer_reads_a_gradient_or_re
     for i, (a, b) in enumerate(zip(ours, ref)):
         assert a is not None, f"{name}: no gradient for input {i}"
         assert_scaled_close(a, b, 1e-12, f"{name} grad[{i}]", scale=scale)
+
+
+class _At:
+    """A module of the model at given tensors, indexable as the adapted model is."""
+
+    def __init__(self, module, tensors):
+        self.module, self.tensors = module, tensors
+
+    def __call__(self, x):
+        return functional_call(self.module, self.tensors, (x,))
+
+    def __getitem__(self, i):
+        prefix = f"{i}."
+        sub = {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return _At(self.module[i], sub)
+
+    def __getattr__(self, name):
+        return self.tensors[name]
+
+
+@pytest.mark.parametrize("strategy", ["naive", "checkpoint", "revolve"])
+def test_a_batch_computed_from_the_models_parameters_is_held_by_the_inner_steps(strategy):
+    """A batch holding a head computed from the model's parameters at θ (ProtoMAML's
+    prototypes): the inner steps differentiate the adapted parameters with the batch held,
+    at every step, as a hand-written unroll whose φ₀ is a node of its own does. naive's
+    first step took θ itself as φ₀, so its first inner gradient also ran through the
+    batch's path to θ: 1e-2 apart from checkpoint's, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    names = [n for n, _ in model.named_parameters()]
+    x, y = make_batch(0)
+    head = 2 * torch.tanh(model[0](x[:3]))  # (3, 4): one prototype per class, from θ
+
+    def loss_fn(m, batch):
+        xb, yb, w = batch
+        return F.cross_entropy(F.linear(m[1](m[0](xb)), w + m[2].weight, m[2].bias), yb)
+
+    query = (*make_batch(9), head)
+    phi = [p.view_as(p) for p in model.parameters()]  # φ₀: θ's value, a node of its own
+    for _ in range(3):
+        loss = loss_fn(_At(model, dict(zip(names, phi))), (x, y, head))
+        grads = torch.autograd.grad(loss, phi, create_graph=True)
+        phi = [p - 0.3 * g for p, g in zip(phi, grads)]
+    wrt = list(model.parameters())
+    ref = torch.autograd.grad(
+        loss_fn(_At(model, dict(zip(names, phi))), query), wrt, retain_graph=True
+    )
+
+    kw = {"segment": 2} if strategy == "checkpoint" else {}
+    maml = effmaml.MAML(model, loss_fn, effmaml.SGD(0.3), strategy, **kw)
+    ours = torch.autograd.grad(loss_fn(maml.adapt((x, y, head), steps=3), query), wrt)
+    scale = grad_scale(list(ref))
+    for a, b in zip(ours, ref):
+        assert_scaled_close(a, b, 1e-12, scale=scale)
