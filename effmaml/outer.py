@@ -317,12 +317,12 @@ class _Reading(TorchFunctionMode):
                 kind, name = hit
                 raise CapturedModelError(
                     f"loss_fn read the model's own {kind} {name!r} at inner step "
-                    f"{self.step} (in {_name(func)}): it uses the model it captured, whose "
-                    f"{kind}s are the initial ones, not the module it is given, which holds "
-                    f"the {kind}s after t inner steps, so the meta-gradient would be wrong "
-                    f"under every strategy. Call m(x) inside loss_fn(m, batch), and "
-                    f"m.embed(x), m.backbone(x), m.fc.weight or m.parameters() for the rest "
-                    f"of the model"
+                    f"{self.step} (in {_name(func)}): it uses the model it captured "
+                    f"(model(x), model.parameters()), which holds the initial θ, instead of "
+                    f"the module m it is given, which holds the adapted φ_t; the "
+                    f"meta-gradient would be wrong under every strategy. Call m(x) inside "
+                    f"loss_fn(m, batch), and m.embed(x), m.backbone(x), m.parameters() for "
+                    f"the rest of the model"
                 )
         elif isinstance(value, (list, tuple)):
             for v in value:

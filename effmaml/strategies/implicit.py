@@ -284,27 +284,30 @@ class _Solver:
         the solve): the implicit function theorem gives them no gradient."""
         outer = self.rt.outer
         assert outer is not None
+        used = set().union(*(outer.reads[t] for t in self.indices))
         mover = [i for i in range(len(outer.tensors)) if i not in outer.by_loss]
-        if mover:
-            listed = "; ".join(outer.describe(i) for i in mover[:3])
-            raise OuterTensorError(
-                f"strategy='implicit' gives no meta-gradient to tensors that only the inner "
-                f"optimizer's step reads: {listed}. The inner solution does not depend on "
-                f"how the optimizer reaches it (as for learned rates, which it warns about), "
-                f"so their implicit gradient is zero by construction, not naive's; use an "
-                f"exact strategy ('checkpoint', 'revolve', 'auto'), or .detach() them"
-            )
-        used = set().union(*(outer.reads[t] for t in self.indices)) & outer.by_loss
-        left = [i for i in range(len(outer.tensors)) if i not in used]
-        if left:
-            listed = "; ".join(outer.describe(i) for i in left[:3])
-            raise OuterTensorError(
+        unread = [i for i in outer.by_loss if i not in used]
+        for left, why in (
+            (
+                mover,
+                "strategy='implicit' gives no meta-gradient to tensors that only the inner "
+                "optimizer's step reads: {listed}. The inner solution does not depend on how "
+                "the optimizer reaches it (as for learned rates, which it warns about), so "
+                "their implicit gradient is zero by construction, not naive's; use an exact "
+                "strategy ('checkpoint', 'revolve', 'auto'), or .detach() them",
+            ),
+            (
+                sorted(unread),
                 f"strategy='implicit' with hvp_batches={self.strategy.hvp_batches} solves on "
                 f"the batches of steps {self.indices} only, and these tensors that require "
-                f"grad are read by other steps alone: {listed}. They have no implicit "
-                f"gradient; pass hvp_batches=None (every distinct batch), or use an exact "
-                f"strategy ('checkpoint', 'revolve', 'auto')"
-            )
+                "grad are read by other steps alone: {listed}. They have no implicit "
+                "gradient; pass hvp_batches=None (every distinct batch), or use an exact "
+                "strategy ('checkpoint', 'revolve', 'auto')",
+            ),
+        ):
+            if left:
+                listed = "; ".join(outer.describe(i) for i in left[:3])
+                raise OuterTensorError(why.format(listed=listed))
 
     def _grad_terms(self, phi: dict[str, Tensor], fixed: dict[str, Tensor]) -> Iterator[Tensor]:
         """For each distinct batch, its loss / n_batches (a graph through phi and fixed)."""
@@ -435,7 +438,7 @@ class _ImplicitGrad(torch.autograd.Function):
         outer = solver.rt.outer
         assert outer is not None
         if solver.released and outer.tensors:  # the pinned batches of the first are gone
-            raise backward_again_error("strategy='implicit' with outer tensors")
+            raise backward_again_error("strategy implicit with outer tensors")
         with (
             torch.enable_grad(),
             _dropout_off(solver.problem.model),

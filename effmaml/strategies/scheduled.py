@@ -153,11 +153,12 @@ class Scheduled(Strategy):
     ) -> Outcome:
         """Run a chosen ``schedule`` on the engine (for ``run`` and ``auto``)."""
         problem = resolve_states(problem, pr)
-        state, losses, queries = run_schedule(problem, rt, state0, consts, schedule)
+        label = self.label(schedule)
+        state, losses, queries = run_schedule(problem, rt, state0, consts, schedule, label)
         outer = rt.outer
         assert outer is not None
         facts = RunFacts(
-            self.label(schedule),
+            label,
             self.resolved(schedule),
             pr,
             prediction,
