@@ -41,12 +41,14 @@ from .state import Consts, InnerState, Spec
 from .step import InnerProblem, Runtime, inner_step
 
 __all__ = [
+    "BackwardAgainError",
     "Handle",
     "Resident",
     "Schedule",
     "Store",
     "advance",
     "advance_to",
+    "backward_again_error",
     "pullback",
     "run_schedule",
 ]
@@ -202,6 +204,22 @@ def advance_to(
         return out, capture_rng(problem.device)
 
 
+class BackwardAgainError(RuntimeError):
+    """A second backward through an unroll whose stored states the first one used up."""
+
+
+def backward_again_error(what: str) -> BackwardAgainError:
+    """The error of a second backward through one ``adapt`` run by ``what``, with the fixes."""
+    return BackwardAgainError(
+        f"backward ran a second time through one adapt run by {what}: its first backward "
+        f"used up what the forward pass kept for it (retain_graph=True keeps autograd's "
+        f"graph, not the inner states a strategy recomputes from). Take every gradient in "
+        f"one backward: sum the losses ((loss_a + loss_b).backward()), or pass them together "
+        f"to torch.autograd.grad([loss_a, loss_b], ...); or call adapt again for each "
+        f"backward; or use strategy='naive', whose graph retain_graph keeps"
+    )
+
+
 class Handle:
     """A stored state, wherever it lives; ``Store.get`` brings it to the device."""
 
@@ -323,6 +341,8 @@ class _Unroll(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         run: _Run = ctx.run
+        if run.memo is None:  # the first backward used the stored states up
+            raise backward_again_error(f"strategy {run.label or type(run.schedule).__name__}")
         problem, rt, spec = run.problem, run.rt, run.state_spec
         flat = ctx.saved_tensors
         n_c = run.consts_spec.size
@@ -406,6 +426,7 @@ class _Run:
     rng0: RngState
     memo: object = None
     result: tuple[InnerState, list[Tensor], list[Tensor]] | None = None
+    label: str = ""
 
     def unflatten(self, flat: Sequence[Tensor]) -> tuple[InnerState, Consts]:
         state, rest = self.state_spec.split(flat)
@@ -418,6 +439,7 @@ def run_schedule(
     state0: InnerState,
     consts: Consts,
     schedule: Schedule,
+    label: str = "",
 ) -> tuple[InnerState, Tensor, Tensor]:
     """Run the unroll under ``schedule``; the result is differentiable w.r.t. the inputs
     and every outer tensor the steps read (``effmaml.outer``).
@@ -428,6 +450,7 @@ def run_schedule(
         state0: the initial state (params θ, optimizer state, buffers).
         consts: constants (fixed params, tensor hyper-parameters, θ₀).
         schedule: the schedule.
+        label: the strategy as run, for messages (``checkpoint(segment=5, ...)``).
 
     Returns:
         ``(state_N, losses, queries)``, the inner and query losses of shape ``(N,)``.
@@ -448,7 +471,7 @@ def run_schedule(
             problem, rt, state0.detached(requires_grad=False), rng0, consts
         )
     rt.host_peak_bytes = max(rt.host_peak_bytes, schedule.store.host_bytes())
-    run = _Run(problem, rt, schedule, state0.spec(), consts.spec(), rng0, memo)
+    run = _Run(problem, rt, schedule, state0.spec(), consts.spec(), rng0, memo, label=label)
     run.result = (state, losses, queries)
     out = _Unroll.apply(run, *state0.flat(), *consts.flat(), *rt.outer.tensors)
     state, _ = run.state_spec.split(out[:-2])

@@ -11,14 +11,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import perstep
+from . import perstep, watch
 from .adapted import Adapted
 from .costs import Prediction, Probe
 from .inner import InnerOptimizer
 from .memory import parse_bytes
 from .probe import probe
-from .sources import as_source, check_buffers
-from .step import Consts, InnerProblem, InnerState, LossFn, RepeatedBatch, Runtime, Settings
+from .sources import OnePass, as_source, check_buffers
+from .step import (
+    Consts,
+    InnerProblem,
+    InnerState,
+    LossFn,
+    RepeatedBatch,
+    Runtime,
+    Settings,
+    check_loss_fn,
+)
 from .strategies import Auto, Strategy, make_strategy
 from .substitutes import needs_substitutes
 
@@ -32,8 +41,11 @@ class MAML:
 
     Args:
         model: the module to meta-learn. It is never mutated by ``adapt``.
-        loss_fn: ``loss_fn(module_like, batch) -> scalar tensor``; ``module_like(x)`` runs
-            the model with the current inner parameters.
+        loss_fn: ``loss_fn(m, batch) -> scalar tensor``: ``m`` is the model at the step's
+            inner parameters (``effmaml.module.FunctionalModel``: ``m(x)``, ``m.embed(x)``,
+            ``m.fc.weight`` ...), ``batch`` the step's batch. Reading the model itself
+            (``model(x)``) instead of ``m`` is refused at the first step
+            (``effmaml.outer.CapturedModelError``).
         inner: the differentiable inner optimizer (``effmaml.SGD``, ``effmaml.Adam``).
         strategy: a name in ``effmaml.STRATEGIES`` (``"naive"``, ``"first_order"``,
             ``"checkpoint"``, ...) or a ``Strategy`` instance. Default ``"naive"``.
@@ -80,7 +92,8 @@ class MAML:
 
     Raises:
         ValueError: unknown strategy, no parameter selected, bad per-parameter lr.
-        TypeError: an option the strategy does not take.
+        TypeError: an option the strategy does not take; a ``loss_fn`` whose signature
+            cannot take ``(m, batch)``.
     """
 
     def __init__(
@@ -105,7 +118,8 @@ class MAML:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
         if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable as loss_fn(module_like, batch) -> scalar")
+            raise TypeError("loss_fn must be callable as loss_fn(m, batch) -> scalar tensor")
+        check_loss_fn(loss_fn)
         if not isinstance(inner, InnerOptimizer):
             raise TypeError(
                 f"inner must be an effmaml inner optimizer such as effmaml.SGD(lr=0.01) "
@@ -218,6 +232,8 @@ class MAML:
         *,
         query: Any = None,
         step_weights: Sequence[float] | Tensor | None = None,
+        start: Adapted | None = None,
+        callback: watch.Callback | None = None,
     ) -> Adapted:
         """Run the inner loop and return the adapted model.
 
@@ -227,12 +243,15 @@ class MAML:
                 step t's batch, a lazy class that builds batch t on demand). Recomputing
                 strategies index it again in backward and need the same batch for the same
                 index; a source that breaks this is caught there
-                (``effmaml.replay.NondeterministicBatchError``). Iterators, generators
-                and ``IterableDataset`` are refused (they cannot be indexed again). With
+                (``effmaml.replay.NondeterministicBatchError``). One-pass sources
+                (iterators, generators, a ``DataLoader``, ``IterableDataset``) are read as
+                they come under ``naive`` and ``first_order`` (their length, or ``steps``,
+                batches) and refused by the others (they cannot be indexed again). With
                 ``steps``, a single batch reused at every step.
             steps: the number of inner steps when ``batches`` is a single batch. A tensor,
                 tuple or dict is always one batch; a list (or other source) given with
-                ``steps`` must hold exactly ``steps`` batches.
+                ``steps`` must hold exactly ``steps`` batches; from a one-pass source, the
+                first ``steps`` are drawn.
             query: a query batch for the multi-step loss (MAML++'s "MSL"): the loss
                 ``loss_fn(model at φ_{t+1}, query)`` after every inner step t, weighted by
                 ``step_weights``, is ``Adapted.query_loss``. Recomputing strategies evaluate
@@ -243,25 +262,67 @@ class MAML:
             step_weights: w_0..w_{N-1} (zeros skip steps); default with a query: the last
                 step only, ``(0, ..., 0, 1)``. ``effmaml.msl_weights`` gives MAML++'s
                 annealing from uniform to the last step.
+            start: an adapted model of this front to continue from: its parameters,
+                inner-optimizer state and buffers are the initial state, and step indices
+                go on from where it stopped (Adam's bias correction, per-step rates and
+                BatchNorm slices), so ``adapt(b2, start=adapt(b1))`` is ``adapt(b1 + b2)``:
+                the same values, and a meta-gradient that flows back through both into
+                the model (exact strategies). Not under ``implicit``. Default None: from
+                the model.
+            callback: ``callback(t, loss)``, called once per inner step in order with the
+                step's index in this adapt and its inner loss (a detached 0-d tensor, before
+                the step's update; ``loss.item()`` syncs a device): logging, or a stopping
+                rule: returning True stops after step t, and the unroll is then exactly
+                ``adapt`` over the first t + 1 batches, under every strategy.
+                ``naive`` and ``first_order`` call it in their loop; the other strategies
+                (whose schedule depends on N), and any with a multi-step loss (whose
+                default weight is on the last step run), first find N in a first-order
+                pass that calls it (``effmaml.watch``: up to N more first-order step
+                evaluations), then adapt on that many batches (``step_weights``, if given,
+                cut to them).
 
         Returns:
             The ``Adapted`` model; ``loss_fn(adapted, query).backward()`` puts the
             meta-gradient in ``.grad`` of the model's parameters.
 
         Raises:
-            TypeError: a source that cannot be indexed by step (says what to pass).
+            TypeError: a source that cannot be indexed by step under a strategy that
+                re-reads it (says what to pass); a ``loss_fn`` that cannot take
+                ``(m, batch)``; a ``start`` that is not an adapted model.
             ValueError: empty source, ``steps < 1``, a length that disagrees with
                 ``steps``, ``step_weights`` without a query or of another length than N, or
-                per-step rates or per-step BatchNorm for another number of steps.
+                per-step rates or per-step BatchNorm for another number of steps; a
+                ``start`` from another model or inner optimizer.
+            effmaml.outer.CapturedModelError: ``loss_fn`` reads the model it captured
+                instead of ``m`` (raised at the first step, before any other work).
             FloatingPointError: a non-finite inner loss (names the step).
             MemoryError: the strategy cannot meet ``memory_budget`` (raised before
                 unrolling; says the smallest budget that would do).
         """
-        problem, state0, consts = self.problem(batches, steps)
-        problem = _with_query(problem, query, step_weights)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable as callback(t, loss) (got {callback!r})")
+        problem, state0, consts = self.problem(batches, steps, start=start)
+        planned = _with_query(problem, query, step_weights)
         rt = self.runtime()
+        if callback is not None and (query is not None or not self.strategy.streams):
+            if isinstance(problem.batches, OnePass):  # only a streaming strategy takes one
+                raise TypeError(
+                    "a callback with a multi-step loss needs N before the unroll, found by a "
+                    "first pass over the batches, which a one-pass source cannot give twice; "
+                    "pass an indexable source (a list, a Dataset of per-step batches)"
+                )
+            # the planned problem's queries draw the RNG as the run's do before the stop
+            n = watch.scan(planned, rt, state0, consts, callback)
+            problem = watch.first(problem, n)
+            planned = _with_query(problem, query, _first_weights(step_weights, n))
+        else:
+            rt.callback = callback
+        problem = planned
+        self.strategy.check_budget(problem, rt, state0, consts)
         out = self.strategy.run(problem, rt, state0, consts)
-        return Adapted.from_outcome(self.model, out, consts.fixed, rt, self.strategy)
+        return Adapted.from_outcome(
+            self.model, out, consts.fixed, rt, self.strategy, problem.first_step
+        )
 
     def measure(self, batch: Any, query: Any = None) -> Probe:
         """What the probe measures on ``batch``: P (one inner state's bytes), A (one step's
@@ -335,7 +396,11 @@ class MAML:
         return out
 
     def problem(
-        self, batches: Sequence[Any] | Any, steps: int | None = None, check_steps: bool = True
+        self,
+        batches: Sequence[Any] | Any,
+        steps: int | None = None,
+        check_steps: bool = True,
+        start: Adapted | None = None,
     ) -> tuple[InnerProblem, InnerState, Consts]:
         """The inner problem ``adapt`` would run, its initial state and constants.
 
@@ -343,10 +408,14 @@ class MAML:
         ``adapt``. ``check_steps=False``: do not hold the number of steps against
         per-step rates (the probe's one-step problem).
         """
-        seq = as_source(batches, steps)
+        seq = as_source(batches, steps, one_pass=self.strategy.streams)
+        first = 0 if start is None else self._check_start(start)
         if check_steps:
-            self.inner.check_steps(len(seq))
-            perstep.check_steps(self.model, len(seq))
+            if first:
+                self._check_continued(first + len(seq))
+            else:
+                self.inner.check_steps(len(seq))
+            perstep.check_steps(self.model, first + len(seq))
         problem = InnerProblem(
             model=self.model,
             loss_fn=self.loss_fn,
@@ -354,29 +423,86 @@ class MAML:
             batches=seq,
             device=self.device,
             settings=self.settings,
+            first_step=first,
         )
         named: dict[str, Tensor] = dict(self.model.named_parameters())
         theta = {n: named[n] for n in self.adapted_names}
         fixed = {n: p for n, p in named.items() if n not in theta}
         check_buffers(self.model)
-        with torch.no_grad():  # the initial optimizer state: no graph
-            opt0 = self.inner.init_state(theta)
-            buffers0 = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        state0 = InnerState(dict(theta), opt0, buffers0)
+        if start is not None:  # the adapted model's state, its graph included
+            state0 = InnerState(dict(start.params), dict(start.inner_state), dict(start.buffers))
+        else:
+            with torch.no_grad():  # the initial optimizer state: no graph
+                opt0 = self.inner.init_state(theta)
+                buffers0 = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+            state0 = InnerState(dict(theta), opt0, buffers0)
         consts = Consts(
             fixed, self.inner.hyperparameters(), dict(theta) if self.settings.prox else {}
         )
         return problem, state0, consts
 
+    def _check_start(self, start: Adapted) -> int:
+        """Where an adapt continued from ``start`` begins; raise if it cannot continue it."""
+        if not isinstance(start, Adapted):
+            raise TypeError(
+                f"start= takes an adapted model that maml.adapt returned (got "
+                f"{type(start).__name__})"
+            )
+        if start._fm.model is not self.model or set(start.params) != set(self.adapted_names):
+            raise ValueError(
+                "start= must be adapted from this front's model with the same adapted "
+                "parameters (maml.adapt(b2, start=maml.adapt(b1)))"
+            )
+        with torch.no_grad():
+            want = set(self.inner.init({n: start.params[n] for n in self.adapted_names}))
+        if set(start.inner_state) != want:
+            held = sorted(start.inner_state)[:3]
+            raise ValueError(
+                f"start= holds the state of another inner optimizer ({held}...); continue "
+                f"with the inner optimizer it was adapted with, {self.inner!r} expects "
+                f"{sorted(want)[:3]}..."
+            )
+        return start.end_step
+
+    def _check_continued(self, total: int) -> None:
+        """Raise if per-step rates have fewer than ``total`` steps (a continued adapt)."""
+        if self.inner.steps is not None and total > self.inner.steps:
+            raise ValueError(
+                f"the per-step learning rates have {self.inner.steps} steps but the inner "
+                f"loop continued from start= would run to step {total}: each step has its own "
+                f"rate; continue for at most {self.inner.steps} steps in all"
+            )
+
     def runtime(self) -> Runtime:
-        """A fresh runtime for one call, sharing this front's probe cache."""
-        return Runtime(probes=self._probes)
+        """A fresh runtime for one call, sharing this front's probe cache; it refuses the
+        model's adapted parameters read by ``loss_fn`` outside ``m`` (Note [The captured
+        model])."""
+        named = dict(self.model.named_parameters())
+        captured = {id(named[n]): ("parameter", n) for n in self.adapted_names}
+        return Runtime(probes=self._probes, captured=captured)
 
     def __repr__(self) -> str:
         return (
             f"MAML({type(self.model).__name__}, inner={self.inner!r}, "
             f"strategy={self.strategy!r}, adapted={len(self.adapted_names)} params)"
         )
+
+
+def _first_weights(
+    weights: Sequence[float] | Tensor | None, n: int
+) -> Sequence[float] | Tensor | None:
+    """The multi-step loss's weights of the first ``n`` steps (a callback stopped there)."""
+    if weights is None:
+        return None
+    w = weights.tolist() if isinstance(weights, Tensor) else list(weights)
+    if len(w) > n and not any(w[:n]):
+        raise ValueError(
+            f"the callback stopped the inner loop after step {n - 1}, and step_weights gives "
+            f"the query losses of the steps run weight 0 (the multi-step loss would be "
+            f"empty); leave step_weights out (the last step run then weighs 1), or weigh "
+            f"earlier steps too"
+        )
+    return w[:n]
 
 
 def _with_query(

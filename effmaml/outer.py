@@ -11,8 +11,8 @@ that the engine can make them inputs:
 * ``OuterTensors`` is one ``adapt`` call's record: the tensors found, where each was
   first read, which steps read which, and the batches that hold any (kept, *pinned*, so
   that a recomputation reads the very tensors the forward pass read).
-* ``reading`` runs the user's code of one step (``loss_fn`` on the step's batch, and
-  the multi-step loss's query) under a ``TorchFunctionMode`` that
+* ``reading`` runs the user's code of one step (``loss_fn`` on the step's batch, the
+  multi-step loss's query, and the inner optimizer's ``step``) under a ``TorchFunctionMode`` that
   sees every tensor handed to a torch function. Each one that requires grad and is
   neither the step's own state, a constant, nor a result of the step itself is outer: the
   forward pass records it, and every pass hands the function a stand-in instead (a leaf
@@ -20,9 +20,13 @@ that the engine can make them inputs:
   the forward pass did not read raises ``UnseenOuterTensorError`` in backward, and
   one read where the mode cannot see it ``OuterTensorError`` at step 0
   (``OuterTensors.check_graph``).
+* The same mode refuses the slip of reading the model that ``loss_fn`` captured
+  (``model(x)``, whose adapted parameters are θ) instead of the module it is given
+  (``m(x)``, at φ_t): ``CapturedModelError``, at the first step, under every strategy.
 
-Cost: nothing for ``naive`` (never entered). For the other strategies, one Python call
-per torch function that ``loss_fn`` calls (a Conv-4 step calls about 20), plus a walk of
+Cost: for ``naive``, the mode on ``loss_fn``'s first step only (the captured model's
+check). For the other strategies, one Python call per torch function that ``loss_fn`` and
+the inner optimizer's ``step`` call (a Conv-4 step calls about 20), plus a walk of
 each batch's structure; a batch holding a tensor that requires grad is kept until
 backward (as ``naive``'s graph keeps it), and the Function returns one gradient buffer
 per outer tensor: views of one leaf read by N steps add up to that leaf's size, N
@@ -32,14 +36,18 @@ separate leaves to N times theirs (``effmaml.sources.outer_bytes``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .module import inside_module
+
 __all__ = [
+    "LOSS_FN",
     "QUERY",
+    "CapturedModelError",
     "OuterTensorError",
     "OuterTensors",
     "UnseenOuterTensorError",
@@ -48,6 +56,11 @@ __all__ = [
 ]
 
 QUERY = -1  # the pin key of the multi-step loss's query batch
+LOSS_FN = "loss_fn"  # the reader of the tensors loss_fn reads (an optimizer's: its name)
+
+
+class CapturedModelError(ValueError):
+    """``loss_fn`` read the model it captured instead of the module ``m`` it is given."""
 
 
 class OuterTensorError(ValueError):
@@ -88,6 +101,7 @@ class OuterTensors:
         self.tensors: list[Tensor] = []
         self.where: list[str] = []
         self.reads: list[set[int]] = [set() for _ in range(steps)]
+        self.by_loss: set[int] = set()  # the tensors loss_fn read (the others: an optimizer)
         self._index: dict[int, int] = {}
         self._paths: dict[int, str] = {}
         self._pins: dict[int, Any] = {}
@@ -108,13 +122,14 @@ class OuterTensors:
                 self._paths.setdefault(id(t), f"{name}{path}")
         return batch
 
-    def see(self, t: Tensor, step: int, func: Any) -> int:
-        """The index of ``t``, recorded now if new (forward) or looked up (backward)."""
+    def see(self, t: Tensor, step: int, func: Any, reader: str = LOSS_FN) -> int:
+        """The index of ``t``, recorded now if new (forward) or looked up (backward);
+        ``reader``: ``LOSS_FN`` or the inner optimizer that read it."""
         i = self._index.get(id(t))
         if i is None:
             if self._stand_ins is not None:
                 raise UnseenOuterTensorError(
-                    f"recomputing inner step {step} in backward, loss_fn read a tensor of "
+                    f"recomputing inner step {step} in backward, {reader} read a tensor of "
                     f"shape {tuple(t.shape)} that requires grad and that the forward pass "
                     f"did not read (in {_name(func)}); a recomputing strategy needs loss_fn "
                     f"to read the same tensors when a step runs again. Read it at every run "
@@ -125,14 +140,21 @@ class OuterTensors:
             self.tensors.append(t)
             self._found.append(t.detach().requires_grad_(True))
             place = self._paths.get(id(t))
-            if place is None:
+            if place is None and reader == LOSS_FN:
                 place = (
                     f"loss_fn at inner step {step} (through {_name(func)}): a tensor in its "
                     f"closure, a module other than the model, or an attribute of the model"
                 )
+            elif place is None:
+                place = (
+                    f"{reader} at inner step {step} (through {_name(func)}): a tensor "
+                    f"attribute of the optimizer (such as self.lr) or one in its closure"
+                )
             self.where.append(place)
         if step >= 0:
             self.reads[step].add(i)
+        if reader == LOSS_FN:
+            self.by_loss.add(i)
         return i
 
     @property
@@ -236,7 +258,8 @@ def _name(func: Any) -> str:
 
 
 class _Reading(TorchFunctionMode):
-    """Records (forward) or substitutes (backward) the outer tensors torch functions get."""
+    """Records (forward) or substitutes (backward) the outer tensors torch functions get,
+    and refuses the captured model's tensors read outside the module the step hands out."""
 
     # Note [Finding what a step reads]
     # A tensor handed to a torch function is outer when it requires grad and is neither one
@@ -246,9 +269,17 @@ class _Reading(TorchFunctionMode):
     # mode is off inside its own handler, so a function implemented in Python (F.cross_entropy)
     # is seen once, with the user's arguments.
 
-    def __init__(self, outer: OuterTensors, step: int, own: set[int]) -> None:
+    def __init__(
+        self,
+        outer: OuterTensors | None,
+        step: int,
+        own: set[int],
+        captured: Mapping[int, tuple[str, str]] | None,
+        reader: str,
+    ) -> None:
         super().__init__()
         self.outer, self.step, self.own = outer, step, own
+        self.captured, self.reader = captured, reader
 
     def __torch_function__(
         self,
@@ -258,11 +289,47 @@ class _Reading(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if self.captured is not None and not inside_module():
+            self._check(args, func)
+            self._check(kwargs, func)
+        if self.outer is None:
+            return func(*args, **kwargs)
         args = self._swap(args, func)
         kwargs = self._swap(kwargs, func)
         out = func(*args, **kwargs)
         self._own(out)
         return out
+
+    def _check(self, value: Any, func: Any) -> None:
+        """Raise if ``value`` holds one of the captured model's adapted parameters."""
+        # Note [The captured model]
+        # loss_fn(m, batch) that calls the model it captured, model(x), reads θ where it
+        # should read φ_t: naive differentiated that silently (48% off on a small MLP), and a
+        # recomputing strategy counted θ as an outer tensor. The step's module never holds
+        # the model's adapted parameters (φ₀ is a node of its own under every strategy:
+        # Note [φ₀ is not θ]), so one of them handed to a torch function is the slip. Only
+        # reads outside a call of m are looked at: inside one, the model holds m's tensors.
+        # The model's fixed parameters are m's too, and reading them directly is harmless.
+        assert self.captured is not None
+        if isinstance(value, Tensor):
+            hit = self.captured.get(id(value))
+            if hit is not None:
+                kind, name = hit
+                raise CapturedModelError(
+                    f"loss_fn read the model's own {kind} {name!r} at inner step "
+                    f"{self.step} (in {_name(func)}): it uses the model it captured "
+                    f"(model(x), model.parameters()), which holds the initial θ, instead of "
+                    f"the module m it is given, which holds the adapted φ_t; the "
+                    f"meta-gradient would be wrong under every strategy. Call m(x) inside "
+                    f"loss_fn(m, batch), and m.embed(x), m.backbone(x), m.parameters() for "
+                    f"the rest of the model"
+                )
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                self._check(v, func)
+        elif isinstance(value, dict):
+            for v in value.values():
+                self._check(v, func)
 
     def _outer(self, a: Any) -> bool:
         return isinstance(a, Tensor) and a.requires_grad and id(a) not in self.own
@@ -270,10 +337,11 @@ class _Reading(TorchFunctionMode):
     def _swap(self, value: Any, func: Any) -> Any:
         """``value`` with every outer tensor replaced by its stand-in (lists, tuples, dicts
         rebuilt; everything else as it is)."""
+        assert self.outer is not None
         if isinstance(value, Tensor):
             if not self._outer(value):
                 return value
-            i = self.outer.see(value, self.step, func)
+            i = self.outer.see(value, self.step, func, self.reader)
             return self.outer.stand_ins()[i]
         if isinstance(value, tuple):
             items = [self._swap(v, func) for v in value]
@@ -292,17 +360,32 @@ class _Reading(TorchFunctionMode):
                 self._own(o)
 
 
+@contextlib.contextmanager
 def reading(
-    outer: OuterTensors | None, step: int, own: Iterable[Tensor]
-) -> contextlib.AbstractContextManager[Any]:
+    outer: OuterTensors | None,
+    step: int,
+    own: Iterable[Tensor],
+    captured: Mapping[int, tuple[str, str]] | None = None,
+    reader: str = LOSS_FN,
+) -> Iterator[_Reading | None]:
     """Run the user's code of inner step ``step`` so that outer tensors are found (forward)
-    or replaced by their stand-ins (backward); a no-op without ``outer`` (``naive``).
+    or replaced by their stand-ins (backward), and the captured model's tensors are
+    refused; a no-op without either (``naive`` after its first step).
 
     Args:
         outer: the call's record, or None.
         step: the inner step's index.
         own: the step's own tensors (its state, the constants): never outer.
+        captured: id -> ``(kind, name)`` of the model's adapted parameters, which the
+            step's module replaces: read by a torch function outside a call of it,
+            ``CapturedModelError`` (Note [The captured model]); None: not checked.
+        reader: ``LOSS_FN``, or the inner optimizer whose ``step`` runs (for messages).
+
+    Raises:
+        CapturedModelError: names the tensor, the step and the fix.
     """
-    if outer is None:
-        return contextlib.nullcontext()
-    return _Reading(outer, step, {id(t) for t in own})
+    if outer is None and captured is None:
+        yield None
+        return
+    with _Reading(outer, step, {id(t) for t in own}, captured, reader) as mode:
+        yield mode

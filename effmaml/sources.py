@@ -4,13 +4,15 @@ Recomputing strategies run step t again in backward and read batch t again, by i
 so a source is anything with ``__len__`` and ``__getitem__`` (a list, a
 ``torch.utils.data.Dataset`` whose item t is step t's batch, a lazy class that builds batch
 t on demand), or one batch reused for ``steps`` steps (``effmaml.RepeatedBatch``).
-One-pass sources (iterators, generators, ``IterableDataset``) are refused with what to
-pass instead. Nothing here copies a batch; cost O(1).
+One-pass sources (iterators, generators, a ``DataLoader``, ``IterableDataset``) are read
+as they come (``OnePass``) by the strategies that read each batch once, in order
+(``naive``, ``first_order``), and refused by the others with what to pass instead.
+Nothing here copies a batch; cost O(1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 from torch import Tensor, nn
@@ -18,25 +20,80 @@ from torch import Tensor, nn
 from .outer import grad_tensors
 from .step import RepeatedBatch
 
-__all__ = ["as_source", "check_buffers", "outer_bytes"]
+__all__ = ["OnePass", "as_source", "check_buffers", "outer_bytes"]
 
 
-def as_source(batches: Sequence[Any] | Any, steps: int | None) -> Sequence[Any]:
+class OnePass(Sequence[Any]):
+    """A one-pass source (an iterator, a generator, a ``DataLoader``) presented as a
+    sequence to a strategy that reads each batch once, in order (``Strategy.streams``):
+    batch t is the source's t-th item, drawn when step t first asks for it. Only the last
+    item drawn is kept (a step may read its batch again).
+
+    Args:
+        source: the iterable (iterated once, from where it stands).
+        steps: N, the batches to draw.
+    """
+
+    def __init__(self, source: Iterable[Any], steps: int) -> None:
+        self.source = source
+        self.steps = steps
+        self._it: Iterator[Any] | None = None
+        self._t = -1
+        self._item: Any = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, t: Any) -> Any:
+        if not isinstance(t, int):
+            raise TypeError(f"a one-pass source is read by step index (got {t!r})")
+        if not 0 <= t < self.steps:
+            raise IndexError(t)
+        if t == self._t:
+            return self._item
+        if t != self._t + 1:
+            raise RuntimeError(
+                f"a one-pass source was asked for step {t}'s batch after step {self._t}'s: "
+                f"it can only be read once, in order; pass an indexable source (a list, a "
+                f"Dataset of per-step batches) to run steps again"
+            )
+        if self._it is None:
+            self._it = iter(self.source)
+        try:
+            self._item = next(self._it)
+        except StopIteration:
+            raise ValueError(
+                f"the one-pass source ended after {t} batches but adapt runs {self.steps} "
+                f"steps; pass steps=N with N <= {t}, or a source with more batches"
+            ) from None
+        self._t = t
+        return self._item
+
+
+def as_source(
+    batches: Sequence[Any] | Any, steps: int | None, one_pass: bool = False
+) -> Sequence[Any]:
     """The per-step source ``adapt(batches, steps)`` runs on.
 
     Args:
         batches: a source (one batch per step) or, with ``steps``, one batch. A tensor,
             tuple, dict or string is always one batch.
         steps: the number of inner steps when ``batches`` is one batch; with a source, it
-            must equal its length.
+            must equal its length; with a one-pass source, the batches to draw from it
+            (its first ``steps``).
+        one_pass: whether the strategy takes one-pass sources (``Strategy.streams``):
+            they are then read as they come (``OnePass``: the source's length, or
+            ``steps``, batches), else refused.
 
     Returns:
-        The source itself, or a ``effmaml.RepeatedBatch`` of the one batch.
+        The source itself, a ``OnePass`` over it, or a ``effmaml.RepeatedBatch`` of the
+        one batch.
 
     Raises:
-        TypeError: ``steps`` not an int, a one-pass source, or one batch without ``steps``.
+        TypeError: ``steps`` not an int, a one-pass source where it is refused or without
+            a length or ``steps``, or one batch without ``steps``.
         ValueError: ``steps < 1``, an empty source, or a source whose length is not
-            ``steps``.
+            ``steps`` (a one-pass source's: less than ``steps``).
     """
     one_batch = isinstance(batches, (Tensor, tuple, Mapping, str))
     if steps is not None:
@@ -44,6 +101,8 @@ def as_source(batches: Sequence[Any] | Any, steps: int | None) -> Sequence[Any]:
             raise TypeError(f"steps must be an int (got {steps!r})")
         if steps < 1:
             raise ValueError(f"steps must be >= 1 (got {steps})")
+        if one_pass and not one_batch and _is_one_pass(batches):
+            return _one_pass(batches, steps)
         if one_batch or not _indexable(batches):
             _refuse_iterator(batches)
             return RepeatedBatch(batches, steps)
@@ -54,6 +113,8 @@ def as_source(batches: Sequence[Any] | Any, steps: int | None) -> Sequence[Any]:
                 f"(a tensor, tuple or dict) with steps={steps} to reuse it"
             )
         return batches
+    if one_pass and not one_batch and _is_one_pass(batches):
+        return _one_pass(batches, None)
     _refuse_iterator(batches)
     if one_batch or not _indexable(batches):
         raise TypeError(
@@ -74,22 +135,48 @@ def _indexable(source: Any) -> bool:
     return hasattr(cls, "__len__") and hasattr(cls, "__getitem__")
 
 
-def _refuse_iterator(source: Any) -> None:
-    """Raise for one-pass sources (iterators, generators, IterableDataset)."""
+def _is_one_pass(source: Any) -> bool:
+    """Whether ``source`` can only be iterated: iterators, generators, ``IterableDataset``,
+    a ``DataLoader`` (sized but not indexable)."""
     from torch.utils.data import IterableDataset
 
-    if isinstance(source, (Iterator, IterableDataset)) or (
+    return isinstance(source, (Iterator, IterableDataset)) or (
         not _indexable(source)
         and isinstance(source, Iterable)
         and not isinstance(source, (Tensor, Mapping, str))
-    ):
+    )
+
+
+def _one_pass(source: Iterable[Any], steps: int | None) -> OnePass:
+    """``OnePass`` over ``source``: ``steps`` batches, or its length."""
+    length = len(source) if isinstance(source, Sized) and not isinstance(source, Iterator) else None
+    if steps is None:
+        if length is None:
+            raise TypeError(
+                f"adapt() got a one-pass source without a length ({type(source).__name__}); "
+                f"pass steps=N: its first N batches are the N inner steps"
+            )
+        if length == 0:
+            raise ValueError("adapt() got an empty batch source; pass at least one batch")
+        steps = length
+    elif length is not None and length < steps:
+        raise ValueError(
+            f"got a one-pass source of {length} batches with steps={steps}; pass steps=N "
+            f"with N <= {length}"
+        )
+    return OnePass(source, steps)
+
+
+def _refuse_iterator(source: Any) -> None:
+    """Raise for one-pass sources (iterators, generators, a DataLoader, IterableDataset)."""
+    if _is_one_pass(source):
         raise TypeError(
             f"adapt() got a one-pass source ({type(source).__name__}): recomputing "
-            f"strategies (checkpoint, revolve, offload, auto) run inner steps again in "
-            f"backward and need batch t again by its index, which an iterator cannot give. "
-            f"Pass something indexable: list(source) materialises it (fine for 'naive' and "
-            f"'first_order', which never re-read it), or a class with __len__ and "
-            f"__getitem__(t) that builds batch t on demand"
+            f"strategies (checkpoint, revolve, offload, auto) and implicit read batch t "
+            f"again, by its index, which an iterator cannot give. strategy='naive' and "
+            f"'first_order' take it as it is (they read each batch once, in order); "
+            f"otherwise pass something indexable: list(source) materialises it, or a class "
+            f"with __len__ and __getitem__(t) that builds batch t on demand"
         )
 
 

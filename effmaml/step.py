@@ -16,16 +16,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .clip import clip_backward
 from .inner import InnerOptimizer
+from .module import FunctionalModel
 from .outer import QUERY, OuterTensors, reading
 from .replay import AutocastState, Witness, capture_autocast, replay_autocast
 from .state import Consts, InnerState
@@ -42,6 +43,7 @@ __all__ = [
     "Settings",
     "at_step",
     "attention_kernels",
+    "check_loss_fn",
     "current_step",
     "differentiable_ops",
     "inner_step",
@@ -50,34 +52,7 @@ __all__ = [
     "step_context",
 ]
 
-LossFn = Callable[[Callable[..., Any], Any], Tensor]
-
-
-class FunctionalModel:
-    """Calls a module with given parameters and buffers, without touching the module.
-
-    Buffers are copied per call so that running statistics updated by a train-mode
-    BatchNorm never leak into the tensors held here. The module's own train/eval mode
-    applies.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tensors: Mapping[str, Tensor],
-        buffers: Mapping[str, Tensor],
-        copy_buffers: bool = True,
-    ) -> None:
-        self._model = model
-        self._tensors = dict(tensors)
-        self._buffers = buffers
-        self._copy_buffers = copy_buffers
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        buffers = self._buffers
-        if self._copy_buffers:
-            buffers = {k: b.clone() for k, b in buffers.items()}
-        return functional_call(self._model, {**self._tensors, **buffers}, args, kwargs)
+LossFn = Callable[[Any, Any], Tensor]  # loss_fn(m, batch), m a FunctionalModel
 
 
 @dataclass(frozen=True)
@@ -138,6 +113,10 @@ class InnerProblem:
         query: the query batch of a multi-step loss, or None.
         step_weights: the multi-step loss's weights w_0..w_{N-1} (empty: none); the query
             loss after step t counts w_t times.
+        first_step: the index in the whole inner loop of this problem's step 0 (an adapt
+            continued from an adapted model, ``adapt(..., start=adapted)``): what the
+            inner optimizer (Adam's bias correction, per-step rates) and per-step modules
+            (``current_step``) see is ``first_step + t``; batch t is still ``batches[t]``.
     """
 
     model: nn.Module
@@ -149,6 +128,7 @@ class InnerProblem:
     autocast: AutocastState = field(default_factory=capture_autocast)
     query: Any = None
     step_weights: tuple[float, ...] = ()
+    first_step: int = 0
 
     def with_settings(self, **changes: Any) -> InnerProblem:
         """The same problem with some settings resolved further (``Settings``' docstring
@@ -185,6 +165,12 @@ class Runtime:
         outer: set by a strategy that differentiates through the steps without keeping
             their graph: the tensors the steps read that require grad
             (``effmaml.outer``); None under ``naive`` and in the probe.
+        captured: id -> ``(kind, name)`` of the model's tensors that the step's module
+            replaces (its adapted parameters, its buffers), set by the front: read by
+            ``loss_fn`` outside the module it is given, they are refused
+            (``effmaml.outer.CapturedModelError``); None: not checked.
+        callback: ``callback(t, loss)`` of ``MAML.adapt``, for a strategy that calls it in
+            its own loop (``watch``); None otherwise.
     """
 
     step_evals: int = 0
@@ -192,6 +178,15 @@ class Runtime:
     probes: dict[Hashable, Any] = field(default_factory=dict)
     host_peak_bytes: int = 0
     outer: OuterTensors | None = None
+    captured: dict[int, tuple[str, str]] | None = None
+    callback: Callable[[int, Tensor], Any] | None = None
+
+    def watch(self, t: int, loss: Tensor) -> bool:
+        """Hand step ``t``'s inner loss (detached) to the callback; whether it says to
+        stop after this step (it returned True)."""
+        if self.callback is None:
+            return False
+        return self.callback(t, loss.detach()) is True
 
     def batch(self, problem: InnerProblem, t: int) -> Any:
         """Batch ``t`` on the device (the one the forward pass kept, if it holds an outer
@@ -271,7 +266,13 @@ def inner_step(
         in ``state`` are left untouched; the query's forward updates none.
 
     Raises:
-        ValueError: the loss is not a scalar tensor.
+        TypeError: ``loss_fn`` cannot be called as ``loss_fn(m, batch)``, or returned
+            something other than a tensor.
+        ValueError: the loss is not a scalar (0-d) tensor, or does not depend on the
+            adapted parameters.
+        effmaml.outer.CapturedModelError: ``loss_fn`` read the model it captured instead
+            of the module it is given (checked at step 0, and at every step of a strategy
+            that finds outer tensors).
         FloatingPointError: the loss is not finite (names the step).
     """
     rt.step_evals += 1
@@ -289,8 +290,9 @@ def inner_step(
         batch = rt.batch(problem, t)
         if rt.witness is not None:
             rt.witness.batch(t, batch)
-        with reading(rt.outer, t, [*state.flat(), *consts.flat()]) as mode:
-            loss = problem.loss_fn(module, batch)
+        own = [*state.flat(), *consts.flat()]
+        with reading(rt.outer, t, own, _captured(rt, t)) as mode:
+            loss = call_loss(problem.loss_fn, module, batch, t)
         if rt.outer is not None and t == 0 and isinstance(loss, Tensor) and rt.outer.discovering:
             rt.outer.check_graph(loss, t, mode)  # Note [What the mode cannot see]
         _check_loss(loss, t, problem.settings.check_finite)
@@ -310,7 +312,13 @@ def inner_step(
         grads_d = {
             k: torch.zeros_like(state.params[k]) if g is None else g for k, g in zip(names, grads)
         }
-        opt, params = problem.inner.apply_step(state.opt, state.params, grads_d, t, consts.hyper)
+        # what the inner optimizer's step reads is read by the step (Note [Finding what a
+        # step reads]): a tensor attribute such as self.lr is an outer tensor
+        reader = f"the inner optimizer {type(problem.inner).__name__}'s step"
+        with reading(rt.outer, t, [*own, *grads_d.values()], reader=reader):
+            opt, params = problem.inner.apply_step(
+                state.opt, state.params, grads_d, problem.first_step + t, consts.hyper
+            )
         if create_graph:
             params = clip_backward(params, problem.settings.clip)
         if not problem.settings.update_running_stats:
@@ -345,8 +353,9 @@ def query_loss(
     module = FunctionalModel(problem.model, {**consts.fixed, **state.params}, state.buffers)
     outer = None if rt is None else rt.outer
     query = move_to(problem.query, problem.device) if rt is None else rt.query(problem)
-    with reading(outer, t, [*state.flat(), *consts.flat()]):
-        loss = problem.loss_fn(module, query)
+    captured = None if rt is None else _captured(rt, t)
+    with reading(outer, t, [*state.flat(), *consts.flat()], captured):
+        loss = call_loss(problem.loss_fn, module, query, t)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         raise ValueError("loss_fn must return a scalar tensor on the query batch too")
     return loss
@@ -393,7 +402,7 @@ def step_context(
     stack = contextlib.ExitStack()
     stack.enter_context(replay_autocast(problem.autocast))
     stack.enter_context(differentiable_ops(problem))
-    stack.enter_context(at_step(t))
+    stack.enter_context(at_step(problem.first_step + t))
     if grad:
         stack.enter_context(torch.enable_grad())
     return stack
@@ -441,10 +450,58 @@ def _check_loss(loss: Any, t: int, check_finite: bool) -> None:
     if not loss.requires_grad:
         raise ValueError(
             f"the inner loss at step {t} does not depend on the adapted parameters; make sure "
-            f"loss_fn calls the module it is given (loss_fn(model, batch) -> model(x) ...)"
+            f"loss_fn calls the module it is given (loss_fn(m, batch) -> m(x) ...)"
         )
     if check_finite and not bool(torch.isfinite(loss)):
         raise FloatingPointError(
             f"inner loss is {loss.item()} at step {t}; lower the inner lr, clip the inputs or "
             f"the loss, or check batch {t} for NaN/inf values"
         )
+
+
+def _captured(rt: Runtime, t: int) -> dict[int, tuple[str, str]] | None:
+    """The captured model's tensors to refuse at step ``t``: at the first step, and at every
+    step whose user code runs under the outer-tensor mode anyway (no cost there)."""
+    return rt.captured if t == 0 or rt.outer is not None else None
+
+
+_RULE = (
+    "loss_fn must be callable as loss_fn(m, batch) -> scalar tensor: m is the model at the "
+    "step's parameters (call m(x), m.embed(x) ...) and batch is the step's batch as the "
+    "source holds it, one argument (unpack it inside: x, y = batch)"
+)
+
+
+def check_loss_fn(loss_fn: Callable[..., Any]) -> None:
+    """Raise, before any work, if ``loss_fn``'s signature cannot take ``(m, batch)`` (where
+    ``inspect.signature`` can read it; ``call_loss`` catches the rest at the first step).
+
+    Raises:
+        TypeError: states the rule and the signature found.
+    """
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # a builtin or an extension: checked at the call
+        return
+    try:
+        sig.bind(None, None)
+    except TypeError as err:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        raise TypeError(f"{_RULE}; {name}{sig} cannot: {err}") from None
+
+
+def call_loss(loss_fn: LossFn, module: Any, batch: Any, t: int) -> Any:
+    """``loss_fn(module, batch)``; a call that fails on its arguments (not inside
+    ``loss_fn``) raises the rule.
+
+    Raises:
+        TypeError: ``loss_fn`` does not take ``(m, batch)`` (names the step); a
+            ``TypeError`` raised inside ``loss_fn`` passes unchanged.
+    """
+    try:
+        return loss_fn(module, batch)
+    except TypeError as err:
+        tb = err.__traceback__
+        if tb is not None and tb.tb_next is None:  # raised by the call itself: no frame ran
+            raise TypeError(f"{_RULE}; calling it so at inner step {t} failed: {err}") from err
+        raise

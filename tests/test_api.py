@@ -11,7 +11,7 @@ from torch import nn
 
 import effmaml
 
-from .helpers import LazyBatches, ce_loss, make_batch, make_model, maml_for
+from .helpers import LazyBatches, below_naive_for, ce_loss, make_batch, make_model, maml_for
 
 EXACT = [
     ("naive", {}),
@@ -107,7 +107,8 @@ def test_calling_adapted_never_mutates_buffers_and_follows_mode():
     model.eval()  # eval mode: running statistics normalise, so the output changes
     eval_out = adapted(x)
     assert not torch.allclose(train_out, eval_out)
-    ref = torch.func.functional_call(model, {**adapted.named_parameters(), **adapted.buffers}, (x,))
+    tensors = {**dict(adapted.named_parameters()), **adapted.buffers}
+    ref = torch.func.functional_call(model, tensors, (x,))
     torch.testing.assert_close(eval_out, ref, rtol=0, atol=0)
 
 
@@ -255,3 +256,88 @@ def test_operation_without_double_backward_is_named(strategy, kw):
         make_batch(0), steps=3
     )
     ce_loss(adapted, make_batch(1)).backward()
+
+
+# -- the errors a newcomer meets ----------------------------------------------------------
+_TWICE_OPTIONS = {"checkpoint": {"segment": 2}, "revolve": {"slots": 2}, "offload": {"segment": 2}}
+
+
+@pytest.mark.parametrize("name", sorted(effmaml.STRATEGIES))
+def test_a_second_backward_works_or_says_what_to_do(name):
+    """backward(retain_graph=True) then backward again over one adapt: the gradients add up
+    (naive, first_order, implicit), or a clear error says how to take them in one backward
+    (the schedules, which free what they stored as their backward runs; it was a bare
+    AssertionError)."""
+    from effmaml.engine import BackwardAgainError
+
+    batches = [make_batch(t) for t in range(4)]
+    model = make_model()
+    kw = dict(_TWICE_OPTIONS.get(name, {}))
+    if name == "auto":
+        kw["memory_budget"] = below_naive_for(model, ce_loss, batches)
+    maml = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1), name, **kw)
+    loss = ce_loss(maml.adapt(batches), make_batch(9))
+    loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in model.parameters()]
+    try:
+        loss.backward()
+    except BackwardAgainError as err:
+        assert name in ("checkpoint", "revolve", "offload", "auto"), name
+        assert "retain_graph" in str(err) and "(loss_a + loss_b).backward()" in str(err)
+        return
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [lambda batch: batch[0].sum(), lambda m, x, y: m(x).sum(), lambda *, m, batch: 0],
+    ids=["batch", "m-x-y", "keywords"],
+)
+def test_a_loss_fn_that_cannot_take_m_and_batch_is_refused_with_the_rule(loss_fn):
+    with pytest.raises(TypeError, match=r"loss_fn\(m, batch\).*unpack it inside.*cannot"):
+        effmaml.MAML(make_model(), loss_fn, effmaml.SGD(0.1))
+
+
+class _Opaque:
+    """A one-argument callable whose signature inspect cannot read (as some extension
+    types)."""
+
+    __signature__ = property(lambda self: (_ for _ in ()).throw(ValueError("no signature")))
+
+    def __call__(self, batch):
+        return batch[0].sum()
+
+
+def test_a_loss_fn_whose_signature_cannot_be_read_is_caught_at_the_first_step():
+    """The call fails on its arguments: the rule, at step 0. A TypeError raised inside the
+    user's code passes unchanged."""
+    maml = effmaml.MAML(make_model(), _Opaque(), effmaml.SGD(0.1))
+    with pytest.raises(TypeError, match=r"loss_fn\(m, batch\).*at inner step 0 failed"):
+        maml.adapt(make_batch(0), steps=2)
+
+    def inside(m, batch):
+        return m(batch[0]).sum() + "oops"  # the user's own TypeError
+
+    maml = effmaml.MAML(make_model(), inside, effmaml.SGD(0.1))
+    with pytest.raises(TypeError) as err:
+        maml.adapt(make_batch(0), steps=2)
+    assert "loss_fn(m, batch)" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["naive", "first_order", "implicit"])
+def test_a_budget_the_strategy_cannot_meet_is_a_memory_error_before_work(name):
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        return ce_loss(m, batch)
+
+    maml = effmaml.MAML(make_model(), loss_fn, effmaml.SGD(0.1), name, memory_budget=1000)
+    with pytest.raises(MemoryError, match=rf"strategy '{name}'.*over memory_budget=.*'auto'"):
+        maml.adapt(make_batch(0), steps=50)
+    from effmaml.probe import PROBE_EVALS
+
+    assert len(calls) <= PROBE_EVALS + 1  # the probe's steps; none of the 50
+    big = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), name, memory_budget="1GiB")
+    big.adapt(make_batch(0), steps=3)

@@ -319,3 +319,134 @@ def test_a_tensor_attribute_of_the_model_gets_naives_gradient(strategy):
     scale = grad_scale(ref)
     for a, b in zip(ours, ref):
         assert_scaled_close(a, b, 1e-12, scale=scale)
+
+
+# -- slips: the captured model read instead of m; tensors an inner optimizer's step reads ---
+_SLIP_OPTIONS = {"checkpoint": {"segment": 2}, "revolve": {"slots": 2}}
+
+
+@pytest.mark.parametrize("slip", ["call", "regulariser"])
+@pytest.mark.parametrize("name", sorted(effmaml.STRATEGIES))
+def test_every_strategy_refuses_the_captured_model_before_work(name, slip):
+    """loss_fn reads the model it captured (whose tensors are θ) instead of m (φ_t): naive
+    and checkpoint gave meta-gradients 48% apart, silently. Every strategy refuses it at
+    inner step 0, before any work, naming the parameter and saying to call m."""
+    model = make_model()
+
+    def loss_fn(m, batch):
+        if slip == "call":
+            return F.cross_entropy(model(batch[0]), batch[1]) + 0 * m(batch[0]).sum()
+        reg = sum(p.pow(2).sum() for p in model.parameters())  # θ, not φ_t
+        return F.cross_entropy(m(batch[0]), batch[1]) + 1e-3 * reg
+
+    maml = effmaml.MAML(model, loss_fn, effmaml.SGD(0.3), name, **_SLIP_OPTIONS.get(name, {}))
+    with pytest.raises(ValueError, match=r"model's own parameter '0\.weight' at inner step 0.*m\("):
+        maml.adapt([make_batch(t) for t in range(4)])
+
+
+class _RateSGD(effmaml.InnerOptimizer):
+    """A user's SGD that reads its rate and a per-parameter scale as tensor attributes in
+    step (not through ``hyper``): the natural way to write one."""
+
+    def __init__(self, rate, scale):
+        super().__init__(0.0)
+        self.rate, self.scale = rate, scale
+
+    def init(self, params):
+        return {}
+
+    def step(self, state, params, grads, t, hyper):
+        return {}, {k: p - self.rate * self.scale[k] * grads[k] for k, p in params.items()}
+
+
+def _optimizer_reads(name):
+    model = make_model()
+    rate = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    scale = {k: (1 + 0.1 * torch.rand_like(p)).requires_grad_(True) for k, p in
+             model.named_parameters()}  # fmt: skip
+    batches = [make_batch(t) for t in range(5)]
+    kw = dict(_SLIP_OPTIONS.get(name, {}))
+    if name == "auto":  # a budget naive does not fit: auto recomputes
+        kw["memory_budget"] = below_naive_for(model, ce_loss, batches)
+    maml = effmaml.MAML(model, ce_loss, _RateSGD(rate, scale), name, **kw)
+    adapted = maml.adapt(batches)
+    assert name != "auto" or not adapted.facts.chosen.startswith("naive")
+    ce_loss(adapted, make_batch(99)).backward()
+    return [rate.grad, scale["6.weight"].grad, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("name", sorted(effmaml.STRATEGIES))
+def test_every_strategy_gives_tensors_the_inner_optimizer_reads_a_gradient_or_refuses(name):
+    """A tensor that requires grad and that an inner optimizer's step reads (its own rate,
+    as self.rate) is an outer tensor like those loss_fn reads: naive's lr.grad was 0.185
+    and checkpoint's and revolve's None. Exact strategies give naive's gradient; the others
+    refuse before backward, naming the optimizer and the tensor."""
+    torch.manual_seed(0)
+    ref = _optimizer_reads("naive")
+    cls = effmaml.STRATEGIES[name]
+    torch.manual_seed(0)
+    try:
+        ours = _optimizer_reads(name)
+    except OuterTensorError as err:
+        assert not cls.exact, f"exact strategy {name!r} refused: {err}"
+        assert "_RateSGD" in str(err) and "shape ()" in str(err), str(err)
+        return
+    assert ref[0] is not None and ref[0].abs() > 1e-6
+    scale = grad_scale(ref)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert a is not None, f"{name}: no gradient for input {i}"
+        assert_scaled_close(a, b, 1e-12, f"{name} grad[{i}]", scale=scale)
+
+
+class _At:
+    """A module of the model at given tensors, indexable as the adapted model is."""
+
+    def __init__(self, module, tensors):
+        self.module, self.tensors = module, tensors
+
+    def __call__(self, x):
+        return functional_call(self.module, self.tensors, (x,))
+
+    def __getitem__(self, i):
+        prefix = f"{i}."
+        sub = {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return _At(self.module[i], sub)
+
+    def __getattr__(self, name):
+        return self.tensors[name]
+
+
+@pytest.mark.parametrize("strategy", ["naive", "checkpoint", "revolve"])
+def test_a_batch_computed_from_the_models_parameters_is_held_by_the_inner_steps(strategy):
+    """A batch holding a head computed from the model's parameters at θ (ProtoMAML's
+    prototypes): the inner steps differentiate the adapted parameters with the batch held,
+    at every step, as a hand-written unroll whose φ₀ is a node of its own does. naive's
+    first step took θ itself as φ₀, so its first inner gradient also ran through the
+    batch's path to θ: 1e-2 apart from checkpoint's, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    names = [n for n, _ in model.named_parameters()]
+    x, y = make_batch(0)
+    head = 2 * torch.tanh(model[0](x[:3]))  # (3, 4): one prototype per class, from θ
+
+    def loss_fn(m, batch):
+        xb, yb, w = batch
+        return F.cross_entropy(F.linear(m[1](m[0](xb)), w + m[2].weight, m[2].bias), yb)
+
+    query = (*make_batch(9), head)
+    phi = [p.view_as(p) for p in model.parameters()]  # φ₀: θ's value, a node of its own
+    for _ in range(3):
+        loss = loss_fn(_At(model, dict(zip(names, phi))), (x, y, head))
+        grads = torch.autograd.grad(loss, phi, create_graph=True)
+        phi = [p - 0.3 * g for p, g in zip(phi, grads)]
+    wrt = list(model.parameters())
+    ref = torch.autograd.grad(
+        loss_fn(_At(model, dict(zip(names, phi))), query), wrt, retain_graph=True
+    )
+
+    kw = {"segment": 2} if strategy == "checkpoint" else {}
+    maml = effmaml.MAML(model, loss_fn, effmaml.SGD(0.3), strategy, **kw)
+    ours = torch.autograd.grad(loss_fn(maml.adapt((x, y, head), steps=3), query), wrt)
+    scale = grad_scale(list(ref))
+    for a, b in zip(ours, ref):
+        assert_scaled_close(a, b, 1e-12, scale=scale)

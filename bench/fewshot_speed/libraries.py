@@ -203,7 +203,7 @@ def _func_loop(model: nn.Module, cfg: Speed) -> Step:
 
     def step(tasks: list[Task], n: int) -> None:
         for support, query in tasks:
-            params = theta
+            params = [p.view_as(p) for p in theta]  # φ₀: θ's value, a node of its own
             for _ in range(n):
                 out = torch.func.functional_call(model, dict(zip(names, params)), (support[0],))
                 grads = torch.autograd.grad(

@@ -120,6 +120,11 @@ class Auto(Strategy):
         d = self.decide(problem, probe)
         return f"auto -> {d.label}", d.prediction
 
+    def check_budget(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> None:
+        """Nothing: ``decide`` holds the budget as it chooses (in ``run``)."""
+
     def run(
         self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     ) -> Outcome:

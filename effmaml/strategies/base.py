@@ -11,7 +11,9 @@ from torch import Tensor
 
 from ..costs import Prediction, Probe
 from ..engine import Schedule
+from ..memory import format_bytes
 from ..notices import warn
+from ..probe import probe
 from ..step import Consts, InnerProblem, InnerState, Runtime
 
 __all__ = [
@@ -175,12 +177,18 @@ class Strategy:
         exact: whether the meta-gradient equals naive's (up to float rounding).
         second_order: whether it needs the double backward of the inner step (every
             strategy but ``first_order``).
+        streams: whether it runs each inner step once, in order, and reads each batch once
+            (``naive``, ``first_order``): it takes one-pass sources (iterators, a
+            ``DataLoader``), and calls ``adapt``'s callback in its own loop
+            (``Runtime.watch``), stopping there when told. The others need N before they
+            run: ``effmaml.watch`` finds it first.
     """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     # whether it differentiates through an inner step's gradient (double backward)
     second_order: ClassVar[bool] = True
+    streams: ClassVar[bool] = False
 
     def run(
         self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
@@ -201,6 +209,38 @@ class Strategy:
     def options(self) -> dict[str, Any]:
         """The strategy's options, for reports."""
         return {}
+
+    def check_budget(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> None:
+        """Raise before any work if this strategy cannot meet ``memory_budget``.
+
+        With a budget, the probe measures step 0 (``effmaml.probe``: its step evaluations
+        once per batch signature) and ``plan`` predicts the peak; without one, nothing
+        runs. Strategies that choose their schedule under the budget (``Scheduled``,
+        ``auto``) check it as they choose, and do nothing here.
+
+        Raises:
+            MemoryError: the predicted peak is over the budget (says by how much, and which
+                strategies fit in less).
+        """
+        budget = problem.settings.memory_budget
+        if budget is None:
+            return
+        pr = probe(problem, rt, state0, consts)
+        try:
+            label, pred = self.plan(problem, pr)
+        except NotImplementedError:  # no memory model: nothing to hold the budget against
+            return
+        if pred.peak_bytes > budget:
+            raise MemoryError(
+                f"strategy {self.name!r} ({label}) is predicted to peak at "
+                f"{format_bytes(pred.peak_bytes)} for N={problem.steps} steps, over "
+                f"memory_budget={format_bytes(budget)} (state P={format_bytes(pr.state_bytes)},"
+                f" one step's graph A={format_bytes(pr.step_graph_bytes)}); use "
+                f"strategy='auto' (the fastest exact schedule that fits), 'checkpoint' or "
+                f"'revolve', or raise the budget"
+            )
 
     @classmethod
     def auto_candidates(cls, device: torch.device) -> list[Strategy]:

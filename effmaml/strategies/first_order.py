@@ -27,9 +27,11 @@ __all__ = ["FirstOrder"]
 
 # what first-order MAML gives a tensor the inner steps read (the outer tensors' rule)
 _WHY = (
-    "First-order MAML treats every inner gradient as a constant, and such a tensor enters "
-    "the adapted parameters only through those gradients, so its meta-gradient would be "
-    "zero by construction, not the meta-gradient naive gives."
+    "First-order MAML takes the Jacobian of the adapted parameters as the identity: a "
+    "tensor loss_fn reads enters them only through the inner gradients, which it treats as "
+    "constants, and one the inner optimizer's step reads (a learned rate) only through the "
+    "updates, which it skips; so their meta-gradient would be zero by construction, not "
+    "the meta-gradient naive gives."
 )
 
 
@@ -69,10 +71,11 @@ class FirstOrder(Strategy):
     Non-adapted parameters receive their query-loss gradient at φ_N. Learned
     hyper-parameters (a tensor inner lr) receive no meta-gradient, and the returned
     inner losses are detached. A tensor that requires grad and that the inner steps read
-    (learned data in a batch, a temperature in ``loss_fn``'s closure) is refused with
-    ``effmaml.outer.OuterTensorError`` after the unroll: it enters only through the
-    inner gradients, which first-order MAML treats as constants, so its first-order
-    meta-gradient is zero by construction.
+    (learned data in a batch, a temperature in ``loss_fn``'s closure, a rate the inner
+    optimizer's ``step`` reads as ``self.lr``) is refused with
+    ``effmaml.outer.OuterTensorError`` after the unroll, naming it and its reader: it
+    enters only through the inner gradients or the updates, which first-order MAML treats
+    as constants, so its first-order meta-gradient is zero by construction.
 
     Memory: one state P plus one first-order step graph, independent of N.
     Compute: N first-order steps, no backward through them.
@@ -81,6 +84,7 @@ class FirstOrder(Strategy):
     name = "first_order"
     exact = False
     second_order = False
+    streams = True
 
     def run(
         self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
@@ -89,7 +93,12 @@ class FirstOrder(Strategy):
         rt.outer = OuterTensors(problem.steps)
         if problem.step_weights:
             return self._multi_step(problem, rt, state0, consts)
-        state, losses, _ = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
+        state, losses = state0.detached(False), []
+        for t in range(problem.steps):
+            state, loss, _ = advance(problem, rt, state, t, t + 1, consts)
+            losses += loss
+            if rt.watch(t, loss[0]):  # adapt's callback: N = t + 1
+                break
         rt.outer.refuse(self.name, _WHY)
         rt.outer.release()  # nothing to recompute: no batch need stay pinned
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}

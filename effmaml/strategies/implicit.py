@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..costs import Prediction, Probe, implicit_peak, predict_seconds
-from ..engine import advance
+from ..engine import advance, backward_again_error
 from ..notices import warn
 from ..outer import OuterTensorError, OuterTensors, reading
 from ..step import (
@@ -140,6 +140,14 @@ class Implicit(Strategy):
                 "strategy='implicit' has no multi-step loss: its meta-gradient is taken at the "
                 "inner solution φ_N only. Use an exact strategy (naive, checkpoint, revolve, "
                 "auto) or first_order with step_weights, or adapt without step_weights"
+            )
+        if problem.first_step:
+            raise ValueError(
+                "strategy='implicit' cannot continue from an adapted model (adapt(..., "
+                "start=adapted)): its meta-gradient is the implicit one of a proximal "
+                "problem centred on the model's parameters, not a path through earlier steps. "
+                "Adapt from the model with all the steps, or use an exact strategy or "
+                "first_order"
             )
         lam = self.resolve_lam(problem.settings.prox)
         warn_learned_hyper(consts, self.name, ": the inner solution does not depend on them")
@@ -269,6 +277,7 @@ class _Solver:
         if strategy.hvp_batches is not None:
             self.indices = self.indices[-strategy.hvp_batches :]
         stats.hvp_batches_used = len(self.indices)
+        self.released = False  # backward released the pinned batches
 
     def check_outer(self) -> None:
         """Refuse outer tensors that L_train does not read (their steps' batches are not in
@@ -276,16 +285,29 @@ class _Solver:
         outer = self.rt.outer
         assert outer is not None
         used = set().union(*(outer.reads[t] for t in self.indices))
-        left = [i for i in range(len(outer.tensors)) if i not in used]
-        if left:
-            listed = "; ".join(outer.describe(i) for i in left[:3])
-            raise OuterTensorError(
+        mover = [i for i in range(len(outer.tensors)) if i not in outer.by_loss]
+        unread = [i for i in outer.by_loss if i not in used]
+        for left, why in (
+            (
+                mover,
+                "strategy='implicit' gives no meta-gradient to tensors that only the inner "
+                "optimizer's step reads: {listed}. The inner solution does not depend on how "
+                "the optimizer reaches it (as for learned rates, which it warns about), so "
+                "their implicit gradient is zero by construction, not naive's; use an exact "
+                "strategy ('checkpoint', 'revolve', 'auto'), or .detach() them",
+            ),
+            (
+                sorted(unread),
                 f"strategy='implicit' with hvp_batches={self.strategy.hvp_batches} solves on "
                 f"the batches of steps {self.indices} only, and these tensors that require "
-                f"grad are read by other steps alone: {listed}. They have no implicit "
-                f"gradient; pass hvp_batches=None (every distinct batch), or use an exact "
-                f"strategy ('checkpoint', 'revolve', 'auto')"
-            )
+                "grad are read by other steps alone: {listed}. They have no implicit "
+                "gradient; pass hvp_batches=None (every distinct batch), or use an exact "
+                "strategy ('checkpoint', 'revolve', 'auto')",
+            ),
+        ):
+            if left:
+                listed = "; ".join(outer.describe(i) for i in left[:3])
+                raise OuterTensorError(why.format(listed=listed))
 
     def _grad_terms(self, phi: dict[str, Tensor], fixed: dict[str, Tensor]) -> Iterator[Tensor]:
         """For each distinct batch, its loss / n_batches (a graph through phi and fixed)."""
@@ -415,6 +437,8 @@ class _ImplicitGrad(torch.autograd.Function):
         # recomputation]).
         outer = solver.rt.outer
         assert outer is not None
+        if solver.released and outer.tensors:  # the pinned batches of the first are gone
+            raise backward_again_error("strategy implicit with outer tensors")
         with (
             torch.enable_grad(),
             _dropout_off(solver.problem.model),
@@ -428,6 +452,7 @@ class _ImplicitGrad(torch.autograd.Function):
             else:
                 g_fixed, g_wanted = [None] * len(need), []
         outer.release()
+        solver.released = True
         it = iter(g_wanted)
         g_outer = [next(it) if n else None for n in need_outer]
         return (None, *x, *g_fixed, *g_outer)

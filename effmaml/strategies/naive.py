@@ -9,7 +9,8 @@ from ..checks import find_no_double_backward
 from ..costs import Prediction, Probe, naive_peak, predict_seconds
 from ..diagnose import no_double_backward_error
 from ..sources import outer_bytes
-from ..step import Consts, InnerProblem, InnerState, Runtime, inner_step
+from ..state import InnerState
+from ..step import Consts, InnerProblem, Runtime, inner_step
 from .base import Outcome, RunFacts, Strategy, multi_step_loss, register_strategy
 
 __all__ = ["Naive"]
@@ -29,6 +30,7 @@ class Naive(Strategy):
 
     name = "naive"
     exact = True
+    streams = True
 
     @classmethod
     def auto_candidates(cls, device: torch.device) -> list[Strategy]:
@@ -37,7 +39,15 @@ class Naive(Strategy):
     def run(
         self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     ) -> Outcome:
-        state = state0
+        # Note [φ₀ is not θ]
+        # The first step differentiates its loss with respect to φ₀, whose value is θ. Were
+        # φ₀ the model's tensors themselves, a batch or closure computed from them (ProtoMAML's
+        # prototypes, features at θ) would put its own path to θ into that inner gradient,
+        # at the first step only; every later step, each recomputing strategy and a loop
+        # that starts from copies hold such tensors fixed. A view per parameter makes φ₀ a
+        # node of its own (values unchanged; the meta-gradient still reaches θ through it).
+        params = {k: v.view_as(v) for k, v in state0.params.items()}
+        state = InnerState(params, state0.opt, state0.buffers)
         losses: list[Tensor] = []
         queries: list[Tensor] = []
         for t in range(problem.steps):
@@ -47,6 +57,8 @@ class Naive(Strategy):
                 queries.append(torch.zeros_like(loss) if query is None else query)
             if t == 0 and find_no_double_backward(state.params.values()) is not None:
                 raise no_double_backward_error(problem, state0, consts)
+            if rt.watch(t, loss):  # adapt's callback: N = t + 1
+                break
         facts = RunFacts("naive")
         return Outcome(state, losses, facts, queries, multi_step_loss(problem, queries))
 

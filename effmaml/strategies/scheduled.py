@@ -129,6 +129,11 @@ class Scheduled(Strategy):
             f"strategy='auto'"
         )
 
+    def check_budget(
+        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
+    ) -> None:
+        """Nothing: ``choose`` holds the budget as it picks the schedule (in ``run``)."""
+
     def run(
         self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     ) -> Outcome:
@@ -148,11 +153,12 @@ class Scheduled(Strategy):
     ) -> Outcome:
         """Run a chosen ``schedule`` on the engine (for ``run`` and ``auto``)."""
         problem = resolve_states(problem, pr)
-        state, losses, queries = run_schedule(problem, rt, state0, consts, schedule)
+        label = self.label(schedule)
+        state, losses, queries = run_schedule(problem, rt, state0, consts, schedule, label)
         outer = rt.outer
         assert outer is not None
         facts = RunFacts(
-            self.label(schedule),
+            label,
             self.resolved(schedule),
             pr,
             prediction,
