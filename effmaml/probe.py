@@ -16,9 +16,9 @@ it was:
 On CUDA it also uses the pinned host↔device bandwidth, measured once per process
 (``effmaml.measure.host_link``). Cost: 4 step evaluations (``PROBE_EVALS``) and one
 forward with two backward passes of the inner loss (Note [States bitwise naive's]), once
-per ``MAML`` instance and batch signature (shapes, dtypes, train/eval mode, autocast): the
-result is cached, so a meta-training loop pays it once. Batch 0 is indexed once per call
-to read its signature (and reused by the probe's steps).
+per ``MAML`` instance and signature (batch 0's and the model's shapes, dtypes and devices,
+train/eval mode, autocast): the result is cached, so a meta-training loop pays it once.
+Batch 0 is indexed once per call to read its signature (and reused by the probe's steps).
 """
 
 from __future__ import annotations
@@ -53,10 +53,14 @@ PROBE_EVALS = 4  # step evaluations of a probe that runs (0 when cached)
 
 def signature(problem: InnerProblem, batch0: Any) -> Hashable:
     """What the probe's results depend on besides the MAML instance: batch 0's structure
-    (types, shapes, dtypes, devices), the model's train/eval mode, the autocast state and
-    whether a multi-step loss adds a query to each step."""
+    (types, shapes, dtypes, devices), the model's parameters and buffers (shapes, dtypes,
+    devices: a model cast or moved after a first ``adapt`` is probed again), its
+    train/eval mode, the autocast state and whether a multi-step loss adds a query to each
+    step."""
     msl = _structure(problem.query) if problem.step_weights else None
-    return (_structure(batch0), problem.model.training, problem.autocast, msl)
+    model = problem.model
+    tensors = tuple(_structure(t) for t in (*model.parameters(), *model.buffers()))
+    return (_structure(batch0), tensors, model.training, problem.autocast, msl)
 
 
 class _First(Sequence[Any]):
