@@ -152,7 +152,8 @@ def per_step_batchnorm(module: nn.Module, steps: int) -> nn.Module:
             bn.track_running_stats,
         )
         ref = bn.weight if bn.affine else bn.running_mean
-        new = new.to(device=ref.device if ref is not None else None)
+        if ref is not None:  # before copying: a float64 BatchNorm's statistics stay float64
+            new = new.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             if bn.affine:
                 new.weight.copy_(bn.weight.expand(steps, -1))
@@ -161,8 +162,6 @@ def per_step_batchnorm(module: nn.Module, steps: int) -> nn.Module:
                 assert bn.running_mean is not None and bn.running_var is not None
                 new.running_mean.copy_(bn.running_mean.expand(steps, -1))
                 new.running_var.copy_(bn.running_var.expand(steps, -1))
-        if bn.affine:
-            new = new.to(bn.weight.dtype)
         new.train(bn.training)
         return new
     for name, child in module.named_children():

@@ -159,6 +159,22 @@ def test_per_step_batchnorm_is_a_batchnorm_at_each_slice():
     torch.testing.assert_close(out, F.batch_norm(x, None, None, bn.weight, bn.bias, True))
 
 
+def test_per_step_batchnorm_copies_a_float64_batchnorm_exactly():
+    """Each slice is the original bitwise: the copy is made in the original's dtype (it was
+    made in float32 and cast after, rounding a float64 model's statistics and affine
+    parameters to float32)."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(4).double()
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            t.copy_(torch.rand(4, dtype=F64) + 0.5)
+    converted = effmaml.per_step_batchnorm(torch.nn.Sequential(bn), 3)[0]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        got = getattr(converted, name)
+        assert got.dtype == F64
+        assert torch.equal(got, getattr(bn, name).expand(3, -1)), name
+
+
 def test_the_probe_counts_a_query_graph_without_the_state_it_is_evaluated_at():
     """With a multi-step loss, A (one step's graph) holds the query's graph at φ_1, but not
     φ_1's parameters, which the query's layers save (a linear layer saves its weight): they
