@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checks import raise_if_no_double_backward
+from .checks import is_no_double_backward
+from .diagnose import NoDoubleBackwardError, culprit, no_double_backward_error
 from .outer import OuterTensors
 from .replay import RngState, Witness, capture_rng, replay_rng
 from .state import Consts, InnerState, Spec
@@ -137,6 +138,10 @@ def pullback(
         ``grad_b``), for each constant its gradient from these steps (``None`` where not
         needed or unused), and for each of ``outer`` its gradient (``None`` where unused).
 
+    Raises:
+        NoDoubleBackwardError: one of the steps cannot be differentiated twice (names the
+            operation, its module and the step, as the probe does for step 0).
+
     Memory: ``b - a`` second-order step graphs, freed on return.
     """
     leaves = [c.detach().requires_grad_(need) for c, need in zip(consts.flat(), need_consts)]
@@ -173,12 +178,37 @@ def pullback(
         with torch.enable_grad():
             grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
     except (RuntimeError, NotImplementedError) as err:
-        raise_if_no_double_backward(err)
-        raise
+        if isinstance(err, NoDoubleBackwardError) or not is_no_double_backward(err):
+            raise
+        raise _no_double_backward(problem, rt, state, rng, a, b, consts, str(err)) from err
     grad_a = [_or_zeros(g, v) for g, v in zip(grads[:n_s], inputs[:n_s])]
     it = iter(grads[n_s:n_c])
     g_consts = [next(it) if need else None for need in need_consts]
     return s0.spec().unflatten(grad_a, differentiable_only=True), g_consts, list(grads[n_c:])
+
+
+def _no_double_backward(
+    problem: InnerProblem,
+    rt: Runtime,
+    state: InnerState,
+    rng: RngState,
+    a: int,
+    b: int,
+    consts: Consts,
+    detail: str,
+) -> NoDoubleBackwardError:
+    """The error for a pullback of steps ``a..b-1`` that autograd could not differentiate
+    twice: the first of those steps whose graph holds the operation, named with its module
+    (``effmaml.diagnose``). Runs only on this error path: each step once more, first order,
+    from the stored state and its RNG, and the diagnosis of each until one is found."""
+    with replay_rng(rng):
+        s = state
+        for t in range(a, b):
+            found = culprit(problem, s, consts, t)
+            if found or t == b - 1:
+                return no_double_backward_error(problem, s, consts, detail, t, found)
+            s, _, _ = advance(problem, rt, s, t, t + 1, consts)
+    raise AssertionError("unreachable: a pullback covers at least one step")
 
 
 def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:

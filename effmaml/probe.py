@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checks import find_no_double_backward, is_no_double_backward
+from .checks import find_no_double_backward
 from .costs import Probe
-from .diagnose import NoDoubleBackwardError, no_double_backward_error
+from .diagnose import no_double_backward_error
 from .engine import pullback
 from .measure import clock, host_link
 from .memory import nbytes, saved_bytes
@@ -144,15 +144,10 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
                 raise no_double_backward_error(problem, state0, consts)
 
         def pull() -> tuple[float, float]:
+            # a missing double backward raises NoDoubleBackwardError from the graph walk in
+            # inspect or from the pullback's own double backward
             t0 = clock(device)
-            try:
-                pullback(
-                    problem, rt, state0, rng, 0, 1, consts, need, cotangent, loss_grad, inspect
-                )
-            except (RuntimeError, NotImplementedError) as err:
-                if is_no_double_backward(err) and not isinstance(err, NoDoubleBackwardError):
-                    raise no_double_backward_error(problem, state0, consts, str(err)) from err
-                raise
+            pullback(problem, rt, state0, rng, 0, 1, consts, need, cotangent, loss_grad, inspect)
             return clock(device) - t0, seen["graph_step"] - t0
 
         # the first pullback runs cold and counts what the step saves (its gradients are
