@@ -5,9 +5,9 @@ it was:
 
 1. a first-order step (warm-up; t₁, the cost of an ``advance``),
 2. the engine's ``pullback`` of step 0, cold: A, the bytes autograd
-   saves for a step with its second-order graph (saved-tensor hooks), a walk of that
-   graph for operations without double backward, and a real double backward, which fails
-   here, before any work, if the model cannot be differentiated twice,
+   saves for a step with its second-order graph (saved-tensor hooks), and a real double
+   backward, which fails here (``NoDoubleBackwardError``, naming the operation), before
+   any work, if step 0 cannot be differentiated twice,
 3. the same pullback again, warm: t₂, a step with its graph plus its pullback,
 4. a first-order step again (t₁ = the faster of the two),
 5. the inner loss's gradient without and with ``create_graph``, compared bitwise
@@ -30,9 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checks import find_no_double_backward
 from .costs import Probe
-from .diagnose import no_double_backward_error
 from .engine import pullback
 from .measure import clock, host_link
 from .memory import nbytes, saved_bytes
@@ -102,12 +100,11 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         The ``Probe``.
     """
     # Note [Why checkpoint probes one step]
-    # Inside a custom Function's backward, a @once_differentiable operation does not leave
-    # the DelayedError node that makes naive fail loudly: its second-order term would just be
-    # missing. Probing step 0 in the forward pass, outside any backward, finds such an
-    # operation before any work (check_double_backward and a real pullback), and measures
-    # A, the bytes autograd saves for one second-order step, and the step times that the
-    # schedule's choice needs (Note [The time model]). RNG and buffers are left as they
+    # Every pullback refuses an operation without double backward (Note [A missing double
+    # backward inside a pullback]), but in backward, after the whole forward pass. Probing
+    # step 0 in the forward pass finds one in step 0 before any work (a real pullback), and
+    # measures A, the bytes autograd saves for one second-order step, and the step times
+    # that the schedule's choice needs (Note [The time model]). RNG and buffers are left as they
     # were; the step evaluations are counted in step_evals.
     device = problem.device
     with forked_rng(device):  # indexing a batch may draw from the RNG
@@ -140,12 +137,10 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         def inspect(state: InnerState) -> None:
             seen["graph_step"] = clock(device)  # the step with graph is done
             seen.setdefault("state", state.flat())  # the counted (first) pullback's
-            if find_no_double_backward(state.params.values()) is not None:
-                raise no_double_backward_error(problem, state0, consts)
 
         def pull() -> tuple[float, float]:
-            # a missing double backward raises NoDoubleBackwardError from the graph walk in
-            # inspect or from the pullback's own double backward
+            # an operation without double backward raises NoDoubleBackwardError here, named
+            # (Note [A missing double backward inside a pullback])
             t0 = clock(device)
             pullback(problem, rt, state0, rng, 0, 1, consts, need, cotangent, loss_grad, inspect)
             return clock(device) - t0, seen["graph_step"] - t0

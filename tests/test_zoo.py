@@ -292,6 +292,8 @@ class _AtStep2(nn.Module):
     [
         # its double backward is not implemented: autograd.grad fails
         (F.hardsigmoid, "HardsigmoidBackward0"),
+        # its backward is @once_differentiable: autograd.grad would drop its term silently
+        (_OnceDifferentiable.apply, "_OnceDifferentiableBackward"),
     ],
 )
 @pytest.mark.parametrize(
@@ -309,6 +311,16 @@ def test_a_missing_double_backward_found_in_backward_is_named_like_the_probes(op
     msg = str(err.value)
     assert node in msg and "module '1.0' (_AtStep2)" in msg
     assert "(inner step 2)" in msg and "strategy='first_order'" in msg
+
+
+def test_implicit_refuses_a_once_differentiable_function_in_its_solve():
+    """iMAML's Hessian-vector products differentiate the inner gradient again: the same
+    error, where its term would otherwise be missing without a word."""
+    maml = effmaml.MAML(_with(_Custom()), image_loss, effmaml.SGD(0.01), "implicit")
+    adapted = maml.adapt(images(3))
+    with pytest.raises(NoDoubleBackwardError) as err:
+        image_loss(adapted, images(1, seed=9)[0]).backward()
+    assert "module '1.0' (_Custom)" in str(err.value)
 
 
 def test_hardsigmoid_called_outside_its_module_needs_the_switch():
