@@ -102,7 +102,7 @@ def culprit(
     handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
     try:
         with (
-            forked_rng(problem.device),
+            forked_rng(problem.rng_devices),
             torch.autograd.set_detect_anomaly(True, check_nan=False),
             torch.enable_grad(),
             _Trace(stack, created),

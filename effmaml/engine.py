@@ -86,7 +86,7 @@ def advance(
     graph = bool(problem.settings.exact_states)  # Note [States bitwise naive's]
     for t in range(a, b):
         if keep is not None:
-            keep(state, capture_rng(problem.device))
+            keep(state, capture_rng(problem.rng_devices))
         new, loss, query = inner_step(
             problem, rt, state.detached(requires_grad=True), t, consts, create_graph=graph
         )
@@ -244,7 +244,7 @@ def advance_to(
         return state, rng
     with replay_rng(rng):
         out, _, _ = advance(problem, rt, state, a, b, consts)
-        return out, capture_rng(problem.device)
+        return out, capture_rng(problem.rng_devices)
 
 
 class Handle:
@@ -487,7 +487,7 @@ def run_schedule(
     # The forward pass runs before the custom Function is applied (without graph, as a
     # Function's forward would), so that the outer tensors it finds can be the Function's
     # inputs: what is not an input of the Function gets no gradient from its backward.
-    rng0 = capture_rng(problem.device)
+    rng0 = capture_rng(problem.rng_devices)
     with torch.no_grad():
         state, losses, queries, memo = schedule.forward(
             problem, rt, state0.detached(requires_grad=False), rng0, consts

@@ -107,7 +107,7 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     # that the schedule's choice needs (Note [The time model]). RNG and buffers are left as they
     # were; the step evaluations are counted in step_evals.
     device = problem.device
-    with forked_rng(device):  # indexing a batch may draw from the RNG
+    with forked_rng(problem.rng_devices):  # indexing a batch may draw from the RNG
         batch0 = problem.batches[0]
     key = signature(problem, batch0)
     if key in rt.probes:
@@ -123,8 +123,8 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         weights = (1.0, *problem.step_weights[1:])
         problem = dataclasses.replace(problem, step_weights=weights)
     start = clock(device)
-    with forked_rng(device):
-        rng = capture_rng(device)  # every probe step starts from it (dropout draws alike)
+    with forked_rng(problem.rng_devices):
+        rng = capture_rng(problem.rng_devices)  # every probe step starts from it (dropout)
         with replay_rng(rng):
             t_fo1, fo_bytes = _first_order(problem, rt, state0, consts)
         need = [c.requires_grad for c in consts.flat()]

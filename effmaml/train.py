@@ -442,7 +442,7 @@ def task_rng(seed: int, device: torch.device) -> Iterator[None]:
     # dropout 0.2. Seeding each task's stream from (seed, iteration, index) makes it a
     # property of the task. Recomputing strategies replay it exactly (they capture and
     # restore the RNG around each step).
-    with forked_rng(device):
+    with forked_rng([device]):
         torch.default_generator.manual_seed(seed)
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
