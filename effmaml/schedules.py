@@ -231,11 +231,11 @@ class _RevolveMemo:
 class RevolveSchedule(Schedule):
     """Binomial checkpointing with ``slots`` stored states; every pullback is one step.
 
-    The forward pass follows the reversal's first descent (it stores the states the
-    reversal would store first), then runs the last step for the output; the backward pass
-    continues the same plan. Memory: ``slots`` states + one working state + one step's
-    graph A, for any N. Compute: N + t(N, s) + 1 step evaluations, the least possible
-    with s states (each step recomputed at most r times, N ≤ C(s + r, s)).
+    The forward pass follows the reversal's first descent (it stores the states the reversal
+    would store first), then runs the last step for the output; the backward pass continues
+    the same plan. Memory: the ``slots`` − 1 stored states besides the input, one working
+    state and one step's graph A, for any N. Compute: N + t(N, s) + 1 step evaluations, the
+    least possible with s states (each step recomputed at most r times, N ≤ C(s + r, s)).
 
     Attributes:
         slots: stored states, the initial one included (≥ 1; 1 recomputes every step from
