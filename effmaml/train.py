@@ -155,8 +155,6 @@ class MetaTrainer:
         self.iteration = 0
         self.scheduler = scheduler
         self.curriculum = Curriculum(maml, first_order_iterations, step_weights)
-        self.first_order_iterations = first_order_iterations
-        self.step_weights = step_weights
         self.stop_signals = tuple(stop_signals)
         self.config = {
             "meta_batch": meta_batch,
