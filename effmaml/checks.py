@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["find_no_double_backward", "is_no_double_backward", "raise_if_no_double_backward"]
+__all__ = ["find_no_double_backward", "is_no_double_backward"]
 
 _MAX_NODES = 200_000
 
@@ -51,14 +51,3 @@ _NO_DOUBLE_BACKWARD = (
 def is_no_double_backward(err: BaseException) -> bool:
     """Whether an autograd error says that some derivative is missing."""
     return any(s in str(err).lower() for s in _NO_DOUBLE_BACKWARD)
-
-
-def raise_if_no_double_backward(err: BaseException) -> None:
-    """Re-raise an autograd error about missing second derivatives with a fix."""
-    msg = str(err)
-    if is_no_double_backward(err):
-        raise RuntimeError(
-            "an operation in the model or loss has no double backward, which exact "
-            "(second-order) MAML needs; replace that operation, or use "
-            f"strategy='first_order', which needs none. Autograd said: {msg}"
-        ) from err

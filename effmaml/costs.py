@@ -175,7 +175,7 @@ def predict_seconds(
     # bandwidth, and the pinned memory it must newly allocate (page-locking is slow: on an
     # H200 it made offload with segment=1 2.4x slower than checkpoint). The query loss's
     # forward and backward cost about one first-order step. The probe's own time is added
-    # by the caller when the probe ran in this call.
+    # here: Probe.seconds, 0 when the probe's result came from the cache.
     step = probe.graph_step_seconds if graph_advances and probe.graph_step_seconds else 0.0
     t = probe.advance_seconds + advances * (step or probe.advance_seconds)
     t += pullbacks * probe.pullback_seconds

@@ -1,14 +1,15 @@
 """Naming the operation that has no double backward: its autograd node and its module.
 
 When the early checks (``effmaml.checks.find_no_double_backward``, a real pullback in
-the probe) find that step 0 cannot be differentiated twice, ``no_double_backward_error``
-runs step 0's loss and gradient once more, under anomaly mode (which links each node made
+the probe) find that step 0 cannot be differentiated twice, or a pullback in backward finds
+that a later step cannot, ``no_double_backward_error`` runs that step's loss and gradient
+once more, under anomaly mode (which links each node made
 in a backward pass to the node whose backward made it) and with forward hooks that record
 which module each autograd node was created in. The error then names the node
 (``HardsigmoidBackward0``), the module path (``features.1.block.1.scale_activation``) and
 the ways out.
 
-Cost: one more forward and backward of step 0, only on this error path; the hooks and the
+Cost: one more forward and backward of the step, only on this error path; the hooks and the
 tracing mode exist only during it.
 """
 
@@ -65,9 +66,12 @@ def _tensors(out: Any) -> Iterator[Tensor]:
             yield from _tensors(o)
 
 
-def culprit(problem: InnerProblem, state: InnerState, consts: Consts) -> list[tuple[str, str, str]]:
-    """Every node without double backward in step 0: its name, the node whose backward made
-    it, and the module that created that one (in the model's module order).
+def culprit(
+    problem: InnerProblem, state: InnerState, consts: Consts, step: int = 0
+) -> list[tuple[str, str, str]]:
+    """Every node without double backward in inner step ``step`` from ``state``: its name,
+    the node whose backward made it, and the module that created that one (in the model's
+    module order).
 
     Returns:
         ``[(bad node, forward node, module path), ...]``, a ``""`` where it was not found.
@@ -98,16 +102,16 @@ def culprit(problem: InnerProblem, state: InnerState, consts: Consts) -> list[tu
     handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
     try:
         with (
-            forked_rng(problem.device),
+            forked_rng(problem.rng_devices),
             torch.autograd.set_detect_anomaly(True, check_nan=False),
             torch.enable_grad(),
             _Trace(stack, created),
-            step_context(problem, 0, grad=False),
+            step_context(problem, step, grad=False),
         ):
             params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
             buffers = {k: b.clone() for k, b in state.buffers.items()}
             module = FunctionalModel(model, {**consts.fixed, **params}, buffers, False)
-            loss = problem.loss_fn(module, problem.batch(0))
+            loss = problem.loss_fn(module, problem.batch(step))
             grads = torch.autograd.grad(
                 loss, list(params.values()), create_graph=True, allow_unused=True
             )
@@ -128,11 +132,17 @@ def _node_name(node: Any) -> str:
 
 
 def no_double_backward_error(
-    problem: InnerProblem, state: InnerState, consts: Consts, detail: str = ""
+    problem: InnerProblem,
+    state: InnerState,
+    consts: Consts,
+    detail: str = "",
+    step: int = 0,
+    found: list[tuple[str, str, str]] | None = None,
 ) -> NoDoubleBackwardError:
-    """The error to raise when step 0 cannot be differentiated twice: names the operation's
-    autograd node and module (``culprit``) and the ways out."""
-    found = culprit(problem, state, consts) or [("", "", "")]
+    """The error to raise when inner step ``step`` (from ``state``) cannot be differentiated
+    twice: names the operation's autograd node and module (``culprit``, unless ``found``
+    already holds its answer), the step, and the ways out."""
+    found = (culprit(problem, state, consts, step) if found is None else found) or [("", "", "")]
     bad, node, path = found[0]
     where = f"autograd node {node or bad or 'unknown'}"
     if path:
@@ -147,6 +157,7 @@ def no_double_backward_error(
         )
     if bad and node:
         where += f"; its backward leaves a {bad} node"
+    where += f" (inner step {step})"
     fixes = []
     if node in NODES:
         fixes.append(

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checks import raise_if_no_double_backward
+from .checks import find_no_double_backward, is_no_double_backward
+from .diagnose import NoDoubleBackwardError, culprit, no_double_backward_error
 from .outer import OuterTensors
 from .replay import RngState, Witness, capture_rng, replay_rng
 from .state import Consts, InnerState, Spec
@@ -87,7 +88,7 @@ def advance(
     graph = bool(problem.settings.exact_states)  # Note [States bitwise naive's]
     for t in range(a, b):
         if keep is not None:
-            keep(state, capture_rng(problem.device))
+            keep(state, capture_rng(problem.rng_devices))
         new, loss, query = inner_step(
             problem, rt, state.detached(requires_grad=True), t, consts, create_graph=graph
         )
@@ -139,7 +140,13 @@ def pullback(
         ``grad_b``), for each constant its gradient from these steps (``None`` where not
         needed or unused), and for each of ``outer`` its gradient (``None`` where unused).
 
-    Memory: ``b - a`` second-order step graphs, freed on return.
+    Raises:
+        NoDoubleBackwardError: one of the steps cannot be differentiated twice (names the
+            operation, its module and the step, as the probe does for step 0).
+
+    Memory: ``b - a`` second-order step graphs, freed on return. Compute: the steps with
+    graph, one walk of their graph's nodes (Note [A missing double backward inside a
+    pullback]) and their backward.
     """
     leaves = [c.detach().requires_grad_(need) for c, need in zip(consts.flat(), need_consts)]
     c = consts.spec().unflatten(leaves)
@@ -153,6 +160,19 @@ def pullback(
             queries.append(query)
     if inspect is not None:
         inspect(s)
+    # Note [A missing double backward inside a pullback]
+    # A @once_differentiable backward hands its result on through a DelayedError node
+    # whose inputs are detached stand-ins, not the graph: loss.backward() runs that node and
+    # fails, but autograd.grad(outputs, inputs) runs only the nodes on a path to its inputs,
+    # so the operation's second-order term would be missing without a word. Every pullback
+    # therefore walks the graph it recomputed for such a node (a few microseconds per node:
+    # about 1 ms for a ResNet18 step) before differentiating it; an operation whose double
+    # backward is not implemented fails inside autograd.grad and is named the same way.
+    found = find_no_double_backward(
+        [*s.flat(differentiable_only=True), *losses, *(q for q in queries if q is not None)]
+    )
+    if found is not None:
+        raise _no_double_backward(problem, rt, state, rng, a, b, consts, "")
     outputs: list[Tensor] = []
     cotangents: list[Tensor] = []
     for v, g in zip(s.flat(differentiable_only=True), grad_b.flat(differentiable_only=True)):
@@ -175,12 +195,37 @@ def pullback(
         with torch.enable_grad():
             grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
     except (RuntimeError, NotImplementedError) as err:
-        raise_if_no_double_backward(err)
-        raise
+        if isinstance(err, NoDoubleBackwardError) or not is_no_double_backward(err):
+            raise
+        raise _no_double_backward(problem, rt, state, rng, a, b, consts, str(err)) from err
     grad_a = [_or_zeros(g, v) for g, v in zip(grads[:n_s], inputs[:n_s])]
     it = iter(grads[n_s:n_c])
     g_consts = [next(it) if need else None for need in need_consts]
     return s0.spec().unflatten(grad_a, differentiable_only=True), g_consts, list(grads[n_c:])
+
+
+def _no_double_backward(
+    problem: InnerProblem,
+    rt: Runtime,
+    state: InnerState,
+    rng: RngState,
+    a: int,
+    b: int,
+    consts: Consts,
+    detail: str,
+) -> NoDoubleBackwardError:
+    """The error for a pullback of steps ``a..b-1`` that autograd could not differentiate
+    twice: the first of those steps whose graph holds the operation, named with its module
+    (``effmaml.diagnose``). Runs only on this error path: each step once more, first order,
+    from the stored state and its RNG, and the diagnosis of each until one is found."""
+    with replay_rng(rng):
+        s = state
+        for t in range(a, b):
+            found = culprit(problem, s, consts, t)
+            if found or t == b - 1:
+                return no_double_backward_error(problem, s, consts, detail, t, found)
+            s, _, _ = advance(problem, rt, s, t, t + 1, consts)
+    raise AssertionError("unreachable: a pullback covers at least one step")
 
 
 def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
@@ -201,7 +246,7 @@ def advance_to(
         return state, rng
     with replay_rng(rng):
         out, _, _ = advance(problem, rt, state, a, b, consts)
-        return out, capture_rng(problem.device)
+        return out, capture_rng(problem.rng_devices)
 
 
 class BackwardAgainError(RuntimeError):
@@ -465,7 +510,7 @@ def run_schedule(
     # The forward pass runs before the custom Function is applied (without graph, as a
     # Function's forward would), so that the outer tensors it finds can be the Function's
     # inputs: what is not an input of the Function gets no gradient from its backward.
-    rng0 = capture_rng(problem.device)
+    rng0 = capture_rng(problem.rng_devices)
     with torch.no_grad():
         state, losses, queries, memo = schedule.forward(
             problem, rt, state0.detached(requires_grad=False), rng0, consts

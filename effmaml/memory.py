@@ -1,7 +1,7 @@
 """Counting bytes: what tensors, states and autograd's saved tensors cost.
 
-* ``nbytes`` (what a copy of some tensors costs), ``storage_bytes`` and ``saved_bytes``
-  (distinct storages; what autograd keeps for backward);
+* ``nbytes`` (what a copy of some tensors costs) and ``saved_bytes`` (what autograd keeps
+  for backward, counted by distinct storage);
 * ``parse_bytes`` / ``format_bytes``.
 
 The cost model built on these counts (P, A, the peak and time formulas) is
@@ -15,50 +15,17 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .measure import (
-    PeakMemory,
-    available_bytes,
-    available_host_bytes,
-    current_rss_bytes,
-    peak_rss_bytes,
-    reset_peak_rss,
-)
-
-__all__ = [
-    "PeakMemory",
-    "SavedBytes",
-    "available_bytes",
-    "available_host_bytes",
-    "current_rss_bytes",
-    "format_bytes",
-    "nbytes",
-    "parse_bytes",
-    "peak_rss_bytes",
-    "reset_peak_rss",
-    "saved_bytes",
-    "storage_bytes",
-]
+__all__ = ["SavedBytes", "format_bytes", "nbytes", "parse_bytes", "saved_bytes"]
 
 
 # -- counting bytes ----------------------------------------------------------------------------
 def nbytes(tensors: Iterable[Tensor]) -> int:
     """Bytes of the tensors' elements (what copying them costs, e.g. one inner state P)."""
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def storage_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views and repeats counted once)."""
-    seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        if isinstance(t, Tensor):
-            st = t.untyped_storage()
-            seen[(str(t.device), st.data_ptr())] = st.nbytes()
-    return sum(seen.values())
 
 
 @dataclass

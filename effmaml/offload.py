@@ -6,10 +6,17 @@ tensor go; ``fetch`` starts the copy back (the schedule calls it one state ahead
 copy overlaps the current pullback); ``get`` makes the compute stream wait for it. Device
 memory then holds the working state, the one being prefetched and one step's graph,
 whatever N is. On a CPU it is the plain ``Store``.
+
+Pinned bytes are accounted per store (``PinnedLedger``): each stored state's bytes count
+from ``put`` until ``get`` brings it back or its handle is freed (an ``adapt`` whose
+backward never runs, an exception), so the process's high-water mark, which ``offload``'s
+time prediction reads (``pinned_high_water``), counts only memory that was pinned at once.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,29 +25,63 @@ from torch import Tensor
 from .engine import Handle, Resident, Store
 from .state import InnerState
 
-__all__ = ["HostStore", "make_store", "pinned_high_water"]
-
-_PINNED = {"held": 0, "high": 0}  # pinned bytes held by HostStores in this process
+__all__ = ["HostStore", "PinnedLedger", "make_store", "pinned_held", "pinned_high_water"]
 
 
-@dataclass
+class _Process:
+    """Pinned bytes held by every live ledger of this process, and the most at once."""
+
+    held = 0
+    high = 0
+
+
+class PinnedLedger:
+    """The pinned host bytes one store holds: each charge counts until it is released.
+
+    A charge is released by calling what ``charge`` returns (the state came back) or, at
+    the latest, when its owner (the handle) is freed: with the store when ``adapt``'s
+    result is dropped without backward, or with the frames of an exception.
+
+    Attributes:
+        held: bytes held now; peak: the most held at once.
+    """
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.peak = 0
+
+    def charge(self, owner: object, nbytes: int) -> Callable[[], object]:
+        """Count ``nbytes`` until the returned callable is called or ``owner`` is freed."""
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
+        _Process.held += nbytes
+        _Process.high = max(_Process.high, _Process.held)
+        return weakref.finalize(owner, self._release, nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        self.held -= nbytes
+        _Process.held -= nbytes
+
+
+@dataclass(eq=False)
 class _HostHandle(Handle):
     state: InnerState | None  # in pinned host memory; None once brought back
     nbytes: int
     fetched: tuple[InnerState, torch.cuda.Event] | None = None
+    release: Callable[[], object] = lambda: None  # ends the ledger's charge
 
 
 class HostStore(Store):
     """Stored states in pinned host memory (CUDA only; see the module docstring).
 
-    Memory: the stored states' bytes in pinned host memory (``peak_host_bytes``); on the
+    Memory: the stored states' bytes in pinned host memory (``ledger.peak``); on the
     device, the state being brought back.
 
     Args:
         device: the CUDA device the steps run on.
 
     Attributes:
-        held_bytes: host bytes held now; peak_host_bytes: the most held at once.
+        ledger: the pinned bytes this store holds now and held at most (``PinnedLedger``).
     """
 
     off_device = True
@@ -50,8 +91,7 @@ class HostStore(Store):
             raise ValueError(f"HostStore needs a CUDA device (got {device}); use Store()")
         self.device = device
         self.stream = torch.cuda.Stream(device)
-        self.held_bytes = 0
-        self.peak_host_bytes = 0
+        self.ledger = PinnedLedger()
 
     def put(self, state: InnerState) -> Handle:
         main = torch.cuda.current_stream(self.device)
@@ -68,13 +108,9 @@ class HostStore(Store):
 
         with torch.cuda.stream(self.stream):
             host = state.map(down)
-        nbytes = state.nbytes()
-        self.held_bytes += nbytes
-        self.peak_host_bytes = max(self.peak_host_bytes, self.held_bytes)
-        _PINNED["held"] += nbytes
-        _PINNED["high"] = max(_PINNED["high"], _PINNED["held"])
-        handle = _HostHandle(host, nbytes)
-        # released with the handle: pinned blocks go back to torch's host cache
+        handle = _HostHandle(host, state.nbytes())
+        # released by get, or with the handle: pinned blocks go back to torch's host cache
+        handle.release = self.ledger.charge(handle, handle.nbytes)
         return handle
 
     def fetch(self, handle: Handle) -> None:
@@ -100,13 +136,12 @@ class HostStore(Store):
         for t in state.flat():
             t.record_stream(main)  # allocated on the side stream, used on the main one
         handle.fetched = None
-        self.held_bytes -= handle.nbytes
-        _PINNED["held"] -= handle.nbytes
         handle.state = None
+        handle.release()
         return state
 
     def host_bytes(self) -> int:
-        return self.peak_host_bytes
+        return self.ledger.peak
 
 
 def make_store(device: torch.device) -> Store:
@@ -114,10 +149,15 @@ def make_store(device: torch.device) -> Store:
     return HostStore(device) if device.type == "cuda" else Store()
 
 
+def pinned_held() -> int:
+    """The pinned bytes the live stores of this process hold now."""
+    return _Process.held
+
+
 def pinned_high_water() -> int:
-    """The most pinned bytes HostStores of this process have held at once.
+    """The most pinned bytes the stores of this process have held at once.
 
     torch's caching host allocator keeps freed pinned blocks, so only an offload that needs
     more than this pays for page-locking new memory (Note [The time model]).
     """
-    return _PINNED["high"]
+    return _Process.high

@@ -49,7 +49,10 @@ class PerStepBatchNorm(nn.Module):
         steps: slices, the most inner steps ``adapt`` may run.
         dims: 1 (``(B, C)`` or ``(B, C, L)``), 2 (``(B, C, H, W)``) or 3.
         eps: as ``torch.nn.BatchNorm2d``.
-        momentum: as ``torch.nn.BatchNorm2d``.
+        momentum: as ``torch.nn.BatchNorm2d``; ``None``: a cumulative moving average per
+            slice, slice t's statistics weighted by 1 / ``num_batches_tracked[t]`` (its own
+            count, as ``torch.nn.BatchNorm2d`` weighs by its count; reading the count costs
+            one host sync per call in train mode on CUDA, as it does there).
         affine: as ``torch.nn.BatchNorm2d`` (a weight and bias per slice).
         track_running_stats: as ``torch.nn.BatchNorm2d`` (running statistics per slice).
 
@@ -71,7 +74,7 @@ class PerStepBatchNorm(nn.Module):
         steps: int,
         dims: int = 2,
         eps: float = 1e-5,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
     ) -> None:
@@ -112,23 +115,31 @@ class PerStepBatchNorm(nn.Module):
         training = self.training or not self.track_running_stats
         mean = self.running_mean[t] if self.track_running_stats else None
         var = self.running_var[t] if self.track_running_stats else None
+        momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked[t] += 1
+            if self.momentum is None:  # cumulative moving average over slice t's batches
+                momentum = 1.0 / float(self.num_batches_tracked[t])
         weight = self.weight[t] if self.affine else None
         bias = self.bias[t] if self.affine else None
         # the slices are views: F.batch_norm updates slice t of the running statistics
-        return F.batch_norm(x, mean, var, weight, bias, training, self.momentum, self.eps)
+        return F.batch_norm(x, mean, var, weight, bias, training, momentum, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, steps={self.steps}, dims={self.dims}, eps={self.eps}"
+        return (
+            f"{self.num_features}, steps={self.steps}, dims={self.dims}, eps={self.eps}, "
+            f"momentum={self.momentum}"
+        )
 
 
 def per_step_batchnorm(module: nn.Module, steps: int) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a ``PerStepBatchNorm``
     with ``steps`` slices, each starting as a copy of the original (weight, bias, running
-    statistics). Modifies ``module`` in place and returns it (a BatchNorm itself: its
-    replacement), as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does.
+    statistics and their count) with its momentum (``None``, a cumulative average, stays
+    one: each slice continues the original's average). Modifies ``module`` in place and
+    returns it (a BatchNorm itself: its replacement), as
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does.
 
     Args:
         module: the model (or one BatchNorm).
@@ -147,12 +158,13 @@ def per_step_batchnorm(module: nn.Module, steps: int) -> nn.Module:
             steps,
             dims,
             bn.eps,
-            0.1 if bn.momentum is None else bn.momentum,
+            bn.momentum,
             bn.affine,
             bn.track_running_stats,
         )
         ref = bn.weight if bn.affine else bn.running_mean
-        new = new.to(device=ref.device if ref is not None else None)
+        if ref is not None:  # before copying: a float64 BatchNorm's statistics stay float64
+            new = new.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             if bn.affine:
                 new.weight.copy_(bn.weight.expand(steps, -1))
@@ -161,8 +173,8 @@ def per_step_batchnorm(module: nn.Module, steps: int) -> nn.Module:
                 assert bn.running_mean is not None and bn.running_var is not None
                 new.running_mean.copy_(bn.running_mean.expand(steps, -1))
                 new.running_var.copy_(bn.running_var.expand(steps, -1))
-        if bn.affine:
-            new = new.to(bn.weight.dtype)
+                if bn.num_batches_tracked is not None:
+                    new.num_batches_tracked.copy_(bn.num_batches_tracked.expand(steps))
         new.train(bn.training)
         return new
     for name, child in module.named_children():

@@ -5,9 +5,9 @@ it was:
 
 1. a first-order step (warm-up; t₁, the cost of an ``advance``),
 2. the engine's ``pullback`` of step 0, cold: A, the bytes autograd
-   saves for a step with its second-order graph (saved-tensor hooks), a walk of that
-   graph for operations without double backward, and a real double backward, which fails
-   here, before any work, if the model cannot be differentiated twice,
+   saves for a step with its second-order graph (saved-tensor hooks), and a real double
+   backward, which fails here (``NoDoubleBackwardError``, naming the operation), before
+   any work, if step 0 cannot be differentiated twice,
 3. the same pullback again, warm: t₂, a step with its graph plus its pullback,
 4. a first-order step again (t₁ = the faster of the two),
 5. the inner loss's gradient without and with ``create_graph``, compared bitwise
@@ -16,9 +16,9 @@ it was:
 On CUDA it also uses the pinned host↔device bandwidth, measured once per process
 (``effmaml.measure.host_link``). Cost: 4 step evaluations (``PROBE_EVALS``) and one
 forward with two backward passes of the inner loss (Note [States bitwise naive's]), once
-per ``MAML`` instance and batch signature (shapes, dtypes, train/eval mode, autocast): the
-result is cached, so a meta-training loop pays it once. Batch 0 is indexed once per call
-to read its signature (and reused by the probe's steps).
+per ``MAML`` instance and signature (batch 0's and the model's shapes, dtypes and devices,
+train/eval mode, autocast): the result is cached, so a meta-training loop pays it once.
+Batch 0 is indexed once per call to read its signature (and reused by the probe's steps).
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checks import find_no_double_backward, is_no_double_backward
 from .costs import Probe
-from .diagnose import NoDoubleBackwardError, no_double_backward_error
 from .engine import pullback
 from .measure import clock, host_link
 from .memory import nbytes, saved_bytes
@@ -53,10 +51,14 @@ PROBE_EVALS = 4  # step evaluations of a probe that runs (0 when cached)
 
 def signature(problem: InnerProblem, batch0: Any) -> Hashable:
     """What the probe's results depend on besides the MAML instance: batch 0's structure
-    (types, shapes, dtypes, devices), the model's train/eval mode, the autocast state and
-    whether a multi-step loss adds a query to each step."""
+    (types, shapes, dtypes, devices), the model's parameters and buffers (shapes, dtypes,
+    devices: a model cast or moved after a first ``adapt`` is probed again), its
+    train/eval mode, the autocast state and whether a multi-step loss adds a query to each
+    step."""
     msl = _structure(problem.query) if problem.step_weights else None
-    return (_structure(batch0), problem.model.training, problem.autocast, msl)
+    model = problem.model
+    tensors = tuple(_structure(t) for t in (*model.parameters(), *model.buffers()))
+    return (_structure(batch0), tensors, model.training, problem.autocast, msl)
 
 
 class _First(Sequence[Any]):
@@ -98,15 +100,14 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         The ``Probe``.
     """
     # Note [Why checkpoint probes one step]
-    # Inside a custom Function's backward, a @once_differentiable operation does not leave
-    # the DelayedError node that makes naive fail loudly: its second-order term would just be
-    # missing. Probing step 0 in the forward pass, outside any backward, finds such an
-    # operation before any work (check_double_backward and a real pullback), and measures
-    # A, the bytes autograd saves for one second-order step, and the step times that the
-    # schedule's choice needs (Note [The time model]). RNG and buffers are left as they
+    # Every pullback refuses an operation without double backward (Note [A missing double
+    # backward inside a pullback]), but in backward, after the whole forward pass. Probing
+    # step 0 in the forward pass finds one in step 0 before any work (a real pullback), and
+    # measures A, the bytes autograd saves for one second-order step, and the step times
+    # that the schedule's choice needs (Note [The time model]). RNG and buffers are left as they
     # were; the step evaluations are counted in step_evals.
     device = problem.device
-    with forked_rng(device):  # indexing a batch may draw from the RNG
+    with forked_rng(problem.rng_devices):  # indexing a batch may draw from the RNG
         batch0 = problem.batches[0]
     key = signature(problem, batch0)
     if key in rt.probes:
@@ -122,8 +123,8 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         weights = (1.0, *problem.step_weights[1:])
         problem = dataclasses.replace(problem, step_weights=weights)
     start = clock(device)
-    with forked_rng(device):
-        rng = capture_rng(device)  # every probe step starts from it (dropout draws alike)
+    with forked_rng(problem.rng_devices):
+        rng = capture_rng(problem.rng_devices)  # every probe step starts from it (dropout)
         with replay_rng(rng):
             t_fo1, fo_bytes = _first_order(problem, rt, state0, consts)
         need = [c.requires_grad for c in consts.flat()]
@@ -136,19 +137,12 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
         def inspect(state: InnerState) -> None:
             seen["graph_step"] = clock(device)  # the step with graph is done
             seen.setdefault("state", state.flat())  # the counted (first) pullback's
-            if find_no_double_backward(state.params.values()) is not None:
-                raise no_double_backward_error(problem, state0, consts)
 
         def pull() -> tuple[float, float]:
+            # an operation without double backward raises NoDoubleBackwardError here, named
+            # (Note [A missing double backward inside a pullback])
             t0 = clock(device)
-            try:
-                pullback(
-                    problem, rt, state0, rng, 0, 1, consts, need, cotangent, loss_grad, inspect
-                )
-            except (RuntimeError, NotImplementedError) as err:
-                if is_no_double_backward(err) and not isinstance(err, NoDoubleBackwardError):
-                    raise no_double_backward_error(problem, state0, consts, str(err)) from err
-                raise
+            pullback(problem, rt, state0, rng, 0, 1, consts, need, cotangent, loss_grad, inspect)
             return clock(device) - t0, seen["graph_step"] - t0
 
         # the first pullback runs cold and counts what the step saves (its gradients are

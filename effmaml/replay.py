@@ -3,8 +3,8 @@
 Recomputing strategies run inner steps again in the backward pass. Each recomputed step
 must see exactly what the original one saw:
 
-* the RNG (dropout): ``RngState``, captured before a step, replayed by
-  ``replay_rng``;
+* the RNG (dropout): ``RngState``, the CPU's generator and every device's that the model
+  and the batches are on, captured before a step, replayed by ``replay_rng``;
 * autocast (AMP): ``AutocastState``, captured when ``adapt`` starts and re-entered by
   every inner step (``replay_autocast``), so a step recomputed in backward, outside
   the user's ``torch.autocast`` block, runs in the same precision;
@@ -16,7 +16,7 @@ must see exactly what the original one saw:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,29 +35,66 @@ __all__ = [
     "loss_rtol",
     "replay_autocast",
     "replay_rng",
+    "rng_devices",
 ]
 
 
 # -- RNG -----------------------------------------------------------------------------------
 @dataclass
 class RngState:
-    """The global RNG state (CPU, and CUDA for a CUDA device) at one point of the unroll."""
+    """The global RNG state at one point of the unroll: the CPU generator's and, for each
+    accelerator device a step runs on, that device's generator's.
+
+    Attributes:
+        cpu: the CPU generator's state.
+        devices: ``(device, state)`` for each device of ``rng_devices``.
+    """
 
     cpu: Tensor
-    cuda: Tensor | None
-    device: torch.device
+    devices: tuple[tuple[torch.device, Tensor], ...] = ()
 
 
-def capture_rng(device: torch.device) -> RngState:
-    """Snapshot the RNG that a step on ``device`` draws from (dropout)."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return RngState(torch.get_rng_state(), cuda, device)
+def rng_devices(devices: Iterable[torch.device]) -> tuple[torch.device, ...]:
+    """The devices among ``devices`` whose generator a step may draw from besides the CPU's,
+    once each, in order (``torch.utils.checkpoint.get_device_states`` collects the same:
+    every device but the CPU and ``meta``)."""
+    return tuple(dict.fromkeys(d for d in devices if d.type not in ("cpu", "meta")))
 
 
-def forked_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """``torch.random.fork_rng`` for the CPU's generator and, on CUDA, ``device``'s: the
-    body may draw, and the global RNG is as it was afterwards."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+def _generator_module(device: torch.device) -> Any:
+    """The module whose ``get_rng_state(device)`` / ``set_rng_state(state, device)`` read and
+    write ``device``'s default generator (``torch.cuda`` for CUDA)."""
+    module = getattr(torch, device.type, None)
+    if module is None or not hasattr(module, "get_rng_state"):
+        raise RuntimeError(
+            f"cannot save the random number generator of device {device}: torch.{device.type} "
+            f"has no get_rng_state; dropout on it could not be replayed by a recomputation"
+        )
+    return module
+
+
+def capture_rng(devices: Iterable[torch.device]) -> RngState:
+    """Snapshot the RNG that a step on ``devices`` draws from (dropout): the CPU's, and each
+    of ``rng_devices(devices)``'s."""
+    states = tuple((d, _generator_module(d).get_rng_state(d)) for d in rng_devices(devices))
+    return RngState(torch.get_rng_state(), states)
+
+
+def _restore(state: RngState) -> None:
+    torch.set_rng_state(state.cpu)
+    for device, s in state.devices:
+        _generator_module(device).set_rng_state(s, device)
+
+
+@contextlib.contextmanager
+def forked_rng(devices: Iterable[torch.device]) -> Iterator[None]:
+    """The body may draw from the CPU's generator and those of ``devices``; afterwards
+    they are as they were (``torch.random.fork_rng`` over ``rng_devices(devices)``)."""
+    saved = capture_rng(devices)
+    try:
+        yield
+    finally:
+        _restore(saved)
 
 
 @contextlib.contextmanager
@@ -65,13 +102,13 @@ def replay_rng(state: RngState) -> Iterator[None]:
     """Run the body from RNG ``state`` and restore the global RNG afterwards."""
     # Note [Dropout under recomputation]
     # A recomputed step must draw the same dropout masks as the original one, and the
-    # backward pass must not disturb the RNG that the user's code sees after it. fork_rng
-    # saves and restores the global state around the body; inside it we jump to the state
-    # captured when the step first ran.
-    with forked_rng(state.device):
-        torch.set_rng_state(state.cpu)
-        if state.cuda is not None:
-            torch.cuda.set_rng_state(state.cuda, state.device)
+    # backward pass must not disturb the RNG that the user's code sees after it. We save
+    # the global state around the body (every generator ``state`` holds) and jump to the
+    # state captured when the step first ran. The generators are those of every device the
+    # model's tensors are on and the batches go to (InnerProblem.rng_devices): a model
+    # split over two GPUs draws dropout on both.
+    with forked_rng(d for d, _ in state.devices):
+        _restore(state)
         yield
 
 

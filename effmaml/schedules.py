@@ -96,7 +96,7 @@ class UniformSchedule(Schedule):
         for a in self.starts(steps):
             b = min(a + self.segment, steps)
             if a > 0:
-                stored.append((a, self.store.put(state), capture_rng(problem.device)))
+                stored.append((a, self.store.put(state), capture_rng(problem.rng_devices)))
             state, seg_losses, seg_queries = advance(problem, rt, state, a, b, consts)
             losses += seg_losses
             queries += seg_queries
@@ -133,7 +133,7 @@ class UniformSchedule(Schedule):
 
             with replay_rng(rng_a):
                 last, _, _ = advance(problem, rt, state_a, a, b - 1, consts, keep=put)
-                put(last, capture_rng(problem.device))
+                put(last, capture_rng(problem.rng_devices))
             del state_a, last
             for t in reversed(range(a, b)):
                 handle_t, rng_t = keep.pop()
@@ -231,11 +231,11 @@ class _RevolveMemo:
 class RevolveSchedule(Schedule):
     """Binomial checkpointing with ``slots`` stored states; every pullback is one step.
 
-    The forward pass follows the reversal's first descent (it stores the states the
-    reversal would store first), then runs the last step for the output; the backward pass
-    continues the same plan. Memory: ``slots`` states + one working state + one step's
-    graph A, for any N. Compute: N + t(N, s) + 1 step evaluations, the least possible
-    with s states (each step recomputed at most r times, N ≤ C(s + r, s)).
+    The forward pass follows the reversal's first descent (it stores the states the reversal
+    would store first), then runs the last step for the output; the backward pass continues
+    the same plan. Memory: the ``slots`` − 1 stored states besides the input, one working
+    state and one step's graph A, for any N. Compute: N + t(N, s) + 1 step evaluations, the
+    least possible with s states (each step recomputed at most r times, N ≤ C(s + r, s)).
 
     Attributes:
         slots: stored states, the initial one included (≥ 1; 1 recomputes every step from
@@ -279,14 +279,14 @@ class RevolveSchedule(Schedule):
             queries += seg_q
             pos = action.dst
             if action.kind == "store":
-                stored[pos] = (state, capture_rng(problem.device))
+                stored[pos] = (state, capture_rng(problem.rng_devices))
         assert first is not None and pos <= first.src == steps - 1
         state, seg, seg_q = advance(problem, rt, state, pos, steps - 1, consts)
         losses += seg
         queries += seg_q
         # the global RNG is where step N-1 starts: run it in place, so that it moves on
         # exactly as naive's forward would leave it
-        working = (steps - 1, state, capture_rng(problem.device))
+        working = (steps - 1, state, capture_rng(problem.rng_devices))
         final, seg, seg_q = advance(problem, rt, state, steps - 1, steps, consts)
         losses += seg
         queries += seg_q

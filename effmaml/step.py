@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
+import itertools
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +30,7 @@ from .clip import clip_backward
 from .inner import InnerOptimizer
 from .module import FunctionalModel
 from .outer import QUERY, OuterTensors, reading
-from .replay import AutocastState, Witness, capture_autocast, replay_autocast
+from .replay import AutocastState, Witness, capture_autocast, replay_autocast, rng_devices
 from .state import Consts, InnerState
 from .substitutes import substituted
 
@@ -143,6 +145,14 @@ class InnerProblem:
     def steps(self) -> int:
         """N, the number of inner steps."""
         return len(self.batches)
+
+    @functools.cached_property
+    def rng_devices(self) -> tuple[torch.device, ...]:
+        """The devices whose generators a step may draw from besides the CPU's (dropout),
+        which a recomputation replays: where the batches go (``device``) and where the
+        model's parameters and buffers are (``effmaml.replay.rng_devices``)."""
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        return rng_devices([self.device, *(t.device for t in tensors)])
 
     def batch(self, t: int) -> Any:
         """Batch ``t`` on the device."""

@@ -155,8 +155,6 @@ class MetaTrainer:
         self.iteration = 0
         self.scheduler = scheduler
         self.curriculum = Curriculum(maml, first_order_iterations, step_weights)
-        self.first_order_iterations = first_order_iterations
-        self.step_weights = step_weights
         self.stop_signals = tuple(stop_signals)
         self.config = {
             "meta_batch": meta_batch,
@@ -442,7 +440,7 @@ def task_rng(seed: int, device: torch.device) -> Iterator[None]:
     # dropout 0.2. Seeding each task's stream from (seed, iteration, index) makes it a
     # property of the task. Recomputing strategies replay it exactly (they capture and
     # restore the RNG around each step).
-    with forked_rng(device):
+    with forked_rng([device]):
         torch.default_generator.manual_seed(seed)
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()

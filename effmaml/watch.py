@@ -55,7 +55,7 @@ def scan(
     Returns:
         N: one past the step at which ``callback`` returned True, else ``problem.steps``.
     """
-    with forked_rng(problem.device), torch.no_grad():
+    with forked_rng(problem.rng_devices), torch.no_grad():
         state = state0
         for t in range(problem.steps):
             state, losses, _ = advance(problem, rt, state, t, t + 1, consts)

@@ -150,3 +150,17 @@ def test_the_suite_runs_deterministic_cublas():
     import os
 
     assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
+
+
+def test_the_wheel_ships_effmaml_alone():
+    """Every package of effmaml and nothing else: bench/ (pandas, matplotlib, the peers)
+    runs from the source tree, where `make` and the tests run it."""
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
+    shipped = sorted(config["tool"]["setuptools"]["packages"])
+    found = sorted(
+        ".".join(("effmaml", *d.relative_to(ROOT).parts))
+        for d in [ROOT, *ROOT.rglob("*")]
+        if d.is_dir() and (d / "__init__.py").exists()
+    )
+    assert shipped == found

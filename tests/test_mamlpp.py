@@ -3,6 +3,8 @@ BatchNorm and the multi-step loss through every schedule): the step-count errors
 BatchNorm in eval mode and with frozen statistics, which slices a run touches, the
 first-order multi-step loss, and the annealing weights."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,6 +159,57 @@ def test_per_step_batchnorm_is_a_batchnorm_at_each_slice():
     with effmaml.at_step(1):
         out = converted(x)
     torch.testing.assert_close(out, F.batch_norm(x, None, None, bn.weight, bn.bias, True))
+
+
+def test_per_step_batchnorm_copies_a_float64_batchnorm_exactly():
+    """Each slice is the original bitwise: the copy is made in the original's dtype (it was
+    made in float32 and cast after, rounding a float64 model's statistics and affine
+    parameters to float32)."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(4).double()
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            t.copy_(torch.rand(4, dtype=F64) + 0.5)
+    converted = effmaml.per_step_batchnorm(torch.nn.Sequential(bn), 3)[0]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        got = getattr(converted, name)
+        assert got.dtype == F64
+        assert torch.equal(got, getattr(bn, name).expand(3, -1)), name
+
+
+def test_per_step_batchnorm_keeps_a_cumulative_average():
+    """momentum=None (a cumulative moving average) stays one: each slice continues the
+    original's average with its own count, as the BatchNorm itself would."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(4, momentum=None).double()
+    for _ in range(3):  # the history the slices continue from
+        bn(torch.randn(8, 4, dtype=F64))
+    converted = effmaml.per_step_batchnorm(torch.nn.Sequential(copy.deepcopy(bn)), 2)[0]
+    assert converted.momentum is None
+    for seed in range(4):
+        x = torch.randn(8, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
+        with effmaml.at_step(1):
+            converted(x)
+        bn(x)
+    torch.testing.assert_close(converted.running_mean[1], bn.running_mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(converted.running_var[1], bn.running_var, rtol=1e-14, atol=0)
+    assert converted.num_batches_tracked.tolist() == [3, 7]
+
+
+def test_a_cumulative_per_step_batchnorm_under_recomputation_equals_naive():
+    def run(strategy, **kw):
+        model = make_model()
+        model[1].momentum = None
+        model = effmaml.per_step_batchnorm(model, 4)
+        a = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1), strategy, **kw).adapt(_batches(4))
+        g = torch.autograd.grad(ce_loss(a, make_batch(9)), list(model.parameters()))
+        return a.buffers, g
+
+    (ref_b, ref_g), (b, g) = run("naive"), run("checkpoint", segment=2, pullback="step")
+    for k in ref_b:
+        torch.testing.assert_close(b[k], ref_b[k], rtol=0, atol=0)
+    for x, y in zip(g, ref_g):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
 def test_the_probe_counts_a_query_graph_without_the_state_it_is_evaluated_at():

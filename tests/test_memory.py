@@ -12,7 +12,7 @@ import torch
 
 import effmaml
 from effmaml.measure import MALLOC_FOR_MEASURING
-from effmaml.memory import saved_bytes, storage_bytes
+from effmaml.memory import saved_bytes
 
 from .helpers import ce_loss, make_batch, make_model, objects_in_cycles
 
@@ -96,7 +96,6 @@ def test_saved_bytes_counts_storages_once():
         y = (x * x).sum()  # x saved twice, one storage
     assert c.bytes == 8000
     del y
-    assert storage_bytes([x, x[:10]]) == 8000
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ batches, a lazy class that is not a ``collections.abc.Sequence``; a source that 
 another batch when indexed again is caught in backward, not silently differentiated.
 """
 
+import dataclasses
 import random
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from torch.utils.data import IterableDataset, TensorDataset
 
 import effmaml
-from effmaml.replay import NondeterministicBatchError
+from effmaml.replay import NondeterministicBatchError, capture_rng, replay_rng, rng_devices
 
 from .helpers import (
     FULL_ROW,
@@ -294,3 +295,48 @@ def test_outer_tensors_exact_under_bfloat16_autocast(outer, monkeypatch):
     ref = run_effmaml(opt, "naive", STEPS, dtype=F32, amp=torch.bfloat16)
     ours = run_effmaml(opt, "checkpoint", STEPS, dtype=F32, amp=torch.bfloat16, segment=3)
     assert_results_match(ours, ref, grad_rel=8 * STEPS * torch.finfo(F32).eps, exact_values=True)
+
+
+# -- the RNG of every device ----------------------------------------------------------------
+def test_the_devices_whose_rng_is_kept_are_every_one_but_the_cpu_once():
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    got = rng_devices([torch.device("cpu"), cuda0, torch.device("meta"), cuda1, cuda0])
+    assert got == (cuda0, cuda1)
+    problem, _, _ = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1)).problem(make_batch(0), 2)
+    assert problem.rng_devices == ()  # a CPU model: the CPU generator alone
+    # where the batches go counts as much as where the model is
+    assert dataclasses.replace(problem, device=cuda1).rng_devices == (cuda1,)
+
+
+class _Generators:
+    """Stands for torch.cuda's generator functions over two devices (no GPU needed)."""
+
+    def __init__(self, devices):
+        self.states = {d: torch.tensor([i]) for i, d in enumerate(devices)}
+
+    def get_rng_state(self, device):
+        return self.states[device].clone()
+
+    def set_rng_state(self, state, device):
+        self.states[device] = state.clone()
+
+
+def test_a_replay_restores_the_generator_of_every_device(monkeypatch):
+    """Dropout on a second device replays too (torch.utils.checkpoint saves every device's
+    generator that its inputs are on; the RNG state held the CPU's and one device's)."""
+    import effmaml.replay as replay
+
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    gens = _Generators([cuda0, cuda1])
+    monkeypatch.setattr(replay, "_generator_module", lambda device: gens)
+    before = capture_rng([cuda0, cuda1])
+    assert [d for d, _ in before.devices] == [cuda0, cuda1]
+    gens.states = {cuda0: torch.tensor([10]), cuda1: torch.tensor([11])}  # the steps draw
+    cpu = torch.get_rng_state()
+    with replay_rng(before):  # a recomputation starts where the step did, on both devices
+        assert gens.states == {cuda0: torch.tensor([0]), cuda1: torch.tensor([1])}
+        gens.states[cuda1] = torch.tensor([99])
+        torch.rand(3)
+    # and the user's RNG is left where it was
+    assert gens.states == {cuda0: torch.tensor([10]), cuda1: torch.tensor([11])}
+    assert torch.equal(torch.get_rng_state(), cpu)

@@ -118,6 +118,26 @@ def test_recomputation_happens(strategy, pullback, expected):
         assert batches.calls == expected + 1  # each evaluation indexed its batch again
 
 
+def test_a_model_cast_after_the_first_adapt_is_probed_again():
+    """The probe's cache key holds the model's dtypes and devices: cast to float64, the
+    parameters are twice the bytes and the step times and first_order_exact are another model's."""
+    model = make_model(dtype=torch.float32)
+    dtype = [torch.float32]  # the batch stays the same; the loss follows the model
+
+    def loss(module, batch):
+        return ce_loss(module, (batch[0].to(dtype[0]), batch[1]))
+
+    maml = effmaml.MAML(model, loss, effmaml.SGD(0.1), "checkpoint", segment=2)
+    batch = make_batch(0, dtype=torch.float32)
+    first = maml.adapt(batch, steps=4).facts.probe
+    assert maml.adapt(batch, steps=4).facts.probe.evals == 0  # cached
+    model.double()
+    dtype[0] = torch.float64
+    again = maml.adapt(batch, steps=4).facts.probe
+    assert again.evals == PROBE_EVALS
+    assert again.param_bytes == 2 * first.param_bytes
+
+
 def test_naive_does_not_recompute():
     model = make_model()
     adapted = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1)).adapt(make_batch(0), steps=5)

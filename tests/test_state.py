@@ -86,7 +86,7 @@ def test_a_new_group_goes_through_every_consumer_of_the_flatten():
         problem,
         maml.runtime(),
         s0,
-        capture_rng(problem.device),
+        capture_rng(problem.rng_devices),
         0,
         0,  # no step: the cotangent passes through as it came
         consts,

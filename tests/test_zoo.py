@@ -17,6 +17,7 @@ from torch import nn
 
 import effmaml
 from effmaml.diagnose import NoDoubleBackwardError
+from effmaml.step import current_step
 from effmaml.substitutes import Substitutes, hardsigmoid, needs_substitutes
 
 from .helpers import assert_same_as_naive, below_naive_for, run_model
@@ -273,6 +274,53 @@ def test_a_once_differentiable_function_is_named_with_its_module(strategy):
     msg = str(err.value)
     assert "_OnceDifferentiableBackward" in msg and "module '1.0' (_Custom)" in msg
     assert "@once_differentiable" in msg and "strategy='first_order'" in msg
+
+
+class _AtStep2(nn.Module):
+    """Runs ``op`` at inner step 2 and tanh elsewhere: the probe (step 0) cannot see it."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x) if current_step() == 2 else x.tanh()
+
+
+@pytest.mark.parametrize(
+    "op,node",
+    [
+        # its double backward is not implemented: autograd.grad fails
+        (F.hardsigmoid, "HardsigmoidBackward0"),
+        # its backward is @once_differentiable: autograd.grad would drop its term silently
+        (_OnceDifferentiable.apply, "_OnceDifferentiableBackward"),
+    ],
+)
+@pytest.mark.parametrize(
+    "kw", [{"segment": 3, "pullback": "segment"}, {"segment": 2, "pullback": "step"}]
+)
+def test_a_missing_double_backward_found_in_backward_is_named_like_the_probes(op, node, kw):
+    """The same error type and message as at probe time: the node, its module, the step."""
+    model = _with(_AtStep2(op))
+    maml = effmaml.MAML(
+        model, image_loss, effmaml.SGD(0.01), "checkpoint", substitute_ops=False, **kw
+    )
+    adapted = maml.adapt(images(4))  # the probe passes: step 0 is twice differentiable
+    with pytest.raises(NoDoubleBackwardError) as err:
+        image_loss(adapted, images(1, seed=9)[0]).backward()
+    msg = str(err.value)
+    assert node in msg and "module '1.0' (_AtStep2)" in msg
+    assert "(inner step 2)" in msg and "strategy='first_order'" in msg
+
+
+def test_implicit_refuses_a_once_differentiable_function_in_its_solve():
+    """iMAML's Hessian-vector products differentiate the inner gradient again: the same
+    error, where its term would otherwise be missing without a word."""
+    maml = effmaml.MAML(_with(_Custom()), image_loss, effmaml.SGD(0.01), "implicit")
+    adapted = maml.adapt(images(3))
+    with pytest.raises(NoDoubleBackwardError) as err:
+        image_loss(adapted, images(1, seed=9)[0]).backward()
+    assert "module '1.0' (_Custom)" in str(err.value)
 
 
 def test_hardsigmoid_called_outside_its_module_needs_the_switch():

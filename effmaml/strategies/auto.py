@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..costs import Prediction, Probe
 from ..engine import Schedule
-from ..memory import available_bytes, format_bytes
+from ..measure import available_bytes
+from ..memory import format_bytes
 from ..probe import probe
 from ..step import Consts, InnerProblem, InnerState, Runtime
 from .base import STRATEGIES, Outcome, Strategy, register_strategy

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import find_no_double_backward
 from ..costs import Prediction, Probe, implicit_peak, predict_seconds
+from ..diagnose import no_double_backward_error
 from ..engine import advance, backward_again_error
 from ..notices import warn
 from ..outer import OuterTensorError, OuterTensors, reading
@@ -74,6 +76,11 @@ class Implicit(Strategy):
     Not exact: it equals naive's meta-gradient (with ``prox_lambda=λ``) only when φ_N has
     converged and CG has; ``Adapted.info`` reports the CG residual. A learned inner lr has
     no implicit meta-gradient (the solution does not depend on it): a warning says so.
+
+    The first Hessian-vector product walks L_train's gradient graph once for an operation
+    without double backward, whose term autograd would drop without a word (Note [A
+    missing double backward inside a pullback]): ``NoDoubleBackwardError`` in backward,
+    naming it.
 
     Args:
         lam: λ, the proximal strength (> 0). None: the ``prox_lambda`` given to MAML, or 1.0.
@@ -270,6 +277,7 @@ class _Solver:
         self.rt = rt
         self.phi = {k: v.detach() for k, v in final.params.items()}
         self.buffers = final.buffers
+        self.checked = False  # whether L_train's gradient graph was walked once
         self.fixed_names = tuple(fixed)
         self.lam = lam
         self.stats = stats
@@ -350,6 +358,12 @@ class _Solver:
             with step_context(self.problem, self.problem.steps - 1, grad=False):
                 g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 dot = sum((gi * vi).sum() for gi, vi in zip(g, vec) if gi is not None)
+            if not self.checked:  # Note [A missing double backward inside a pullback]
+                self.checked = True
+                if find_no_double_backward([x for x in g if x is not None]) is not None:
+                    final = InnerState(self.phi, {}, self.buffers)
+                    n = self.problem.steps - 1
+                    raise no_double_backward_error(self.problem, final, Consts(fixed), step=n)
             if isinstance(dot, Tensor) and dot.requires_grad:
                 yield dot
 

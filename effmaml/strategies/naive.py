@@ -24,8 +24,9 @@ class Naive(Strategy):
     through all of them with plain autograd; a multi-step loss keeps every query's graph too.
     This is the reference every other strategy is checked against.
 
-    Memory: N·A (A one step's second-order graph) plus N states. Compute: N steps forward,
-    one backward through N steps.
+    Memory: N·A (A one step's second-order graph, which holds the state the step started
+    from) plus the working set of the backward (``effmaml.costs.naive_peak``). Compute: N
+    steps forward, one backward through N steps.
     """
 
     name = "naive"

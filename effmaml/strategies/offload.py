@@ -22,12 +22,15 @@ class Offload(Checkpoint):
     On CUDA every stored state (segment starts, and with ``pullback="step"`` the states
     re-advanced inside a segment) is copied to pinned host memory on a side stream as soon
     as it is made, and copied back one state ahead of its pullback, overlapping compute.
-    Device memory ≈ 2P + A (+ the working set), flat in N; host memory
-    (ceil(N/k) + k)·P, reported in ``Adapted.info["predicted_host_bytes"]`` and checked
-    against ``MAML(host_memory_budget=...)`` (default: half the host's available memory)
-    before unrolling. Same step evaluations and the same meta-gradient as ``checkpoint``;
-    slower by the host traffic (every stored state down and up at the pinned bandwidth)
-    and the page-locking of new pinned memory. On a CPU it is ``checkpoint``.
+    Device memory ≈ P + A with ``pullback="step"`` and P + k·A with ``"segment"`` (+ the
+    working set), flat in N: the state being prefetched and the graph(s) of the pullback,
+    which hold the state it started from; host memory the stored states, (ceil(N/k) − 1 +
+    k)·P with ``"step"`` and (ceil(N/k) − 1)·P with ``"segment"``, reported in
+    ``Adapted.info["predicted_host_bytes"]`` and checked against
+    ``MAML(host_memory_budget=...)`` (default: half the host's available memory) before
+    unrolling. Same step evaluations and the same meta-gradient as ``checkpoint``; slower by
+    the host traffic (every stored state down and up at the pinned bandwidth) and the
+    page-locking of new pinned memory. On a CPU it is ``checkpoint``.
 
     Args:
         segment: as for ``checkpoint`` (default: ceil(sqrt(N)) for ``"step"``).

@@ -24,7 +24,8 @@ class Revolve(Scheduled):
 
     With ``slots = s`` stored states the reversal needs the provably least number of step
     recomputations: a chain of N ≤ C(s + r, s) steps recomputes each step at most r times.
-    Every pullback is a single step. Memory ≈ (s + 2)·P + A (+ the working set) for any N;
+    Every pullback is a single step. Memory ≈ (s + 1)·P + A (+ the working set) for any N:
+    the s − 1 stored states besides the input, the working state and the output φ_N;
     step evaluations N + t(N, s) + 1 (t from ``effmaml.schedules.revolve_recomputations``),
     plus the probe's ``PROBE_EVALS`` = 4 on the first call, in
     ``Adapted.info["step_evals_predicted"]``.

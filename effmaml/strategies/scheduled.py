@@ -7,7 +7,8 @@ from typing import Any
 
 from ..costs import Prediction, Probe
 from ..engine import Schedule, run_schedule
-from ..memory import available_host_bytes, format_bytes
+from ..measure import available_host_bytes
+from ..memory import format_bytes
 from ..probe import probe
 from ..sources import outer_bytes
 from ..step import Consts, InnerProblem, InnerState, Runtime

@@ -36,7 +36,7 @@ def test_inner_step(benchmark):
 def test_segment_pullback(benchmark):
     problem, state, consts = _problem()
     grad = InnerState({k: torch.ones_like(v) for k, v in state.params.items()})
-    rng = capture_rng(problem.device)
+    rng = capture_rng(problem.rng_devices)
     benchmark.extra_info["what"] = "pullback through a 4-step segment"
     rt = Runtime()
     g, _, _ = benchmark(pullback, problem, rt, state, rng, 0, 4, consts, [], grad, torch.zeros(4))
