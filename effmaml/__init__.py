@@ -41,6 +41,7 @@ _EXPORTS = {
             "Revolve",
             "RunFacts",
             "Strategy",
+            "Truncated",
             "make_strategy",
             "register_strategy",
         )
@@ -69,6 +70,7 @@ __all__ = [
     "Revolve",
     "RunFacts",
     "Strategy",
+    "Truncated",
     "at_step",
     "costs",
     "distributed",
@@ -116,6 +118,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         Revolve,
         RunFacts,
         Strategy,
+        Truncated,
         make_strategy,
         register_strategy,
     )
