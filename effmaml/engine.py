@@ -434,7 +434,8 @@ def run_schedule(
     Args:
         problem: the problem.
         rt: the call's runtime; its witness and outer-tensor record are set here.
-        state0: the initial state (params θ, optimizer state, buffers).
+        state0: the state at ``schedule.start`` (the initial one, params θ, optimizer
+            state and buffers, for every exact schedule).
         consts: constants (fixed params, tensor hyper-parameters, θ₀).
         schedule: the schedule.
 

@@ -137,7 +137,8 @@ class Truncated(Scheduled):
       None), and a per-step rate of an earlier step gets 0 in its entry.
     * a multi-step loss: its terms after the window's steps exact; a term after an earlier
       step hands its gradient at φ_{t+1} to θ₀ unchanged and its direct gradient to the
-      non-adapted parameters (``first_order``'s multi-step loss).
+      non-adapted parameters and the other tensors it reads (``first_order``'s multi-step
+      loss, which refuses the latter).
     * the inner losses before the window are returned detached.
 
     ``window`` ≥ N gives naive's meta-gradient; ``window=1`` on a one-step problem too.
@@ -152,8 +153,8 @@ class Truncated(Scheduled):
     multi-step loss (weights for N steps) is refused with a random window.
 
     Memory: K·A (the window's graphs in its one pullback) + P (the state at N − K) + a
-    pullback's working set, plus P for the summed first-order query gradients of a
-    multi-step loss weighted before the window. Compute: N first-order steps and K steps
+    pullback's working set, plus the parameters' size for the summed first-order query
+    gradients of a multi-step loss weighted before the window. Compute: N first-order steps and K steps
     recomputed with their graph and pulled back (n and K with a random window), plus the
     probe's 4 evaluations on a front's first call.
 
