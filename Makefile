@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: setup test test-slow lint docs zoo format bench bench-full bench-micro report fewshot fewshot-horizon fewshot-speed fewshot-omniglot scaling bilevel outer-cost clean
+.PHONY: setup test test-slow lint docs zoo format bench bench-full bench-micro report fewshot fewshot-horizon fewshot-speed fewshot-omniglot scaling bilevel horizons outer-cost clean
 
 setup: $(SETUP)
 
@@ -85,6 +85,13 @@ fewshot-speed: $(SETUP)
 # data hyper-cleaning -> results/bilevel/ (about 12 minutes on 2 cores)
 bilevel: $(SETUP)
 	$(PY) -m bench.bilevel
+
+# the short-horizon bias measured: a 1000-step learning-rate schedule meta-learned by the
+# exact hypergradient, by truncated ones (K = 1, 10, 100) and by online hypergradient
+# descent, against the tuned constant and cosine; distillation at N = 300, exact against
+# RaT-BPTT's random window of 60 -> results/horizons/ (`--report-only` rebuilds the summary)
+horizons: $(SETUP)
+	$(PY) -m bench.horizons
 
 # what differentiating with respect to the data costs: each exact schedule with learned
 # images against the same without, and finding outer tensors where there are none

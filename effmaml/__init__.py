@@ -44,6 +44,7 @@ _EXPORTS = {
             "Revolve",
             "RunFacts",
             "Strategy",
+            "Truncated",
             "make_strategy",
             "register_strategy",
         )
@@ -75,6 +76,7 @@ __all__ = [
     "Revolve",
     "RunFacts",
     "Strategy",
+    "Truncated",
     "at_step",
     "costs",
     "distributed",
@@ -123,6 +125,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         Revolve,
         RunFacts,
         Strategy,
+        Truncated,
         make_strategy,
         register_strategy,
     )

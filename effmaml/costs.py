@@ -113,7 +113,7 @@ def schedule_peak(states: int, graphs: int, probe: Probe) -> int:
     Uniform checkpointing: states = the stored ones (segment starts, and with
     ``pullback="step"`` a segment's k states), graphs = k or 1; offload: states = 1 (the
     one being prefetched; the rest are on the host); revolve: the slots + the output φ_N,
-    graphs = 1.
+    graphs = 1; truncated: states = 1 (the state at the window's start), graphs = K.
     """
     return states * probe.state_bytes + graphs * probe.step_graph_bytes + working_bytes(probe)
 

@@ -308,9 +308,17 @@ class Schedule:
     Subclasses implement ``forward`` (run all N steps without graph, store states) and
     ``backward`` (recompute and pull back, in reverse order, through
     ``pullback``), and the cost formulas used by the memory model.
+
+    Attributes:
+        store: where stored states live.
+        start: the step the input state is at: 0 for every exact schedule, whose pullbacks
+            reach step 0; a truncated window's input is the state at its first step,
+            produced by the caller (``effmaml.strategies.truncated``), and its pullbacks
+            stop there.
     """
 
     store: Store
+    start: int = 0
 
     def forward(
         self,
@@ -320,8 +328,8 @@ class Schedule:
         rng0: RngState,
         consts: Consts,
     ) -> tuple[InnerState, list[Tensor], list[Tensor], object]:
-        """Run steps ``0..N-1``; return the final state, the inner losses, the query losses
-        (``advance``'s) and a memo for backward."""
+        """Run steps ``start..N-1``; return the final state, the N inner losses, the N query
+        losses (``advance``'s; zeros before ``start``) and a memo for backward."""
         raise NotImplementedError
 
     def backward(
@@ -334,7 +342,8 @@ class Schedule:
         consts: Consts,
         pull: Pull,
     ) -> None:
-        """Call ``pull(state_a, rng_a, a, b)`` for consecutive ranges from the end to step 0."""
+        """Call ``pull(state_a, rng_a, a, b)`` for consecutive ranges from the end to
+        ``start``."""
         raise NotImplementedError
 
     def step_evals(self, steps: int) -> int:
@@ -442,7 +451,7 @@ class _Unroll(torch.autograd.Function):
             if rt.outer is not None:
                 stack.enter_context(rt.outer.substituting(stand_ins))
             run.schedule.backward(problem, rt, memo, state0.detached(False), run.rng0, consts, pull)
-        assert expect[0] == 0
+        assert expect[0] == run.schedule.start
         if rt.outer is not None:
             rt.outer.release()
         rt.host_peak_bytes = max(rt.host_peak_bytes, run.schedule.store.host_bytes())
@@ -492,7 +501,8 @@ def run_schedule(
     Args:
         problem: the problem.
         rt: the call's runtime; its witness and outer-tensor record are set here.
-        state0: the initial state (params θ, optimizer state, buffers).
+        state0: the state at ``schedule.start`` (the initial one, params θ, optimizer
+            state and buffers, for every exact schedule).
         consts: constants (fixed params, tensor hyper-parameters, θ₀).
         schedule: the schedule.
         label: the strategy as run, for messages (``checkpoint(segment=5, ...)``).

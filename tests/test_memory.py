@@ -128,7 +128,12 @@ def test_revolve_memory_is_flat_in_steps():
 
 
 # the options a strategy needs at this size (the others run with their defaults)
-_CYCLE_OPTIONS = {"checkpoint": {"segment": 2}, "revolve": {"slots": 2}, "implicit": {"lam": 1.0}}
+_CYCLE_OPTIONS = {
+    "checkpoint": {"segment": 2},
+    "revolve": {"slots": 2},
+    "implicit": {"lam": 1.0},
+    "truncated": {"window": 2},
+}
 
 
 @pytest.mark.parametrize("name", sorted(effmaml.STRATEGIES))

@@ -108,7 +108,12 @@ def _convex(strategy, **kw):
     return [x.grad, logw.grad, tau.grad, *(p.grad for p in model.parameters())], adapted
 
 
-_OPTIONS = {"implicit": {"lam": 2.0, "cg_steps": 50, "cg_tol": 1e-14}, "checkpoint": {"segment": 7}}
+# truncated through all 300 steps is naive (shorter windows: tests/test_truncated.py)
+_OPTIONS = {
+    "implicit": {"lam": 2.0, "cg_steps": 50, "cg_tol": 1e-14},
+    "checkpoint": {"segment": 7},
+    "truncated": {"window": 300},
+}
 
 
 @pytest.mark.parametrize("name", sorted(effmaml.STRATEGIES))

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from effmaml.measure import MALLOC_FOR_MEASURING
+
 __all__ = [
     "Split",
     "accuracy",
@@ -147,10 +149,11 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return mean, t * statistics.stdev(values) / math.sqrt(n)
 
 
-def child(module: str, args: list[str]) -> dict:
-    """``python -m MODULE ARGS`` in a fresh process (for memory: glibc told to return freed
-    blocks, as the harness measures), its last output line read as JSON."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+def child(module: str, args: list[str], memory: bool = True) -> dict:
+    """``python -m MODULE ARGS`` in a fresh process, its last output line read as JSON.
+    ``memory``: glibc told to return freed blocks, as the harness measures memory (never
+    time under it: it slows allocation down)."""
+    env = {**os.environ, **(MALLOC_FOR_MEASURING if memory else {})}
     out = subprocess.run(
         [sys.executable, "-m", module, *args],
         check=True,

@@ -16,7 +16,9 @@ validation digits): 10 random real training images (one per class, mean over dra
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,12 +59,14 @@ def distill(
     outer_steps: int,
     seed: int = 0,
     strategy: str = "checkpoint",
+    options: Mapping[str, Any] | None = None,
     real_batch: int = 256,
     lr0: float = 0.05,
     image_lr: float = 0.03,
     rate_lr: float = 0.01,
 ) -> Distilled:
-    """Learn the 10 images and N rates by the exact meta-gradient through N steps.
+    """Learn the 10 images and N rates by the exact meta-gradient through N steps (or by
+    the meta-gradient of ``strategy`` with ``options``, e.g. ``truncated``'s window).
 
     Memory: the strategy's (checkpoint: about sqrt(N) states and a segment's graph);
     compute per outer step: about 2N inner steps on 10 images, plus one forward and
@@ -75,7 +79,7 @@ def distill(
     images = (0.5 + 0.1 * torch.randn(10, 64, generator=g)).requires_grad_(True)
     labels = torch.arange(10)
     rates = torch.full((steps,), lr0, requires_grad=True)
-    maml = effmaml.MAML(model, ce, effmaml.SGD(rates, per_step=True), strategy)
+    maml = effmaml.MAML(model, ce, effmaml.SGD(rates, per_step=True), strategy, **(options or {}))
     opt = torch.optim.Adam(
         [{"params": [images], "lr": image_lr}, {"params": [rates], "lr": rate_lr}]
     )

@@ -123,6 +123,20 @@ def _omniglot_line(root: Path) -> str:
     )
 
 
+def _horizons_line(root: Path) -> str:
+    """One line on ``make horizons``: exact against truncated hypergradients (its raw
+    data), or ""."""
+    import json
+
+    path = root / "horizons" / "raw.json"
+    if not path.exists():
+        return ""
+    from ..horizons.report import headline
+
+    link = (root / "horizons" / "summary.md").as_posix()
+    return f"{headline(json.loads(path.read_text()))}; [the tables]({link})."
+
+
 def headline_block(root: Path | str = "results") -> str:
     """README's block: the headline summaries' first tables and plots, and a pointer to
     results/README.md for the rest."""
@@ -135,7 +149,7 @@ def headline_block(root: Path | str = "results") -> str:
         png = path.parent / "memory_vs_steps.png"
         if name == "cpu-quick" and png.exists():
             parts += [f"![{name}: peak memory vs inner steps]({png.as_posix()})", ""]
-    for line in (_omniglot_line(root), _distillation_line(root)):
+    for line in (_omniglot_line(root), _distillation_line(root), _horizons_line(root)):
         if line:
             parts += [line, ""]
     parts += [

@@ -11,6 +11,7 @@ from .checkpoint import Checkpoint
 from .revolve import Revolve
 from .offload import Offload
 from .implicit import Implicit
+from .truncated import Truncated
 from .auto import Auto, Decision
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "RunFacts",
     "Scheduled",
     "Strategy",
+    "Truncated",
     "make_strategy",
     "register_strategy",
 ]

@@ -23,7 +23,7 @@ from ..step import (
 )
 from .base import Outcome, RunFacts, Strategy, register_strategy, warn_learned_hyper
 
-__all__ = ["FirstOrder"]
+__all__ = ["FirstOrder", "first_order_steps"]
 
 # what first-order MAML gives a tensor the inner steps read (the outer tensors' rule)
 _WHY = (
@@ -108,45 +108,13 @@ class FirstOrder(Strategy):
     def _multi_step(
         self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
     ) -> Outcome:
-        """The first-order multi-step loss: each weighted query loss's gradient at φ_{t+1}
-        is handed to θ unchanged (and to the non-adapted parameters), as first-order MAML
-        does for the final one. Memory: one state and one summed query gradient (P)."""
-        quiet = dataclasses.replace(problem, step_weights=())  # the query is evaluated here
-        fixed = consts.detached()
-        names = [*state0.params, *fixed.fixed]
-        acc: list[Tensor | None] = [None] * len(names)
-        state = state0.detached(False)
-        losses, queries = [], []
-        for t in range(problem.steps):
-            new, loss, _ = inner_step(quiet, rt, state.detached(True), t, fixed, False)
-            state = new.detached(False)
-            losses.append(loss.detach())
-            w = problem.weight(t)
-            if not w:
-                queries.append(torch.zeros_like(losses[-1]))
-                continue
-            leaves = state.detached(True)
-            consts_t = Consts(
-                {k: v.requires_grad_(True) for k, v in fixed.detached().fixed.items()},
-                fixed.hyper,
-                fixed.theta0,
-            )
-            with step_context(problem, t):
-                q = query_loss(problem, leaves, consts_t, rt, t)
-                wrt = [*leaves.params.values(), *consts_t.fixed.values()]
-                grads = torch.autograd.grad(q, wrt, allow_unused=True)
-            for i, g in enumerate(grads):
-                if g is not None:
-                    prev = acc[i]
-                    acc[i] = w * g if prev is None else prev + w * g
-            queries.append(q.detach())
+        """The first-order multi-step loss (``first_order_steps`` over all N steps)."""
+        state, losses, queries, query = first_order_steps(
+            problem, rt, state0, problem.steps, consts
+        )
         assert rt.outer is not None
         rt.outer.refuse(self.name, _WHY)
         rt.outer.release()  # nothing to recompute: no batch need stay pinned
-        inputs = [*state0.params.values(), *consts.fixed.values()]
-        total = sum(problem.weight(t) * q for t, q in enumerate(queries))
-        summed = [torch.zeros_like(x) if g is None else g for g, x in zip(acc, inputs)]
-        query = _Precomputed.apply(torch.as_tensor(total), len(summed), *summed, *inputs)
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
         params = clip_backward(params, problem.settings.clip)
         out = InnerState(params, state.opt, state.buffers)
@@ -158,3 +126,73 @@ class FirstOrder(Strategy):
         peak = first_order_peak(probe)
         seconds = predict_seconds(probe, n, 0)
         return "first_order", Prediction(peak, n + probe.evals, seconds=seconds)
+
+
+def first_order_steps(
+    problem: InnerProblem,
+    rt: Runtime,
+    state0: InnerState,
+    b: int,
+    consts: Consts,
+    outer: bool = False,
+) -> tuple[InnerState, list[Tensor], list[Tensor], Tensor]:
+    """Steps ``0..b-1`` first order with the multi-step loss's terms after each of them.
+
+    Each weighted query loss's gradient at φ_{t+1} is handed to θ₀ (``state0.params``)
+    unchanged, and its gradient w.r.t. the non-adapted parameters to them, as first-order
+    MAML does for the final query loss; with ``outer``, also its direct gradient w.r.t. the
+    outer tensors it reads (``rt.outer``'s, found as the steps run).
+
+    Returns:
+        ``(state_b, losses, queries, term)``: the state after step ``b - 1`` (detached),
+        the inner and query losses (detached; a query is 0 where its weight is), and
+        Σ_{t<b} w_t · L_query(φ_{t+1}) as a tensor whose backward hands those first-order
+        gradients to θ₀, the non-adapted parameters (and the outer tensors).
+
+    Memory: one state and one summed query gradient (P). Compute: ``b`` first-order steps
+    and one query forward/backward per weighted step.
+    """
+    quiet = dataclasses.replace(problem, step_weights=())  # the query is evaluated here
+    fixed = consts.detached()
+    names = [*state0.params, *fixed.fixed]
+    acc: list[Tensor | None] = [None] * len(names)
+    acc_outer: dict[int, Tensor] = {}
+    state = state0.detached(False)
+    losses, queries = [], []
+    for t in range(b):
+        new, loss, _ = inner_step(quiet, rt, state.detached(True), t, fixed, False)
+        state = new.detached(False)
+        losses.append(loss.detach())
+        w = problem.weight(t)
+        if not w:
+            queries.append(torch.zeros_like(losses[-1]))
+            continue
+        leaves = state.detached(True)
+        consts_t = Consts(
+            {k: v.requires_grad_(True) for k, v in fixed.detached().fixed.items()},
+            fixed.hyper,
+            fixed.theta0,
+        )
+        with step_context(problem, t):
+            q = query_loss(problem, leaves, consts_t, rt, t)
+            wrt = [*leaves.params.values(), *consts_t.fixed.values()]
+            read = sorted(rt.outer.reads[t]) if outer and rt.outer is not None else []
+            stand_ins = rt.outer.stand_ins() if read and rt.outer is not None else []
+            grads = torch.autograd.grad(q, [*wrt, *(stand_ins[i] for i in read)], allow_unused=True)
+        for i, g in enumerate(grads[: len(wrt)]):
+            if g is not None:
+                prev = acc[i]
+                acc[i] = w * g if prev is None else prev + w * g
+        for i, g in zip(read, grads[len(wrt) :]):
+            if g is not None:
+                acc_outer[i] = w * g if i not in acc_outer else acc_outer[i] + w * g
+        queries.append(q.detach())
+    inputs = [*state0.params.values(), *consts.fixed.values()]
+    total = sum(problem.weight(t) * q for t, q in enumerate(queries))
+    summed = [torch.zeros_like(x) if g is None else g for g, x in zip(acc, inputs)]
+    if outer and rt.outer is not None:
+        for i, x in enumerate(rt.outer.tensors):
+            inputs.append(x)
+            summed.append(acc_outer[i] if i in acc_outer else torch.zeros_like(x))
+    term = _Precomputed.apply(torch.as_tensor(total), len(summed), *summed, *inputs)
+    return state, losses, queries, term
