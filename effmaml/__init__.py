@@ -23,6 +23,7 @@ _EXPORTS = {
     "SGD": "inner",
     "Adam": "inner",
     "InnerOptimizer": "inner",
+    "LearnedOptimizer": "learned",
     "MetaTrainer": "train",
     "PerStepBatchNorm": "perstep",
     "at_step": "step",
@@ -61,6 +62,7 @@ __all__ = [
     "FirstOrder",
     "Implicit",
     "InnerOptimizer",
+    "LearnedOptimizer",
     "MetaTrainer",
     "Naive",
     "Offload",
@@ -102,6 +104,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from . import costs, distributed, measure, memory, replay, tasks
     from .adapted import Adapted
     from .inner import SGD, Adam, InnerOptimizer
+    from .learned import LearnedOptimizer
     from .maml import MAML
     from .perstep import PerStepBatchNorm, msl_weights, per_step_batchnorm
     from .step import RepeatedBatch, at_step

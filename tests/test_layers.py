@@ -22,6 +22,7 @@ ORDER = [
     "replay",
     "clip",
     "inner",
+    "learned",
     "checks",
     "notices",
     "checkpoints",
