@@ -30,7 +30,9 @@ class LearnedOptimizer(InnerOptimizer):
       (bias-corrected as Adam's first moment), each divided by the running RMS
       ``sqrt(v̂ + eps²)`` of the gradient (``v``: the average of ``g²`` at decay ``beta2``,
       bias-corrected), so that the features are scale-free (Metz et al. 2019);
-    * with ``param_feature=True``, the parameter's own value.
+    * with ``param_feature=True``, the parameter's own value (Metz et al.'s rule reads it;
+      it is unbounded, so a rule can learn to grow the parameters, which lowers a
+      classifier's loss for a while and then diverges: off by default).
 
     An MLP (``hidden`` ReLU layers) maps these F features to a direction ``d`` and a
     log-magnitude ``s``; a linear skip from the features adds to the direction. The update
@@ -68,7 +70,7 @@ class LearnedOptimizer(InnerOptimizer):
         hidden: widths of the MLP's hidden layers. Default (32, 32).
         eps: floor of the running RMS, inside the square root (as ``effmaml.Adam``).
             Default 1e-8.
-        param_feature: add the parameter's value as a feature. Default True.
+        param_feature: add the parameter's value as a feature. Default False.
         start: ``"adam"`` or ``"random"`` (see above). Default ``"adam"``.
         out_scale: scale of the output layer's initial weights. Default 1e-2.
         seed: seed of the weights' initialisation (a private generator; the global RNG is
@@ -95,7 +97,7 @@ class LearnedOptimizer(InnerOptimizer):
         beta2: float = 0.999,
         hidden: Sequence[int] = (32, 32),
         eps: float = 1e-8,
-        param_feature: bool = True,
+        param_feature: bool = False,
         start: str = "adam",
         out_scale: float = 1e-2,
         seed: int = 0,

@@ -24,10 +24,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _rule(**kw) -> LearnedOptimizer:
+def _rule(**overrides) -> LearnedOptimizer:
     # a larger output scale than the default, so that the network (not only the skip) moves
     # the parameters and its weights' meta-gradient is far from zero
-    kw = {"lr": 0.05, "hidden": (8, 6), "out_scale": 0.5, "dtype": F64, **kw}
+    kw = {"lr": 0.05, "hidden": (8, 6), "out_scale": 0.5, "param_feature": True, "dtype": F64}
+    kw.update(overrides)
     return LearnedOptimizer(**kw)
 
 
@@ -205,7 +206,8 @@ def test_arguments_are_checked():
         LearnedOptimizer(eps=0.0)
     rule = LearnedOptimizer(decays=(0.5, 0.99), start="random")
     assert "net.skip" not in rule.weights
-    assert rule.features == 4
+    assert rule.features == 3
+    assert LearnedOptimizer(param_feature=True).features == 6
     state = rule.init({"a": torch.zeros(3)})
     with pytest.raises(ValueError, match="coordinates"):
         rule.step(state, {"a": torch.zeros(4)}, {"a": torch.zeros(4)}, 0, {})

@@ -6,8 +6,8 @@ the loss averaged over the unroll, not the final one) is the mean, over every
 multi-step loss (``adapt(..., query=, step_weights=)``), which every recomputing schedule
 evaluates as its pullbacks pass each state. The two other remedies: the rule's output
 layer starts small (``LearnedOptimizer(out_scale=...)``) and the meta-gradient's global
-norm is clipped before Adam's step; an outer step whose meta-gradient is not finite is
-skipped and counted.
+norm is clipped before Adam's step; an outer step whose unroll diverges (a non-finite
+inner loss) or whose meta-gradient is not finite is skipped and counted.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def meta_train(cfg: MetaConfig, splits: dict[str, Split]) -> dict[str, Any]:
     Returns:
         ``{"weights": the trained rule's state_dict, "history": per outer step the
         meta-objective, the meta-gradient's norm before clipping and the seconds,
-        "skipped": outer steps whose meta-gradient was not finite, "seconds": total}``.
+        "skipped": outer steps whose unroll diverged or whose meta-gradient was not
+        finite, "seconds": total}``.
     """
     torch.manual_seed(cfg.seed)
     r = rule(cfg)
@@ -131,7 +132,13 @@ def meta_train(cfg: MetaConfig, splits: dict[str, Split]) -> dict[str, Any]:
     for it in range(cfg.outer_steps):
         t0 = time.perf_counter()
         task = training_task(list(splits), it)
-        loss = fronts.adapt(task, cfg.steps, weights)
+        try:
+            loss = fronts.adapt(task, cfg.steps, weights)
+        except FloatingPointError:  # the rule diverged inside the unroll: skip the task
+            skipped += 1
+            history.append({"objective": math.inf, "grad_norm": math.nan,
+                            "seconds": time.perf_counter() - t0})  # fmt: skip
+            continue
         grads = torch.autograd.grad(loss, r.parameters())
         norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
         if math.isfinite(norm):
@@ -148,6 +155,10 @@ def meta_train(cfg: MetaConfig, splits: dict[str, Split]) -> dict[str, Any]:
                 "seconds": time.perf_counter() - t0,
             }
         )
+        if (it + 1) % max(1, cfg.outer_steps // 10) == 0:
+            last = history[-1]["objective"]
+            print(f"N={cfg.steps} {cfg.label}: outer step {it + 1}/{cfg.outer_steps}, "
+                  f"objective {last:.3f}, skipped {skipped}", flush=True)  # fmt: skip
     return {
         "weights": r.state_dict(),
         "history": history,

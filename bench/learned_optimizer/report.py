@@ -87,6 +87,11 @@ def _cell(values: Sequence[float], digits: int = 3) -> str:
     return text + (f" (diverged {bad}/{len(values)})" if bad else "")
 
 
+def _finite_mean(values: Sequence[float]) -> float:
+    ok = [v for v in values if math.isfinite(v)]
+    return sum(ok) / len(ok) if ok else math.nan
+
+
 def _select(rows: Iterable[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
     return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
@@ -109,7 +114,7 @@ def summary(raw: dict[str, Any]) -> str:
         "",
         f"A coordinate-wise MLP update rule (`effmaml.learned.LearnedOptimizer`, hidden "
         f"{tuple(cfg0['hidden'])}, features: the gradient and its moving averages at 0.5, "
-        f"0.9, 0.99, 0.999 over a running RMS, and the parameter; it starts as Adam at "
+        f"0.9, 0.99, 0.999 over a running RMS; it starts as Adam at "
         f"lr {cfg0['rule_lr']}) meta-trained on a family of tasks: an MLP (d-32-10, a new "
         f"initialisation and minibatch order each) on {' and '.join(datasets)}, minibatches "
         f"of 64, through N-step unrolls. exact: the meta-gradient through all N steps "
@@ -171,9 +176,10 @@ def _meta_section(raw: dict[str, Any]) -> list[str]:
         f"validation loss averaged over the unroll (at {cfg0['points']} evenly spaced steps, "
         f"the last included; effmaml's multi-step loss), the rule's output layer starts at "
         f"scale {cfg0['out_scale']} (the untrained rule is Adam), and the meta-gradient's "
-        f"global norm is clipped to {cfg0['clip']}; an outer step whose meta-gradient is not "
-        f"finite would be skipped. Meta-objective: the mean over the first and over the last "
-        f"tenth of the outer steps (each dataset's tasks alike).",
+        f"global norm is clipped to {cfg0['clip']}; an outer step whose unroll diverges (a "
+        f"non-finite inner loss) or whose meta-gradient is not finite is skipped. "
+        f"Meta-objective: the mean over the first and over the last tenth of the outer steps "
+        f"(each dataset's tasks alike; skipped steps left out).",
         "",
         "| N | meta-gradient | outer steps | skipped | objective, first tenth | "
         "objective, last tenth | median grad. norm | minutes |",
@@ -182,9 +188,9 @@ def _meta_section(raw: dict[str, Any]) -> list[str]:
     for m in raw["meta"]:
         h = m["history"]
         tenth = max(1, len(h) // 10)
-        first = sum(x["objective"] for x in h[:tenth]) / tenth
-        last = sum(x["objective"] for x in h[-tenth:]) / tenth
-        norms = sorted(x["grad_norm"] for x in h)
+        first, last = (_finite_mean([x["objective"] for x in part])
+                       for part in (h[:tenth], h[-tenth:]))  # fmt: skip
+        norms = sorted(x["grad_norm"] for x in h if math.isfinite(x["grad_norm"])) or [math.nan]
         lines.append(
             f"| {m['steps']} | {m['method']} | {len(h)} | {m['skipped']} | {first:.3f} | "
             f"{last:.3f} | {norms[len(norms) // 2]:.3g} | {m['seconds'] / 60:.1f} |"
