@@ -165,19 +165,30 @@ def test_step_reads_the_weights_it_is_handed():
 
 def test_registry_wide():
     """Every registered strategy: the exact ones give naive's meta-gradient of the rule's
-    weights (above); first_order and implicit give none and say so; a strategy not listed
-    here fails this test until its behaviour with a learned rule is stated."""
-    stated = {"first_order", "implicit"}
+    weights (above); first_order and implicit give none and say so; truncated gives the
+    gradient through its window (naive's when the window covers the unroll); a strategy
+    not listed here fails this test until its behaviour with a learned rule is stated."""
+    stated = {"first_order", "implicit", "truncated"}
     exact = {name for name, cls in effmaml.STRATEGIES.items() if cls.exact}
     assert {"naive", "checkpoint", "revolve", "offload", "auto"} <= exact
     assert exact | stated >= set(effmaml.STRATEGIES), (
         f"state what {sorted(set(effmaml.STRATEGIES) - exact - stated)} give a learned rule"
     )
-    for name in stated:
+    for name in ("first_order", "implicit"):
         kw = {"prox_lambda": 1.0} if name == "implicit" else {}
         with pytest.warns(UserWarning, match="no meta-gradient to the learned"):
             g = _meta_gradient(name, msl=False, **kw)[0]
         assert all(x is None for x in g[:4]), f"{name} gave the rule's weights a gradient"
+    if "truncated" in effmaml.STRATEGIES:
+        ref = _naive(False)[0][:4]
+        whole = _meta_gradient("truncated", msl=False, window=STEPS)[0][:4]
+        part = _meta_gradient("truncated", msl=False, window=2)[0][:4]
+        scale = grad_scale(ref)
+        for a, b in zip(whole, ref):
+            assert_scaled_close(a, b, 1e-12, "truncated(window=N)", scale=scale)
+        assert all(x is not None and x.abs().sum() > 0 for x in part)
+        diff = max((a - b).abs().max().item() for a, b in zip(part, ref))
+        assert diff > 1e-3 * scale, "a window of 2 of 7 steps gave naive's gradient"
 
 
 def test_state_dict_round_trip_and_errors():

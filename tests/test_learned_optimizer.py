@@ -70,3 +70,13 @@ def test_report_only_rebuilds_the_same_report(quick):
     for heading in ("## Meta-training", "## The baselines' rates", "## Memory and agreement"):
         assert heading in text
     assert (quick / "curves.png").stat().st_size > 1000
+
+
+def test_readme_line_comes_from_the_raw_data(quick):
+    import json
+
+    from bench.learned_optimizer.report import headline
+
+    line = headline(json.loads((quick / "raw.json").read_text()))
+    for part in ("N = 6 inner steps", "exact ", "adam (tuned) ", "naive ", "MiB"):
+        assert part in line, (part, line)

@@ -32,12 +32,6 @@ from .tasks import load
 __all__ = ["main", "run"]
 
 
-def _job(job: tuple[str, Any]) -> dict[str, Any]:
-    kind, args = job
-    fn = {"meta": ex.meta_job, "tune": ex.tune_job, "score": ex.held_out_job}[kind]
-    return fn(args)
-
-
 def run(cfg: ex.Settings, out: Path, quick: bool) -> dict[str, Any]:
     """Every job of the experiment; returns the raw record (what raw.json holds)."""
     start = time.time()
@@ -58,7 +52,7 @@ def run(cfg: ex.Settings, out: Path, quick: bool) -> dict[str, Any]:
                         (cfg.tune_tasks * n * 0.2, ("tune", (name, lr, n, cfg.tune_tasks, splits)))
                     )
         work.sort(key=lambda w: -w[0])
-        done = pool_map(pool, _job, [w[1] for w in work])
+        done = pool_map(pool, ex.run_job, [w[1] for w in work])
         metas = [d for d in done if "history" in d]
         tuning = [d for d in done if "val_loss" in d]
         chosen = []
@@ -87,7 +81,7 @@ def run(cfg: ex.Settings, out: Path, quick: bool) -> dict[str, Any]:
                                                 baseline=(c["optimizer"], c["lr"])))  # fmt: skip
         scored.sort(key=lambda j: -j.steps)
         held_out = pool_map(
-            pool, _job, [("score", (j, splits[j.data], cfg.curve_points)) for j in scored]
+            pool, ex.run_job, [("score", (j, splits[j.data], cfg.curve_points)) for j in scored]
         )
     finally:
         if pool is not None:

@@ -25,6 +25,7 @@ __all__ = [
     "configs",
     "held_out_job",
     "meta_job",
+    "run_job",
     "tune_job",
 ]
 
@@ -80,6 +81,14 @@ def configs(cfg: Settings) -> list[MetaConfig]:
             if k < n:
                 out.append(MetaConfig(n, "truncated", (("window", k),), **common))
     return out
+
+
+def run_job(job: tuple[str, Any]) -> dict[str, Any]:
+    """One pool job: ``("meta" | "tune" | "score", args)`` (here, not in ``__main__``: a
+    spawned worker imports the function it runs by its module's name)."""
+    kind, args = job
+    fn = {"meta": meta_job, "tune": tune_job, "score": held_out_job}[kind]
+    return fn(args)
 
 
 def meta_job(args: tuple[MetaConfig, dict[str, Split]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..bilevel.common import mean_ci
 
-__all__ = ["BASELINES", "UNTRAINED", "held_out_rows", "summary", "write"]
+__all__ = ["BASELINES", "UNTRAINED", "headline", "held_out_rows", "summary", "write"]
 
 MIB = 1 << 20
 BASELINES = ("sgd-momentum", "adam")
@@ -75,6 +75,33 @@ def write(raw: dict[str, Any], out: Path) -> None:
 def _methods(raw: dict[str, Any], n: int) -> list[str]:
     learned = [m["method"] for m in raw["meta"] if m["steps"] == n]
     return [*learned, UNTRAINED, *[f"{b} (tuned)" for b in BASELINES]]
+
+
+def headline(raw: dict[str, Any]) -> str:
+    """README's line: at the longest N, every optimizer's held-out test loss after N and 2N
+    steps (mean over the tasks) and one outer step's peak memory, naive against exact."""
+    rows = held_out_rows(raw)
+    n = max(r["steps"] for r in rows)
+
+    def loss(method: str, horizon: str) -> str:
+        v = [r["test_loss"] for r in _select(rows, steps=n, method=method, horizon=horizon)]
+        bad = sum(not math.isfinite(x) for x in v)
+        return f"diverged {bad}/{len(v)}" if bad else f"{sum(v) / len(v):.3f}"
+
+    parts = [f"{m} {loss(m, 'N')} / {loss(m, '2N')}" for m in _methods(raw, n)]
+    peaks = {r["strategy"].split("(")[0]: r["peak"] / MIB for r in raw["memory"]
+             if r["steps"] == n and r["memory"]}  # fmt: skip
+    memory = (
+        f"; one outer step at N = {n}: naive {peaks['naive']:.0f} MiB, exact "
+        f"{peaks['checkpoint']:.0f} MiB"
+        if {"naive", "checkpoint"} <= set(peaks)
+        else ""
+    )
+    return (
+        f"**A learned optimizer, meta-trained exactly through N = {n} inner steps** (`make "
+        f"learned-optimizer`, MLPs on digits and MNIST-1D): held-out test loss after N / 2N "
+        f"steps, " + "; ".join(parts) + memory
+    )
 
 
 def _cell(values: Sequence[float], digits: int = 3) -> str:

@@ -124,48 +124,16 @@ def _omniglot_line(root: Path) -> str:
 
 
 def _learned_optimizer_line(root: Path) -> str:
-    """One line on ``make learned-optimizer``'s longest horizon (held-out test loss after N
-    and 2N steps, one outer step's peak memory), or ""."""
-    import csv
-    import math
-    import statistics
+    """One line on ``make learned-optimizer`` (its raw data), or ""."""
+    import json
 
-    path = root / "learned-optimizer" / "heldout.csv"
+    path = root / "learned-optimizer" / "raw.json"
     if not path.exists():
         return ""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    n = max(int(r["steps"]) for r in rows)
-    methods = list(dict.fromkeys(r["method"] for r in rows if int(r["steps"]) == n))
+    from ..learned_optimizer.report import headline
 
-    def loss(method: str, horizon: str) -> str:
-        at = [r for r in rows if int(r["steps"]) == n and r["horizon"] == horizon]
-        v = [float(r["test_loss"]) for r in at if r["method"] == method]
-        ok = [x for x in v if math.isfinite(x)]
-        return (
-            f"{statistics.fmean(ok):.3f}"
-            if len(ok) == len(v)
-            else f"diverged {len(v) - len(ok)}/{len(v)}"
-        )
-
-    parts = [f"{m} {loss(m, 'N')} / {loss(m, '2N')}" for m in methods]
-    memory = ""
-    mem_path = root / "learned-optimizer" / "memory.csv"
-    if mem_path.exists():
-        with open(mem_path) as f:
-            peaks = {r["strategy"].split("(")[0]: float(r["peak"]) / (1 << 20)
-                     for r in csv.DictReader(f) if int(r["steps"]) == n}  # fmt: skip
-        if "naive" in peaks and "checkpoint" in peaks:
-            memory = (
-                f"; one outer step at N = {n}: naive {peaks['naive']:.0f} MiB, exact "
-                f"(checkpoint) {peaks['checkpoint']:.0f} MiB"
-            )
-    return (
-        f"**A learned optimizer, meta-trained exactly through N = {n} inner steps** (`make "
-        f"learned-optimizer`, MLPs on digits and MNIST-1D): held-out test loss after N / 2N "
-        f"steps, " + "; ".join(parts) + memory + f"; [the tables]"
-        f"({(root / 'learned-optimizer' / 'summary.md').as_posix()})."
-    )
+    link = (root / "learned-optimizer" / "summary.md").as_posix()
+    return f"{headline(json.loads(path.read_text()))}; [the tables]({link})."
 
 
 def headline_block(root: Path | str = "results") -> str:
