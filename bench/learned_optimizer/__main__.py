@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ __all__ = ["main", "run"]
 def run(cfg: ex.Settings, out: Path, quick: bool) -> dict[str, Any]:
     """Every job of the experiment; returns the raw record (what raw.json holds)."""
     start = time.time()
+    load_start = os.getloadavg()[0]
     splits = load(cfg.datasets)
     configs = ex.configs(cfg)
     pool = worker_pool(cfg.workers)
@@ -90,10 +93,19 @@ def run(cfg: ex.Settings, out: Path, quick: bool) -> dict[str, Any]:
     print("held-out scoring done", f"{(time.time() - start) / 60:.1f} min", flush=True)
     memory = ex.agreement_and_memory(cfg, out, quick)
     env = {**environment("cpu"), "threads": 1, "date": timestamp()}
+    # CPU time of this process and of every process it waited for (the pool's workers, the
+    # memory children): what the run costs on an idle machine, whatever else shared it
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
     return {
         "settings": dataclasses.asdict(cfg),
         "env": env,
         "minutes": (time.time() - start) / 60,
+        "cpu_minutes": cpu / 60,
+        "load_average": [load_start, os.getloadavg()[0]],
         "meta": metas,
         "tuning": tuning,
         "chosen": chosen,

@@ -137,7 +137,11 @@ def summary(raw: dict[str, Any]) -> str:
         "",
         f"{env['device']}, torch {env['torch']}, one thread per process, "
         f"{s['workers']} processes, git {env['git']}, {env['date']}; "
-        f"{raw['minutes']:.1f} minutes (`make learned-optimizer`).",
+        f"{raw['minutes']:.1f} minutes (`make learned-optimizer`) on a machine shared "
+        f"with other work (load average {raw['load_average'][0]:.1f} at the start, "
+        f"{raw['load_average'][1]:.1f} at the end); {raw['cpu_minutes']:.1f} CPU-minutes "
+        f"in all processes, about {raw['cpu_minutes'] / s['workers']:.0f} minutes on "
+        f"{s['workers']} idle cores.",
         "",
         f"A coordinate-wise MLP update rule (`effmaml.learned.LearnedOptimizer`, hidden "
         f"{tuple(cfg0['hidden'])}, features: the gradient and its moving averages at 0.5, "
