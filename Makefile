@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: setup test test-slow lint docs zoo format bench bench-full bench-micro report fewshot fewshot-horizon fewshot-speed fewshot-omniglot scaling bilevel horizons outer-cost clean
+.PHONY: setup test test-slow lint docs zoo format bench bench-full bench-micro report fewshot fewshot-horizon fewshot-speed fewshot-omniglot scaling bilevel horizons learned-optimizer outer-cost clean
 
 setup: $(SETUP)
 
@@ -92,6 +92,14 @@ bilevel: $(SETUP)
 # RaT-BPTT's random window of 60 -> results/horizons/ (`--report-only` rebuilds the summary)
 horizons: $(SETUP)
 	$(PY) -m bench.horizons
+
+# a learned optimizer (a coordinate-wise MLP rule) meta-trained on MLPs on digits and
+# MNIST-1D through N = 50, 200, 1000 inner steps, exactly (checkpoint) and truncated to the
+# last K = 10, 50 steps, against SGD-momentum and Adam with tuned rates, on held-out tasks
+# for N and 2N steps -> results/learned-optimizer/ (about 30 minutes on 2 cores);
+# `python -m bench.learned_optimizer --report-only` rebuilds the report from raw.json
+learned-optimizer: $(SETUP)
+	$(PY) -m bench.learned_optimizer
 
 # what differentiating with respect to the data costs: each exact schedule with learned
 # images against the same without, and finding outer tensors where there are none

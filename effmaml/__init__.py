@@ -26,6 +26,7 @@ _EXPORTS = {
     "RMSprop": "optim",
     "Adagrad": "optim",
     "InnerOptimizer": "inner",
+    "LearnedOptimizer": "learned",
     "MetaTrainer": "train",
     "PerStepBatchNorm": "perstep",
     "at_step": "step",
@@ -67,6 +68,7 @@ __all__ = [
     "FirstOrder",
     "Implicit",
     "InnerOptimizer",
+    "LearnedOptimizer",
     "MetaTrainer",
     "Naive",
     "Offload",
@@ -110,6 +112,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from . import costs, distributed, measure, memory, replay, tasks
     from .adapted import Adapted
     from .inner import InnerOptimizer
+    from .learned import LearnedOptimizer
     from .maml import MAML
     from .optim import SGD, Adagrad, Adam, AdamW, RMSprop
     from .perstep import PerStepBatchNorm, msl_weights, per_step_batchnorm

@@ -23,6 +23,7 @@ ORDER = [
     "clip",
     "inner",
     "optim",
+    "learned",
     "checks",
     "notices",
     "checkpoints",

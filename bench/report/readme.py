@@ -137,6 +137,19 @@ def _horizons_line(root: Path) -> str:
     return f"{headline(json.loads(path.read_text()))}; [the tables]({link})."
 
 
+def _learned_optimizer_line(root: Path) -> str:
+    """One line on ``make learned-optimizer`` (its raw data), or ""."""
+    import json
+
+    path = root / "learned-optimizer" / "raw.json"
+    if not path.exists():
+        return ""
+    from ..learned_optimizer.report import headline
+
+    link = (root / "learned-optimizer" / "summary.md").as_posix()
+    return f"{headline(json.loads(path.read_text()))}; [the tables]({link})."
+
+
 def headline_block(root: Path | str = "results") -> str:
     """README's block: the headline summaries' first tables and plots, and a pointer to
     results/README.md for the rest."""
@@ -149,7 +162,13 @@ def headline_block(root: Path | str = "results") -> str:
         png = path.parent / "memory_vs_steps.png"
         if name == "cpu-quick" and png.exists():
             parts += [f"![{name}: peak memory vs inner steps]({png.as_posix()})", ""]
-    for line in (_omniglot_line(root), _distillation_line(root), _horizons_line(root)):
+    lines = (
+        _omniglot_line(root),
+        _distillation_line(root),
+        _horizons_line(root),
+        _learned_optimizer_line(root),
+    )
+    for line in lines:
         if line:
             parts += [line, ""]
     parts += [
