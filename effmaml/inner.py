@@ -30,6 +30,7 @@ route meta-gradients to them. The torch.optim family built on this protocol is i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import reprlib
@@ -267,8 +268,13 @@ class InnerOptimizer:
         grads: Mapping[str, Tensor],
         t: int,
         hyper: Mapping[str, Tensor],
+        around: contextlib.AbstractContextManager[Any] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``step(state, params, grads, t, hyper)``, checked against the protocol.
+
+        ``around`` (entered for the call of ``step`` alone, not for the checks) is how the
+        inner step finds the tensors ``step`` reads: the checks' own reads of version
+        counters and attributes are not the rule's.
 
         Before a wrong gradient can come of it, raises if the step updated a tensor it was
         given in place (state, parameter, gradient or hyper-parameter: its version counter
@@ -305,7 +311,8 @@ class InnerOptimizer:
         versions = [_version(v) for _, v in given]
         before = _fingerprints(self)
         try:
-            out = self.step(state, params, grads, t, hyper)
+            with around if around is not None else contextlib.nullcontext():
+                out = self.step(state, params, grads, t, hyper)
         except RuntimeError as err:
             if "in-place" in str(err) or "inplace" in str(err):
                 raise InnerOptimizerError(

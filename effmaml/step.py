@@ -325,10 +325,14 @@ def inner_step(
         # what the inner optimizer's step reads is read by the step (Note [Finding what a
         # step reads]): a tensor attribute such as self.lr is an outer tensor
         reader = f"the inner optimizer {type(problem.inner).__name__}'s step"
-        with reading(rt.outer, t, [*own, *grads_d.values()], reader=reader):
-            opt, params = problem.inner.apply_step(
-                state.opt, state.params, grads_d, problem.first_step + t, consts.hyper
-            )
+        opt, params = problem.inner.apply_step(
+            state.opt,
+            state.params,
+            grads_d,
+            problem.first_step + t,
+            consts.hyper,
+            around=reading(rt.outer, t, [*own, *grads_d.values()], reader=reader),
+        )
         if create_graph:
             params = clip_backward(params, problem.settings.clip)
         if not problem.settings.update_running_stats:

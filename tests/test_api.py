@@ -259,7 +259,12 @@ def test_operation_without_double_backward_is_named(strategy, kw):
 
 
 # -- the errors a newcomer meets ----------------------------------------------------------
-_TWICE_OPTIONS = {"checkpoint": {"segment": 2}, "revolve": {"slots": 2}, "offload": {"segment": 2}}
+_TWICE_OPTIONS = {
+    "checkpoint": {"segment": 2},
+    "revolve": {"slots": 2},
+    "offload": {"segment": 2},
+    "truncated": {"window": 2},
+}
 
 
 @pytest.mark.parametrize("name", sorted(effmaml.STRATEGIES))
@@ -282,7 +287,7 @@ def test_a_second_backward_works_or_says_what_to_do(name):
     try:
         loss.backward()
     except BackwardAgainError as err:
-        assert name in ("checkpoint", "revolve", "offload", "auto"), name
+        assert name in ("checkpoint", "revolve", "offload", "auto", "truncated"), name
         assert "retain_graph" in str(err) and "(loss_a + loss_b).backward()" in str(err)
         return
     for p, g in zip(model.parameters(), once):

@@ -217,7 +217,7 @@ def test_m_is_the_module_under_every_exact_schedule(strategy, kw):
 def test_m_methods_give_what_its_call_gives_under_every_strategy(strategy):
     """The loss written with m's methods and with m(x): the same values and meta-gradient,
     bitwise, under every registered strategy."""
-    kw = {"lam": 2.0} if strategy == "implicit" else {}
+    kw = {"implicit": {"lam": 2.0}, "truncated": {"window": 2}}.get(strategy, {})
     a = _run(method_loss, strategy, p_drop=0.0, **kw)
     b = _run(forward_loss, strategy, p_drop=0.0, **kw)
     for x, y in zip(a["grads"], b["grads"]):

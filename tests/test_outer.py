@@ -327,7 +327,11 @@ def test_a_tensor_attribute_of_the_model_gets_naives_gradient(strategy):
 
 
 # -- slips: the captured model read instead of m; tensors an inner optimizer's step reads ---
-_SLIP_OPTIONS = {"checkpoint": {"segment": 2}, "revolve": {"slots": 2}}
+_SLIP_OPTIONS = {
+    "checkpoint": {"segment": 2},
+    "revolve": {"slots": 2},
+    "truncated": {"window": 10},  # >= N: through every step, as naive
+}
 
 
 @pytest.mark.parametrize("slip", ["call", "regulariser"])
