@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .inner import InnerOptimizer, LearningRate
+from .optim import safe_sqrt
 
 __all__ = ["LearnedOptimizer"]
 
@@ -28,8 +29,9 @@ class LearnedOptimizer(InnerOptimizer):
 
     * the gradient ``g`` and its exponential moving averages ``m_i`` at each of ``decays``
       (bias-corrected as Adam's first moment), each divided by the running RMS
-      ``sqrt(v̂ + eps²)`` of the gradient (``v``: the average of ``g²`` at decay ``beta2``,
-      bias-corrected), so that the features are scale-free (Metz et al. 2019);
+      ``sqrt(v̂) + eps`` of the gradient (``v``: the average of ``g²`` at decay ``beta2``,
+      bias-corrected; the square root as ``effmaml.Adam``'s, derivative 0 at v̂ = 0), so
+      that the features are scale-free (Metz et al. 2019);
     * with ``param_feature=True``, the parameter's own value (Metz et al.'s rule reads it;
       it is unbounded, so a rule can learn to grow the parameters, which lowers a
       classifier's loss for a while and then diverges: off by default).
@@ -68,7 +70,7 @@ class LearnedOptimizer(InnerOptimizer):
         beta2: decay rate of the running second moment that normalises the features.
             Default 0.999.
         hidden: widths of the MLP's hidden layers. Default (32, 32).
-        eps: floor of the running RMS, inside the square root (as ``effmaml.Adam``).
+        eps: added to the running RMS (as ``effmaml.Adam``, torch.optim's convention).
             Default 1e-8.
         param_feature: add the parameter's value as a feature. Default False.
         start: ``"adam"`` or ``"random"`` (see above). Default ``"adam"``.
@@ -225,7 +227,7 @@ class LearnedOptimizer(InnerOptimizer):
         fresh = torch.cat([g.unsqueeze(1).expand(-1, k), (g * g).unsqueeze(1)], dim=1)
         stats = rates * stats + (1.0 - rates) * fresh  # (P, k + 1)
         corrections = 1.0 - rates ** (t + 1)  # the bias corrections (Adam's)
-        rms = torch.sqrt(stats[:, k] / corrections[k] + self.eps * self.eps)
+        rms = safe_sqrt(stats[:, k]) / corrections[k] ** 0.5 + self.eps
         columns = [g.unsqueeze(1), stats[:, :k] / corrections[:k]]
         x = torch.cat(columns, dim=1) / rms.unsqueeze(1)
         if self.param_feature:

@@ -50,6 +50,7 @@ ORDER = [
     "strategies.revolve",
     "strategies.offload",
     "strategies.implicit",
+    "strategies.truncated",
     "strategies.auto",
     "strategies",
     "adapted",

@@ -114,7 +114,7 @@ def test_rule_weights_meta_gradient_matches_finite_differences():
 
 
 def test_untrained_rule_with_zero_output_is_adam():
-    """start="adam", out_scale=0: d = m̂/√(v̂+eps²) exactly and s = 0, so the rule's step is
+    """start="adam", out_scale=0: d = m̂/(√v̂ + eps) exactly and s = 0, so the rule's step is
     effmaml.Adam's with betas (0.9, beta2), step after step."""
     rule = LearnedOptimizer(0.01, out_scale=0.0, dtype=F64)
     adam = effmaml.Adam(0.01, betas=(0.9, 0.999))

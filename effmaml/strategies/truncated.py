@@ -66,7 +66,9 @@ class WindowSchedule(Schedule):
     ) -> tuple[InnerState, list[Tensor], list[Tensor], object]:
         state, losses, queries = advance(problem, rt, state0, self.start, problem.steps, consts)
         zeros = [torch.zeros_like(losses[0])] * self.start
-        return state, zeros + losses, zeros + queries, None
+        # nothing stored beyond the window's input, which the engine holds; a memo that is
+        # not None tells the engine the first backward has not run yet
+        return state, zeros + losses, zeros + queries, ()
 
     def backward(
         self,
