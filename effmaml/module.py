@@ -81,6 +81,42 @@ def inside_module() -> bool:
     return _INSIDE.get()
 
 
+def reparametrized(
+    module: nn.Module, tensors: Mapping[str, Tensor], args: Any, kwargs: Any = None
+) -> Any:
+    """``module(*args, **kwargs)`` with ``tensors`` (names as ``named_parameters()`` and
+    ``named_buffers()`` give them) in place of its own, and the module as it was after.
+
+    Cost: one walk over the module's submodules and tensors per call (what
+    ``functional_call`` walks anyway to tie weights), then one swap in and out per tensor.
+    """
+    # Note [A submodule under two names]
+    # torch.func.functional_call ties weights by tensor: it swaps every name that holds the
+    # same tensor. A submodule registered twice (self.b = self.a) has two names for one
+    # slot, so the swap sees a.weight's new value as b.weight's "original" and leaves it in
+    # the user's model on the way out (torch 2.14): the model's Parameter replaced by an
+    # adapted tensor, silently. We expand the names ourselves, one per slot (an owning
+    # module's attribute), to every slot that holds the same tensor (true weight tying:
+    # one Parameter in two modules), and call without torch's tying.
+    slots: dict[tuple[int, str], str] = {}
+    by_tensor: dict[int, list[str]] = {}
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for attr, t in [*owner._parameters.items(), *owner._buffers.items()]:
+            if t is None or (id(owner), attr) in slots:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            slots[id(owner), attr] = name
+            by_tensor.setdefault(id(t), []).append(name)
+    named: dict[str, Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    named.update(module.named_buffers(remove_duplicate=False))
+    untied: dict[str, Tensor] = {}
+    for name, value in tensors.items():
+        own = named.get(name)
+        for slot in by_tensor.get(id(own), [name]) if own is not None else [name]:
+            untied[slot] = value
+    return functional_call(module, untied, args, kwargs, tie_weights=False)
+
+
 class _Caller(nn.Module):
     """Runs a function with the model it holds reparametrized (``functional_call`` runs a
     module's forward only; this one's forward runs what it is handed)."""
@@ -223,14 +259,14 @@ class FunctionalModel:
             fm.caller = _Caller(fm.model)
         mapping = {f"m.{k}": v for k, v in self._mapping().items()}
         with self._entered():
-            return functional_call(fm.caller, mapping, (fn,))
+            return reparametrized(fm.caller, mapping, (fn,))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._prefix:
             module = self._module
             return self._run(lambda: module(*args, **kwargs))
         with self._entered():
-            return functional_call(self._fm.model, self._mapping(), args, kwargs)
+            return reparametrized(self._fm.model, self._mapping(), args, kwargs)
 
     # -- attributes ---------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

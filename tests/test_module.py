@@ -320,3 +320,75 @@ def test_per_step_batchnorm_evaluates_with_the_last_steps_slice():
     out = adapted.eval()(x)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert not torch.allclose(out, other)
+
+
+# -- a submodule under two names, a Parameter in two modules -------------------------------
+class _Twice(nn.Module):
+    """One Linear registered under two names (``self.b = self.a``), applied twice, and a
+    Parameter shared by two distinct modules (weight tying)."""
+
+    def __init__(self, twice=True):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        if twice:
+            self.b = self.a
+        self.tied_in, self.tied_out = nn.Linear(5, 5, bias=False), nn.Linear(5, 3)
+        self.head = nn.Linear(5, 3)
+        self.head.weight = self.tied_out.weight  # one Parameter, two modules
+
+    def forward(self, x):
+        second = self.b if hasattr(self, "b") else self.a
+        h = torch.tanh(second(torch.tanh(self.a(x))))
+        return self.head(torch.tanh(self.tied_in(h))) + self.tied_out(h)
+
+
+@pytest.mark.parametrize("strategy", sorted(effmaml.STRATEGIES))
+def test_a_submodule_under_two_names_leaves_the_model_as_it_was(strategy):
+    """torch.func.functional_call's weight tying left an adapted tensor in place of the
+    Parameter of a submodule registered under two names (Note [A submodule under two
+    names]): the model changed silently, its gradient went nowhere, the next iteration
+    crashed. Every strategy now leaves the model's Parameters in place, twice running,
+    and gives the meta-gradient of the same network with the module registered once."""
+    kw = {"implicit": {"lam": 2.0}, "truncated": {"window": 10}}.get(strategy, {})
+
+    def run(twice):
+        torch.manual_seed(0)
+        model = _Twice(twice).to(F64)
+        before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+        maml = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1), strategy, **kw)
+        grads = []
+        for _ in range(2):  # a second iteration crashed
+            model.zero_grad()
+            adapted = maml.adapt([make_batch(t) for t in range(3)])
+            ce_loss(adapted, make_batch(9)).backward()
+            after = dict(model.named_parameters(remove_duplicate=False))
+            assert after.keys() == before.keys()
+            for n, p in after.items():
+                assert p is before[n] and isinstance(p, nn.Parameter), n
+            grads.append([p.grad.clone() for p in model.parameters()])
+        return grads
+
+    for x, y in zip(run(True), run(False)):
+        for gx, gy in zip(x, y):
+            torch.testing.assert_close(gx, gy, rtol=1e-12, atol=1e-14)
+
+
+def test_a_parameter_in_two_modules_is_one_adapted_tensor():
+    """Weight tying (head.weight is tied_out.weight): the adapted tensor stands in both
+    modules, as in a hand-written unroll with torch.func.functional_call."""
+    torch.manual_seed(0)
+    model = _Twice(twice=False).to(F64)
+    batches = [make_batch(t) for t in range(3)]
+    adapted = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1), "checkpoint").adapt(batches)
+    ours = torch.autograd.grad(ce_loss(adapted, make_batch(9)), list(model.parameters()))
+    params = dict(model.named_parameters())
+    for b in batches:
+        loss = F.cross_entropy(functional_call(model, params, (b[0],)), b[1])
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        params = {n: p - 0.1 * g for (n, p), g in zip(params.items(), grads)}
+    x, y = make_batch(9)
+    ref = torch.autograd.grad(
+        F.cross_entropy(functional_call(model, params, (x,)), y), list(model.parameters())
+    )
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
