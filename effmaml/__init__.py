@@ -105,7 +105,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    # the public names and the package's own dunders, not this file's imports (Any, ...)
+    return sorted({*__all__, *(n for n in globals() if n.startswith("__"))})
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors

@@ -322,7 +322,10 @@ class _Reading(TorchFunctionMode):
                     f"the module m it is given, which holds the adapted φ_t; the "
                     f"meta-gradient would be wrong under every strategy. Call m(x) inside "
                     f"loss_fn(m, batch), and m.embed(x), m.backbone(x), m.parameters() for "
-                    f"the rest of the model"
+                    f"the rest of the model. To read θ₀ on purpose (a pull towards the "
+                    f"initial parameters), pass prox_lambda=λ to MAML (it adds "
+                    f"(λ/2)‖φ − θ₀‖²), or give loss_fn copies taken before adapt "
+                    f"(p.detach().clone() for a constant, p.clone() to differentiate them)"
                 )
         elif isinstance(value, (list, tuple)):
             for v in value:

@@ -45,6 +45,7 @@ __all__ = [
     "Settings",
     "at_step",
     "attention_kernels",
+    "callback_stops",
     "check_loss_fn",
     "current_step",
     "differentiable_ops",
@@ -159,6 +160,28 @@ class InnerProblem:
         return move_to(self.batches[t], self.device)
 
 
+def callback_stops(answer: object, t: int) -> bool:
+    """Whether a callback's ``answer`` after step ``t`` says to stop: True, or a bool
+    (a one-element boolean tensor such as ``loss < 0.3``, NumPy's bool); None and False go
+    on.
+
+    Raises:
+        TypeError: any other answer (a number, a string, a float tensor), which would
+            otherwise be read one way or the other silently.
+    """
+    if answer is None or answer is False or answer is True:
+        return bool(answer)
+    if isinstance(answer, Tensor) and answer.dtype == torch.bool and answer.numel() == 1:
+        return bool(answer)
+    if type(answer).__name__ == "bool_":  # NumPy's
+        return bool(answer)
+    raise TypeError(
+        f"callback(t, loss) returned {answer!r} after inner step {t}: return True to stop "
+        f"there, and None or False to go on (a one-element boolean tensor such as "
+        f"loss < 0.3 counts as a bool)"
+    )
+
+
 @dataclass
 class Runtime:
     """What one ``adapt`` call does as it runs; one object per call, passed explicitly.
@@ -196,7 +219,7 @@ class Runtime:
         stop after this step (it returned True)."""
         if self.callback is None:
             return False
-        return self.callback(t, loss.detach()) is True
+        return callback_stops(self.callback(t, loss.detach()), t)
 
     def batch(self, problem: InnerProblem, t: int) -> Any:
         """Batch ``t`` on the device (the one the forward pass kept, if it holds an outer

@@ -30,7 +30,7 @@ from torch import Tensor
 from .engine import advance
 from .replay import forked_rng
 from .state import Consts, InnerState
-from .step import InnerProblem, RepeatedBatch, Runtime
+from .step import InnerProblem, RepeatedBatch, Runtime, callback_stops
 
 __all__ = ["Callback", "first", "scan"]
 
@@ -59,7 +59,7 @@ def scan(
         state = state0
         for t in range(problem.steps):
             state, losses, _ = advance(problem, rt, state, t, t + 1, consts)
-            if callback(t, losses[0]) is True:
+            if callback_stops(callback(t, losses[0]), t):
                 return t + 1
     return problem.steps
 

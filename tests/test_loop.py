@@ -166,3 +166,18 @@ def test_the_multi_step_losss_weights_are_cut_to_the_steps_run():
     naive = effmaml.MAML(model, ce_loss, effmaml.SGD(0.1))
     with pytest.raises(TypeError, match="one-pass source cannot give twice"):
         naive.adapt(iter(batches), steps=3, query=make_batch(9), callback=print)
+
+
+@pytest.mark.parametrize("strategy,kw", [("naive", {}), ("checkpoint", {"segment": 2})], ids=str)
+def test_a_callback_answering_a_boolean_tensor_stops_and_other_answers_are_refused(strategy, kw):
+    """``loss < c`` is a one-element boolean tensor: it stops as True does (it was ignored:
+    only ``is True`` stopped); a number or a string is refused with the rule, not read one
+    way or the other silently."""
+    batches = [make_batch(t) for t in range(6)]
+    maml = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), strategy, **kw)
+    ref = maml.adapt(batches, callback=lambda t, loss: t == STOP_AT)
+    ours = maml.adapt(batches, callback=lambda t, loss: torch.tensor(t == STOP_AT))
+    assert len(ours.losses) == len(ref.losses) == STOP_AT + 1
+    for answer in (1, "stop", torch.tensor(0.5)):
+        with pytest.raises(TypeError, match=r"returned .* after inner step 0: return True"):
+            maml.adapt(batches, callback=lambda t, loss, a=answer: a)
