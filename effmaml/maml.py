@@ -117,8 +117,6 @@ class MAML:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable as loss_fn(m, batch) -> scalar tensor")
         check_loss_fn(loss_fn)
         if not isinstance(inner, InnerOptimizer):
             raise TypeError(

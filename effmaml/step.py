@@ -516,6 +516,23 @@ def check_loss_fn(loss_fn: Callable[..., Any]) -> None:
     Raises:
         TypeError: states the rule and the signature found.
     """
+    if isinstance(loss_fn, (nn.Module, InnerOptimizer)) or getattr(
+        loss_fn, "__module__", ""
+    ).startswith("torch.nn"):
+        # torch's losses take (input, target); a module or an inner optimizer here is
+        # usually MAML's arguments in another order
+        if isinstance(loss_fn, (nn.Module, InnerOptimizer)):
+            what = type(loss_fn).__name__
+        else:
+            what = getattr(loss_fn, "__qualname__", repr(loss_fn))
+        raise TypeError(
+            f"{_RULE}; got {what} from torch or effmaml itself, which does not take (m, "
+            f"batch): wrap a torch loss, e.g. loss_fn = lambda m, batch: "
+            f"F.cross_entropy(m(batch[0]), batch[1]), and pass MAML(model, loss_fn, inner, "
+            f"strategy) in that order"
+        )
+    if not callable(loss_fn):
+        raise TypeError(f"{_RULE}; got {type(loss_fn).__name__}, which is not callable")
     try:
         sig = inspect.signature(loss_fn)
     except (TypeError, ValueError):  # a builtin or an extension: checked at the call

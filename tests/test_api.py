@@ -346,3 +346,20 @@ def test_a_budget_the_strategy_cannot_meet_is_a_memory_error_before_work(name):
     assert len(calls) <= PROBE_EVALS + 1  # the probe's steps; none of the 50
     big = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), name, memory_budget="1GiB")
     big.adapt(make_batch(0), steps=3)
+
+
+@pytest.mark.parametrize(
+    "loss_fn,what",
+    [
+        (torch.nn.functional.cross_entropy, "cross_entropy"),
+        (torch.nn.CrossEntropyLoss(), "CrossEntropyLoss"),
+        (effmaml.SGD(0.1), "SGD"),
+    ],
+    ids=["torch-function", "torch-module", "inner-optimizer"],
+)
+def test_a_torch_loss_or_swapped_arguments_as_loss_fn_get_the_rule(loss_fn, what):
+    """Passing torch's loss itself (a habit from other libraries) or MAML's arguments in
+    another order: the rule, what was given, and how to wrap it, at MAML(...); torch's
+    own error named an internal class."""
+    with pytest.raises(TypeError, match=rf"got {what} .*lambda m, batch: F\.cross_entropy"):
+        effmaml.MAML(make_model(), loss_fn, effmaml.SGD(0.1))
