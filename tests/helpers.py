@@ -399,7 +399,7 @@ def reference_unroll(opt: Opt, steps: int, dtype=F64, rng_seed=7):
     named = dict(model.named_parameters())
     theta = {n: named[n] for n in adapted_names}
     fixed = {n: p for n, p in named.items() if n not in theta}
-    phi = dict(theta)
+    phi = {n: p.view_as(p) for n, p in theta.items()}  # φ₀ its own node, as naive's
     bufs = {n: b.clone() for n, b in model.named_buffers()}
     st = {n: [torch.zeros_like(p), torch.zeros_like(p)] for n, p in phi.items()}
     losses = []

@@ -158,7 +158,7 @@ class Truncated(Scheduled):
     pullback's working set, plus the parameters' size for the summed first-order query
     gradients of a multi-step loss weighted before the window. Compute: N first-order
     steps and K steps recomputed with their graph and pulled back (n and K with a random
-    window), plus the probe's 4 evaluations on a front's first call.
+    window), plus the probe's ``PROBE_EVALS`` = 4 on a front's first call.
 
     Args:
         window: K, the steps the meta-gradient goes through (≥ 1; values ≥ N: all of them).
