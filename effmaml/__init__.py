@@ -28,6 +28,7 @@ _EXPORTS = {
     "InnerOptimizer": "inner",
     "LearnedOptimizer": "learned",
     "MetaTrainer": "train",
+    "EpisodeSampler": "episodes",
     "PerStepBatchNorm": "perstep",
     "at_step": "step",
     "msl_weights": "perstep",
@@ -51,7 +52,16 @@ _EXPORTS = {
         )
     },
 }
-_MODULES = ("costs", "distributed", "measure", "memory", "replay", "tasks")
+_MODULES = (
+    "costs",
+    "distributed",
+    "episodes",
+    "measure",
+    "memory",
+    "omniglot",
+    "replay",
+    "tasks",
+)
 
 # the names the package exports; tests/test_api.py checks that this list, the lazy table
 # above, the imports for type checkers below and the strategy registry agree
@@ -65,6 +75,7 @@ __all__ = [
     "Adapted",
     "Auto",
     "Checkpoint",
+    "EpisodeSampler",
     "FirstOrder",
     "Implicit",
     "InnerOptimizer",
@@ -82,10 +93,12 @@ __all__ = [
     "at_step",
     "costs",
     "distributed",
+    "episodes",
     "make_strategy",
     "measure",
     "memory",
     "msl_weights",
+    "omniglot",
     "per_step_batchnorm",
     "register_strategy",
     "replay",
@@ -110,8 +123,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
-    from . import costs, distributed, measure, memory, replay, tasks
+    from . import costs, distributed, episodes, measure, memory, omniglot, replay, tasks
     from .adapted import Adapted
+    from .episodes import EpisodeSampler
     from .inner import InnerOptimizer
     from .learned import LearnedOptimizer
     from .maml import MAML

@@ -1,13 +1,15 @@
-"""Toy few-shot task families for examples and tests: sine-wave regression.
+"""Task families and the seed of one task: sine-wave regression for examples and tests.
 
 A task family is a callable ``family(generator) -> [(support, query), ...]`` of
 ``meta_batch`` tasks that draws all its randomness from the given ``torch.Generator``
 (what ``effmaml.MetaTrainer`` expects), plus ``sample(generator, n)`` for held-out
-tasks. The benchmark's families (few-shot image classification) live in ``bench/``.
+tasks. N-way K-shot episodes from a labelled dataset are ``effmaml.episodes``;
+``task_seed`` names the random stream of one task of one outer step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SineTasks", "TaskFamily", "mlp", "mse_loss"]
+__all__ = ["SineTasks", "TaskFamily", "mlp", "mse_loss", "task_seed"]
+
+
+def task_seed(seed: int, iteration: int, index: int) -> int:
+    """The seed of task ``index`` at outer step ``iteration`` of a run seeded ``seed``.
+
+    A hash, so that neighbouring tasks and iterations get unrelated streams. Stable across
+    processes, platforms and Python versions.
+    """
+    digest = hashlib.blake2b(f"{seed}:{iteration}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def mse_loss(model: Callable[[Tensor], Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:

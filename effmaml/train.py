@@ -12,7 +12,6 @@ and all ranks take the same outer step. Rank 0 alone writes the log and checkpoi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from .maml import MAML
 from .preemption import STOP_SIGNALS, Preemption
 from .replay import forked_rng
 from .runlog import LOG_COLUMNS, RunLog
+from .tasks import task_seed
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -416,16 +416,6 @@ class MetaTrainer:
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.iteration = int(state["iteration"])
-
-
-def task_seed(seed: int, iteration: int, index: int) -> int:
-    """The seed of task ``index`` at outer step ``iteration`` of a run seeded ``seed``.
-
-    A hash, so that neighbouring tasks and iterations get unrelated streams. Stable across
-    processes, platforms and Python versions.
-    """
-    digest = hashlib.blake2b(f"{seed}:{iteration}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,8 @@ ORDER = [
     "notices",
     "checkpoints",
     "tasks",
+    "episodes",
+    "omniglot",
     "state",
     "substitutes",
     "module",
