@@ -2,9 +2,11 @@
 horizons buy (``make fewshot-horizon``).
 
 Modules: :mod:`.problems` (the problems, the horizon experiment, the shared data, model and
-tasks), :mod:`.methods` (training and adapting each method), :mod:`.evaluation`
-(held-out episodes, confidence intervals), :mod:`.data` (the image data and episodes),
-:mod:`.run` (the jobs), :mod:`.report` (CSV, summary, plots), ``__main__`` (the command).
+tasks), :mod:`.methods` (training and adapting each method, for a number of outer steps
+or under a CPU budget, :mod:`.budget`), :mod:`.protonet` (Prototypical Networks),
+:mod:`.evaluation` (held-out episodes, confidence intervals), :mod:`.data` (the image data
+as labelled datasets with class splits; episodes from ``effmaml.episodes``), :mod:`.run`
+(the jobs), :mod:`.report` (CSV, summary, plots), ``__main__`` (the command).
 A new method is a name in :data:`METHODS`, a branch in :func:`.methods.train_method` (how it
 trains) and in :func:`.methods.tuner` / :func:`.methods.own_steps` (how it adapts at test).
 """

@@ -4,10 +4,10 @@ it, and what long inner horizons buy (``--horizon``, ``make fewshot-horizon``).
 Problems (the same tasks, test episodes and outer budget for every method):
 
 * ``characters``: 5-way 1-shot image classification, 15 query images per class, on the
-  embedded procedural character set (``bench/fewshot/data.py``; Omniglot's split,
-  rotations and episode sampler). ``--data omniglot:/path`` or ``miniimagenet:/path`` runs
-  the same on the real data sets, read from disk. Model: Conv-4 (Finn et al. 2017; the
-  filters are a preset field). Accuracy on held-out classes.
+  embedded procedural character set (``bench/fewshot/data.py``; Omniglot's split and
+  rotations, episodes from ``effmaml.EpisodeSampler``). ``--data omniglot:/path`` or
+  ``miniimagenet:/path`` runs the same on the real data sets, read from disk. Model:
+  Conv-4 (Finn et al. 2017; the filters are a preset field). Accuracy on held-out classes.
 * ``sine``: Finn et al.'s regression (the seed's example), MLP 1-40-40-1, query MSE.
 
 Methods: ``maml`` (second order, exact), ``first_order``, ``implicit`` (iMAML in its own

@@ -1,19 +1,22 @@
-"""Few-shot image classification data: Omniglot and miniImageNet read from disk, an
-embedded procedural character set, and the N-way K-shot episode sampler.
+"""Few-shot image classification data for the benchmark: the embedded procedural
+character set, real Omniglot (the committed minimal sets, or a copy on disk) and
+miniImageNet read from disk, each a labelled dataset with its class splits; episodes come
+from the library's sampler (``effmaml.episodes``).
 
 Nothing is downloaded. ``load(spec)`` takes ``"characters"`` (the embedded default),
-``"omniglot:/path"`` (torchvision's on-disk layout: ``[omniglot-py/]images_background/``
-and ``images_evaluation/``, alphabet/character/*.png) or ``"miniimagenet:/path"`` (Ravi &
-Larochelle's layout: ``train.csv``, ``val.csv``, ``test.csv`` with ``filename,label`` rows,
-and ``images/``).
+``"omniglot-small1"`` / ``"omniglot-small2"`` (the minimal background sets committed in
+``data/omniglot/``), ``"omniglot:/path"`` (torchvision's on-disk layout:
+``[omniglot-py/]images_background/`` and ``images_evaluation/``) or
+``"miniimagenet:/path"`` (Ravi & Larochelle's layout: ``train.csv``, ``val.csv``,
+``test.csv`` with ``filename,label`` rows, and ``images/``).
 
 Class splits:
 
-* Omniglot, and the procedural characters: all characters of both folders, shuffled with a
-  fixed seed (as Finn et al.'s code does), the first 1100 for meta-training, the next 100
-  for validation, the remaining 423 for testing (the usual 1200/423 split; proportionally
-  for a folder with fewer characters); each character rotated by 0, 90, 180 and 270 degrees
-  is four classes (Santoro et al. 2016, Vinyals et al. 2016). 28x28, one channel, ink 1.
+* Omniglot, and the procedural characters: all characters, shuffled with a fixed seed (as
+  Finn et al.'s code does), the first 1100 for meta-training, the next 100 for validation,
+  the remaining 423 for testing (``effmaml.episodes.split_classes``; proportionally for
+  fewer characters); each character rotated by 0, 90, 180 and 270 degrees is four classes
+  (Santoro et al. 2016, Vinyals et al. 2016). 28x28, one channel, ink 1.
 * miniImageNet: the 64/16/20 classes of its CSV files. 84x84, three channels in [0, 1].
 """
 
@@ -21,111 +24,76 @@ from __future__ import annotations
 
 import csv
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from effmaml.episodes import QUARTER_TURNS, EpisodeSampler, split_classes
+from effmaml.omniglot import Omniglot
+
 __all__ = [
+    "OMNIGLOT_DIR",
     "Characters",
-    "Episodes",
     "FewShotData",
     "MiniImageNetFolder",
-    "OmniglotFolder",
-    "character_split",
     "load",
-    "quarter_turns",
+    "minimal_set",
 ]
 
-Split = dict[str, list[tuple[int, int]]]  # split -> [(source class, rotation)]
 ALPHABET = 32  # procedural characters per alphabet (they share stroke shapes)
 VERSION = 2  # of the procedural generator: a cached set from another version is not read
+OMNIGLOT_DIR = Path(__file__).resolve().parents[2] / "data" / "omniglot"
+MINIMAL_SETS = {
+    "small1": "images_background_small1.zip",
+    "small2": "images_background_small2.zip",
+}
 
 
+@dataclass
 class FewShotData:
-    """Classes of images by split; ``images(cls, indices)`` -> ``(n, C, H, W)`` in [0, 1].
+    """A labelled dataset (items ``(image, label)``) and its class splits.
 
     Attributes:
         name: for reports.
-        channels, size: image shape.
-        splits: ``"train"``, ``"val"``, ``"test"`` -> class references.
+        dataset: the items; images ``(channels, size, size)`` in [0, 1].
+        splits: ``"train"``, ``"val"``, ``"test"`` -> labels.
+        transforms: class transforms (each label under each is a class), or ().
+        channels, size: the image shape.
     """
 
     name: str
-    channels: int
-    size: int
-    splits: Split
+    dataset: Any
+    splits: dict[str, list]
+    transforms: tuple = ()
+    channels: int = 1
+    size: int = 28
+    _samplers: dict = field(default_factory=dict, init=False, repr=False)
 
-    def count(self, cls: tuple[int, int]) -> int:
-        """Examples of class ``cls``."""
-        raise NotImplementedError
-
-    def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
-        raise NotImplementedError
-
-
-class ImageFolderData(FewShotData):
-    """Image files on disk: ``files[c][i]`` is example ``i`` of source class ``c``, read on
-    first use (``mode`` ``"L"`` or ``"RGB"``, resized to ``size`` with ``resample``, inverted
-    if ``invert``) and kept as ``(C, size, size)`` floats in [0, 1]."""
-
-    mode: str
-    resample: str
-    invert: bool = False
-    files: list[list[Path]]
-
-    def count(self, cls: tuple[int, int]) -> int:
-        return len(self.files[cls[0]])
-
-    @property
-    def _cache(self) -> dict[tuple[int, int], Tensor]:
-        return self.__dict__.setdefault("_images", {})
-
-    def _image(self, c: int, i: int) -> Tensor:
-        if (c, i) not in self._cache:
-            from PIL import Image
-
-            with Image.open(self.files[c][i]) as im:
-                im = im.convert(self.mode)
-                im = im.resize((self.size, self.size), getattr(Image, self.resample))
-                x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            x = x.reshape(self.size, self.size, self.channels).permute(2, 0, 1).float() / 255
-            self._cache[(c, i)] = 1.0 - x if self.invert else x
-        return self._cache[(c, i)]
+    def sampler(
+        self, split: str, n_way: int, k_shot: int = 1, k_query: int = 15, meta_batch: int = 1
+    ) -> EpisodeSampler:
+        """The episodes of ``split`` (built once per setting)."""
+        key = (split, n_way, k_shot, k_query, meta_batch)
+        if key not in self._samplers:
+            self._samplers[key] = EpisodeSampler(
+                self.dataset,
+                n_way,
+                k_shot,
+                k_query,
+                meta_batch=meta_batch,
+                classes=self.splits[split],
+                transforms=self.transforms,
+            )
+        return self._samplers[key]
 
 
-def character_split(n_chars: int, seed: int = 1) -> dict[str, list[int]]:
-    """Finn et al.'s split of Omniglot's characters, scaled to ``n_chars``.
-
-    All characters shuffled with ``seed``; of 1623, the first 1100 train, 100 validate and
-    423 test (for fewer characters the same proportions, at least one in each).
-    """
-    order = list(range(n_chars))
-    random.Random(seed).shuffle(order)
-    n_train = max(1, round(1100 * n_chars / 1623))
-    n_val = max(1, round(100 * n_chars / 1623))
-    if n_chars < 3:
-        raise ValueError(f"a character split needs at least 3 characters (got {n_chars})")
-    n_train = min(n_train, n_chars - 2)
-    n_val = min(n_val, n_chars - n_train - 1)
-    return {
-        "train": order[:n_train],
-        "val": order[n_train : n_train + n_val],
-        "test": order[n_train + n_val :],
-    }
-
-
-def _rotated(split: dict[str, list[int]]) -> Split:
-    return {k: [(c, r) for c in v for r in range(4)] for k, v in split.items()}
-
-
-def quarter_turns(images: Tensor, turns: int) -> Tensor:
-    """``images`` (``(..., H, W)``) turned by ``turns`` x 90 degrees counter-clockwise (the
-    rotation classes of Omniglot and the procedural characters)."""
-    return torch.rot90(images, turns, dims=(-2, -1)).contiguous()
+def _characters(name: str, dataset: Any, n: int) -> FewShotData:
+    """Characters ``0 .. n-1`` of ``dataset`` under Finn et al.'s split and quarter turns."""
+    return FewShotData(name, dataset, split_classes(range(n)), QUARTER_TURNS)
 
 
 def _rotation(angle: float) -> Tensor:
@@ -136,8 +104,9 @@ def _rotation(angle: float) -> Tensor:
 
 # -- the embedded procedural characters ---------------------------------------------------
 @dataclass
-class Characters(FewShotData):
-    """A procedural character set standing in for Omniglot, rendered on demand.
+class Characters(torch.utils.data.Dataset):
+    """A procedural character set standing in for Omniglot, rendered on demand: item
+    ``c * per_class + e`` is example ``e`` of character ``c``, labelled ``c``.
 
     Characters come in alphabets of :data:`ALPHABET`: an alphabet has 8 stroke shapes
     (quadratic Bézier curves), and each of its characters is 2-4 of them, each placed,
@@ -152,7 +121,7 @@ class Characters(FewShotData):
     How it differs from Omniglot: smooth strokes without pen dynamics, alphabets that share
     exact stroke shapes rather than a style, and variation that is geometric jitter, dropped
     and stray strokes and noise where Omniglot has 20 different people's handwriting. The
-    split, the rotations and the episode sampler are Omniglot's.
+    split, the rotations and the episode sampler are Omniglot's (``load("characters")``).
 
     Args:
         n_chars: characters (1623, as Omniglot).
@@ -163,17 +132,19 @@ class Characters(FewShotData):
     n_chars: int = 1623
     per_class: int = 20
     seed: int = 0
-    name: str = "characters"
-    channels: int = 1
     size: int = 28
-    splits: Split = field(init=False)
     _all: Tensor | None = field(init=False, default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        self.splits = _rotated(character_split(self.n_chars))
+    def __len__(self) -> int:
+        return self.n_chars * self.per_class
 
-    def count(self, cls: tuple[int, int]) -> int:
-        return self.per_class
+    @property
+    def targets(self) -> list[int]:
+        return [i // self.per_class for i in range(len(self))]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        char, example = divmod(int(i), self.per_class)
+        return self.images(char, [example])[0], char
 
     def strokes(self, char: int) -> Tensor:
         """The character's control points, ``(strokes, 3, 2)``: 2-4 of its alphabet's 8
@@ -192,13 +163,11 @@ class Characters(FewShotData):
             out.append(shapes[s] @ rot.T * scale + centre)
         return torch.stack(out)
 
-    def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
-        char, turns = cls
+    def images(self, char: int, indices: Sequence[int]) -> Tensor:
+        """Examples ``indices`` of character ``char``: ``(len(indices), 1, 28, 28)``."""
         if self._all is not None:
-            out = self._all[char, list(indices)].float() / 255
-        else:
-            out = self._render(char, [int(i) for i in indices])
-        return quarter_turns(out, turns)
+            return self._all[char, list(indices)].float() / 255
+        return self._render(char, [int(i) for i in indices])
 
     def _seed(self, alphabet: int = -1, char: int = -1, example: int = -1, part: int = 0) -> int:
         """The one seed formula of the set: an alphabet's stroke shapes, a character's
@@ -285,76 +254,21 @@ class Characters(FewShotData):
         return img.reshape(len(p), 1, self.size, self.size).float()
 
 
-# -- Omniglot on disk ---------------------------------------------------------------------
-class OmniglotFolder(ImageFolderData):
-    """Omniglot in torchvision's layout, read from ``root`` (nothing is downloaded).
-
-    ``root`` holds ``images_background/`` and ``images_evaluation/`` (or ``omniglot-py/``
-    with them inside, as torchvision extracts it): alphabet folders of character folders of
-    105x105 PNGs. Images are read on first use, resized to 28x28 and inverted (ink 1).
-
-    Raises:
-        FileNotFoundError: a missing folder, or a character without images (says which).
-    """
-
-    name = "omniglot"
-    channels = 1
-    size = 28
-    mode = "L"
-    resample = "LANCZOS"
-    invert = True  # ink 1
-
-    def __init__(self, root: str | Path) -> None:
-        root = Path(root)
-        base = root / "omniglot-py" if (root / "omniglot-py").is_dir() else root
-        folders = [base / "images_background", base / "images_evaluation"]
-        missing = [str(f) for f in folders if not f.is_dir()]
-        if missing:
-            raise FileNotFoundError(
-                f"not an Omniglot folder: {', '.join(missing)} missing. Give the folder "
-                f"that holds images_background/ and images_evaluation/ (torchvision's "
-                f"layout; unzip images_background.zip and images_evaluation.zip there)"
-            )
-        self.files: list[list[Path]] = []
-        for folder in folders:
-            for alphabet in sorted(p for p in folder.iterdir() if p.is_dir()):
-                for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):
-                    pngs = sorted(char.glob("*.png"))
-                    if not pngs:
-                        raise FileNotFoundError(
-                            f"incomplete Omniglot folder: {char} has no PNG images; "
-                            f"unzip the archives again"
-                        )
-                    self.files.append(pngs)
-        if len(self.files) < 3:
-            raise FileNotFoundError(
-                f"incomplete Omniglot folder: {len(self.files)} characters under {base} "
-                f"(Omniglot has 1623)"
-            )
-        self.splits = _rotated(character_split(len(self.files)))
-
-    def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
-        char, turns = cls
-        return quarter_turns(torch.stack([self._image(char, int(i)) for i in indices]), turns)
-
-
 # -- miniImageNet on disk -----------------------------------------------------------------
-class MiniImageNetFolder(ImageFolderData):
-    """miniImageNet in Ravi & Larochelle's layout, read from ``root``.
+class MiniImageNetFolder(torch.utils.data.Dataset):
+    """miniImageNet in Ravi & Larochelle's layout, read from ``root``: item ``i`` is
+    ``(image, class)``, classes numbered over the three CSVs in order (``splits``).
 
     ``root`` holds ``train.csv``, ``val.csv``, ``test.csv`` (rows ``filename,label``, a
-    header line) and ``images/`` with every file they name. 84x84 RGB in [0, 1].
+    header line) and ``images/`` with every file they name. Images are read on first use,
+    resized to 84x84 (bilinear) and kept as ``(3, 84, 84)`` floats in [0, 1].
 
     Raises:
         FileNotFoundError: a missing CSV or image folder, or images the CSVs name that are
             not there (says how many and the first).
     """
 
-    name = "miniimagenet"
-    channels = 3
     size = 84
-    mode = "RGB"
-    resample = "BILINEAR"
 
     def __init__(self, root: str | Path) -> None:
         root = Path(root)
@@ -365,8 +279,9 @@ class MiniImageNetFolder(ImageFolderData):
                 f"not a miniImageNet folder: {', '.join(missing)} missing. Give the folder "
                 f"with train.csv, val.csv, test.csv and images/ (Ravi & Larochelle's layout)"
             )
-        self.files: list[list[Path]] = []
-        self.splits = {}
+        self.files: list[Path] = []
+        self.targets: list[int] = []
+        self.splits: dict[str, list[int]] = {}
         absent: list[Path] = []
         for split in ("train", "val", "test"):
             by_label: dict[str, list[Path]] = {}
@@ -378,16 +293,44 @@ class MiniImageNetFolder(ImageFolderData):
                     by_label.setdefault(row["label"], []).append(path)
             self.splits[split] = []
             for label in sorted(by_label):
-                self.splits[split].append((len(self.files), 0))
-                self.files.append(by_label[label])
+                c = sum(map(len, self.splits.values()))
+                self.splits[split].append(c)
+                self.files += by_label[label]
+                self.targets += [c] * len(by_label[label])
         if absent:
             raise FileNotFoundError(
                 f"incomplete miniImageNet folder: {len(absent)} images named in the CSVs are "
                 f"missing, the first {absent[0]}"
             )
+        self._cache: dict[int, Tensor] = {}
 
-    def images(self, cls: tuple[int, int], indices: Sequence[int]) -> Tensor:
-        return torch.stack([self._image(cls[0], int(i)) for i in indices])
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        if i not in self._cache:
+            from PIL import Image
+
+            with Image.open(self.files[i]) as im:
+                im = im.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
+                x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            self._cache[i] = x.reshape(self.size, self.size, 3).permute(2, 0, 1).float() / 255
+        return self._cache[i], self.targets[i]
+
+
+def minimal_set(which: str, characters: int | None = None) -> FewShotData:
+    """One of real Omniglot's minimal background sets (``"small1"``, ``"small2"``), read
+    from the committed zip after its checksum (``effmaml.omniglot.Omniglot``): its
+    characters split 92/8/36 (small1) or 106/10/40 (small2) in Finn et al.'s proportions,
+    quarter turns as classes. ``characters``: the first this many (a test's slice).
+
+    Raises:
+        ValueError: an unknown set.
+    """
+    if which not in MINIMAL_SETS:
+        raise ValueError(f"unknown minimal set {which!r}: use one of {sorted(MINIMAL_SETS)}")
+    chars = Omniglot(OMNIGLOT_DIR / MINIMAL_SETS[which], characters=characters)
+    return _characters(f"omniglot-{which}", chars, len(chars.characters))
 
 
 def load(spec: str) -> FewShotData:
@@ -397,77 +340,22 @@ def load(spec: str) -> FewShotData:
 
     Raises:
         ValueError: an unknown kind (lists the known ones).
-        FileNotFoundError: a folder that is not in the expected layout.
+        FileNotFoundError: a miniImageNet folder that is not in the expected layout;
+        effmaml.omniglot.OmniglotDataError: an Omniglot folder that is not.
     """
     kind, _, path = spec.partition(":")
     if kind == "characters" and not path:
-        return Characters()
+        return _characters("characters", Characters(), Characters.n_chars)
     if kind == "omniglot" and path:
-        return OmniglotFolder(path)
+        chars = Omniglot(path)
+        return _characters("omniglot", chars, len(chars.characters))
     if kind == "miniimagenet" and path:
-        return MiniImageNetFolder(path)
-    if kind in ("omniglot-small1", "omniglot-small2") and not path:
-        from ..omniglot.data import MinimalSet  # the committed zips (make fewshot-omniglot)
-
-        return MinimalSet(kind.removeprefix("omniglot-"))
+        mini = MiniImageNetFolder(path)
+        return FewShotData("miniimagenet", mini, mini.splits, (), channels=3, size=84)
+    if kind.startswith("omniglot-") and not path:
+        return minimal_set(kind.removeprefix("omniglot-"))
     raise ValueError(
         f"unknown data {spec!r}: use 'characters' (embedded, the default), "
         f"'omniglot-small1' or 'omniglot-small2' (the committed minimal sets), "
         f"'omniglot:/path/to/omniglot' or 'miniimagenet:/path/to/miniimagenet'"
     )
-
-
-# -- episodes -----------------------------------------------------------------------------
-@dataclass
-class Episodes:
-    """N-way K-shot episodes from one split: ``episodes(g)`` draws ``meta_batch`` of them.
-
-    Each episode picks ``n_way`` classes of the split and, from each, ``k_shot`` support
-    and ``k_query`` query examples (distinct), labelled 0..n_way-1 in the order drawn. All
-    randomness comes from the given ``torch.Generator`` (what ``MetaTrainer`` expects).
-
-    Returns:
-        ``[((x_support, y_support), (x_query, y_query)), ...]``, x of shape
-        ``(n_way * k, C, H, W)``.
-    """
-
-    data: FewShotData
-    split: str
-    n_way: int = 5
-    k_shot: int = 1
-    k_query: int = 15
-    meta_batch: int = 1
-
-    def __post_init__(self) -> None:
-        classes = self.data.splits[self.split]
-        if len(classes) < self.n_way:
-            raise ValueError(
-                f"the {self.split} split of {self.data.name} has {len(classes)} classes, "
-                f"fewer than n_way={self.n_way}"
-            )
-
-    def episode(self, g: torch.Generator):
-        classes = self.data.splits[self.split]
-        pick = torch.randperm(len(classes), generator=g)[: self.n_way].tolist()
-        xs, xq = [], []
-        for j in pick:
-            cls = classes[j]
-            need = self.k_shot + self.k_query
-            if self.data.count(cls) < need:
-                raise ValueError(
-                    f"class {cls} of {self.data.name} has {self.data.count(cls)} examples, "
-                    f"fewer than k_shot + k_query = {need}"
-                )
-            idx = torch.randperm(self.data.count(cls), generator=g)[:need].tolist()
-            imgs = self.data.images(cls, idx)
-            xs.append(imgs[: self.k_shot])
-            xq.append(imgs[self.k_shot :])
-        ys = torch.arange(self.n_way).repeat_interleave(self.k_shot)
-        yq = torch.arange(self.n_way).repeat_interleave(self.k_query)
-        return (torch.cat(xs), ys), (torch.cat(xq), yq)
-
-    def sample(self, g: torch.Generator, n: int) -> list:
-        return [self.episode(g) for _ in range(n)]
-
-    def __call__(self, g: torch.Generator) -> list:
-        return self.sample(g, self.meta_batch)

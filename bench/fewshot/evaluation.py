@@ -9,7 +9,7 @@ import torch
 
 import effmaml
 
-from .methods import own_steps, tuner
+from .methods import predictor, tuner
 from .problems import EVAL_SEED, Problem, loss_of, tasks_for
 
 __all__ = ["ci95", "evaluate", "mean_ci"]
@@ -35,16 +35,19 @@ def evaluate(
     loss = loss_of(problem)
     tasks = tasks_for(problem, split, 1).sample(torch.Generator().manual_seed(eval_seed), n_tasks)
     most = problem.mamlpp.steps if method == "mamlpp" else max(eval_steps, default=0)
-    plan = [(k, "sgd", k) for k in eval_steps if k <= most]
-    plan.append(("own", "own", own_steps(problem, method, inner_steps)))
-    out: dict = {key: [] for key, _, _ in plan}
-    tuners = {how: tuner(problem, model, method, how, lam) for _, how, _ in plan}
+    plan = [k for k in eval_steps if k <= most and method != "protonet"]
+    out: dict = {key: [] for key in [*plan, "own"]}
+    sgd = tuner(problem, model, method, "sgd", lam)
+    own = predictor(problem, model, method, lam, inner_steps)
     for support, (xq, yq) in tasks:
-        for key, how, k in plan:
-            f = model if k == 0 else tuners[how].adapt(support, steps=k)
-            step0 = effmaml.at_step(0) if k == 0 and method == "mamlpp" else None
-            with torch.no_grad(), step0 or contextlib.nullcontext():
-                pred = f(xq)
+        for key in out:
+            if key == "own":
+                pred = own(support, xq)
+            else:
+                f = model if key == 0 else sgd.adapt(support, steps=key)
+                step0 = effmaml.at_step(0) if key == 0 and method == "mamlpp" else None
+                with torch.no_grad(), step0 or contextlib.nullcontext():
+                    pred = f(xq)
             if problem.kind == "image":
                 out[key].append(float((pred.argmax(-1) == yq).float().mean()))
             else:

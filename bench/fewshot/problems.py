@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from effmaml.tasks import SineTasks, mlp, mse_loss
 
 from ..models import build_model
-from .data import Characters, Episodes, FewShotData, load
+from .data import Characters, FewShotData, load
 
 __all__ = [
     "EVAL_SEED",
     "HORIZON",
     "METHODS",
     "PROBLEMS",
+    "PROTONET",
     "TRAIN_SEED_OFFSET",
     "VAL_SEED",
     "Horizon",
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 METHODS = ("maml", "mamlpp", "first_order", "implicit", "transfer", "random")
+# the metric-learning baseline beside them (real Omniglot, make fewshot-omniglot)
+PROTONET = "protonet"
 
 # a training run of seed s draws its tasks (and transfer its pooled batches) from
 # TRAIN_SEED_OFFSET + s; the test episodes come from EVAL_SEED for every method and seed,
@@ -78,6 +81,9 @@ class Problem:
         eval_tasks: test episodes (or sine tasks) per seed.
         strategy, memory_budget: how MAML differentiates its inner loop (``auto`` under a
             budget for long horizons).
+        memory_fraction: if set, MAML runs ``auto`` under this fraction of naive's
+            predicted peak (what recomputation buys; overrides ``strategy`` and
+            ``memory_budget``).
         clip: MAML's grad-of-grad clipping (for long horizons), or None.
         methods: the methods this problem runs (``mamlpp`` on images only).
         mamlpp: MAML++'s recipe (:class:`MamlPP`).
@@ -102,6 +108,7 @@ class Problem:
     eval_tasks: int = 200
     strategy: str = "naive"
     memory_budget: str | None = None
+    memory_fraction: float | None = None
     clip: float | None = None
     methods: tuple[str, ...] = METHODS
     mamlpp: MamlPP = MamlPP()
@@ -215,8 +222,8 @@ def data_for(problem: Problem) -> FewShotData | None:
         return None
     if problem.data not in _DATA:
         data = load(problem.data)
-        if isinstance(data, Characters):
-            data.materialize()
+        if isinstance(data.dataset, Characters):
+            data.dataset.materialize()
         _DATA[problem.data] = data
     return _DATA[problem.data]
 
@@ -247,4 +254,4 @@ def tasks_for(problem: Problem, split: str, meta_batch: int):
     data = data_for(problem)
     if data is None:
         return SineTasks(meta_batch)
-    return Episodes(data, split, problem.n_way, problem.k_shot, problem.k_query, meta_batch)
+    return data.sampler(split, problem.n_way, problem.k_shot, problem.k_query, meta_batch)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -11,7 +13,7 @@ from .evaluation import ci95, evaluate
 from .methods import train_method
 from .problems import METHODS, VAL_SEED, Problem, data_for
 
-__all__ = ["choose_lam", "pool_map", "run", "worker_pool"]
+__all__ = ["choose_lam", "map_saved", "pool_map", "run", "worker_pool"]
 
 
 def choose_lam(args) -> tuple[float, float]:
@@ -41,6 +43,42 @@ def worker_pool(workers: int):
 def pool_map(pool, fn, jobs):
     """``fn`` over ``jobs`` in order, in ``pool`` or (None) here."""
     return pool.map(fn, jobs, chunksize=1) if pool is not None else [fn(j) for j in jobs]
+
+
+def _keyed(item):
+    key, fn, args = item
+    return key, fn(args)
+
+
+def map_saved(workers: int, fn, jobs: list, partial: Path) -> list:
+    """``fn`` over ``jobs`` in ``workers`` spawned processes (here, for one), each result
+    appended to ``partial`` (JSON lines) as it comes: a run stopped part way and started
+    again with the same jobs does only those not done (delete ``partial`` to start
+    afresh). Returns the results in the jobs' order; removes ``partial`` when all are in."""
+    done: dict[str, object] = {}
+    if partial.exists():
+        for line in partial.read_text().splitlines():
+            if line.strip():
+                key, result = json.loads(line)
+                done[key] = result
+    keys = [json.dumps(j, sort_keys=True) for j in jobs]
+    todo = [(k, fn, j) for k, j in zip(keys, jobs) if k not in done]
+    if done:
+        print(f"{partial}: {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    pool = worker_pool(workers)
+    try:
+        results = pool.imap_unordered(_keyed, todo) if pool is not None else map(_keyed, todo)
+        with open(partial, "a") as f:
+            for key, result in results:
+                done[key] = result
+                f.write(json.dumps([key, result]) + "\n")
+                f.flush()
+    finally:
+        if pool is not None:
+            pool.close()
+    partial.unlink()
+    return [done[k] for k in keys]
 
 
 def run(
