@@ -1,72 +1,145 @@
 """``python -m bench.omniglot`` (``make fewshot-omniglot``): real Omniglot, Lake et al.'s
-one-shot task, meta-trained on each "minimal" background set in turn.
+one-shot task, every method meta-trained for the same CPU time on each "minimal"
+background set.
 
-Reads the committed archives in ``data/omniglot/`` (checksums verified), runs every few-shot
-method on both minimal sets and 3 seeds, the distance baselines (MHD, pixel nearest
-neighbour), and writes ``results/fewshot-omniglot/``: results.csv, values.csv, summary.md,
-error_by_method.png and raw.json (what was measured; ``--report-only`` rewrites the rest
-from it). ``--quick``: a tiny run (a few outer steps, one seed, one set).
+Two steps, each reproducible on its own:
+
+* ``--search``: each method's small grid (``bench/omniglot/search.py``), trained on
+  small1 for ``--search-minutes`` CPU-minutes per configuration and scored on small1's
+  validation characters; writes ``OUT/search.json`` (committed: the main run reads it).
+* the main run (default): each method with its chosen values, ``--minutes`` CPU-minutes
+  per method and seed, seeds ``--seeds`` on small1 and ``--seeds-small2`` on small2; the
+  20 runs scored once per trained model, held-out 20- and 5-way episodes, the distance
+  baselines; writes ``OUT/``: raw.json (everything measured, the search's results
+  included; ``--report-only`` rewrites the rest from it), results.csv, values.csv,
+  curves.csv, summary.md, error_by_method.png, val_error_vs_cpu.png.
+
+The budget is each training process's own CPU time (``time.process_time``, one torch
+thread per worker), so that methods get equal compute on a shared machine; validation
+passes during training are paused out of it. ``--quick``: a tiny run of both steps'
+code (a second of CPU per job, a few episodes, small1, seed 0).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
-from ..fewshot.problems import METHODS
-from .data import load_runs
-from .experiment import OMNIGLOT, SETS, baselines, problem_for, run
+from ..env import device_name
+from ..fewshot.run import map_saved
+from .experiment import METHODS, SETS, VAL_TASKS, baselines, job, load_runs
 from .report import write
+from .search import choose, grid, search_job
 
 __all__ = ["main"]
+
+QUICK = {"val_tasks": 3, "eval_tasks": 2, "runs": 3}
+
+
+def _search(a, methods, out: Path) -> None:
+    cpu_s = 1.0 if a.quick else 60 * a.search_minutes
+    val_tasks = QUICK["val_tasks"] if a.quick else VAL_TASKS
+    jobs = [
+        (m, i, c, cpu_s, val_tasks)
+        for m in methods
+        for i, c in enumerate(grid(m)[: 2 if a.quick else None])
+    ]
+    t0 = time.perf_counter()
+    results = map_saved(a.workers, search_job, jobs, out / "search.partial.jsonl")
+    found = {
+        "set": "omniglot-small1",
+        "split": "val",
+        "budget_cpu_s": cpu_s,
+        "val_tasks": val_tasks,
+        "methods": choose(results),
+        "jobs": results,
+        "wall_s": time.perf_counter() - t0,
+        "job_cpu_s": sum(r["cpu_s"] for r in results),
+        "machine": device_name("cpu"),
+        "workers": a.workers,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.json").write_text(json.dumps(found, indent=1))
+    for m, r in found["methods"].items():
+        print(f"{m}: chosen {r['chosen']} (validation accuracy {max(r['val_accuracy']):.3f})")
+    print(f"search: {found['wall_s'] / 60:.1f} min; wrote {out}/search.json")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.omniglot", description=__doc__)
-    ap.add_argument("--sets", default=",".join(SETS), help="minimal sets (small1,small2)")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--search", action="store_true", help="run the grid search only")
+    ap.add_argument("--minutes", type=float, default=4.0, help="CPU-minutes per job (4)")
+    ap.add_argument("--search-minutes", type=float, default=1.5, help="per configuration")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds on small1")
+    ap.add_argument("--seeds-small2", default="0", help="seeds on small2")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--iterations", type=int, help=f"outer steps (default {OMNIGLOT.iterations})")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="3 outer steps, seed 0, small1")
+    ap.add_argument("--quick", action="store_true", help="tiny: 1 CPU-second jobs, small1")
     ap.add_argument("--out", default="results/fewshot-omniglot")
     ap.add_argument(
         "--report-only", action="store_true", help="rewrite the report from OUT/raw.json"
     )
     a = ap.parse_args(argv)
-    base = OMNIGLOT
-    if a.quick:
-        base = dataclasses.replace(base, iterations=3, eval_tasks=5, imaml_lams=(2.0,))
-        a.sets, a.seeds = "small1", "0"
-    if a.iterations:
-        base = dataclasses.replace(base, iterations=a.iterations)
     methods = tuple(a.methods.split(","))
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    sets = a.sets.split(",")
-    if set(sets) - set(SETS):
-        ap.error(f"unknown sets {sorted(set(sets) - set(SETS))}; known: {', '.join(SETS)}")
-    seeds = tuple(int(s) for s in a.seeds.split(","))
-    t0 = time.perf_counter()
     out = Path(a.out)
-    problems = [problem_for(s, base) for s in sets]
+    if a.search:
+        _search(a, methods, out)
+        return
     if a.report_only:
         raw = json.loads((out / "raw.json").read_text())
-        results, dist, lams, seconds = (raw[k] for k in ("results", "baselines", "lams", "s"))
-    else:
-        dist = baselines(load_runs(size=None), load_runs())
-        results, lams = run(problems, seeds, a.workers, methods)
-        seconds = time.perf_counter() - t0
-        out.mkdir(parents=True, exist_ok=True)  # what was measured, before it is reported
-        raw = {"results": results, "baselines": dist, "lams": lams, "s": seconds}
-        (out / "raw.json").write_text(json.dumps(raw))
-    write(out, results, dist, lams, problems, seeds, seconds)
+        write(out, raw)
+        print((out / "summary.md").read_text())
+        return
+    if not (out / "search.json").exists():
+        ap.error(
+            f"{out}/search.json is missing: the chosen hyperparameters. Restore the committed "
+            f"one (git checkout -- {out}/search.json) or run python -m bench.omniglot "
+            f"--search --out {out} (about an hour on 2 cores)"
+        )
+    search = json.loads((out / "search.json").read_text())
+    missing = [m for m in methods if m not in search["methods"]]
+    if missing:
+        ap.error(f"{out}/search.json has no choice for {missing}; rerun the search")
+    seeds = {"small1": a.seeds, "small2": a.seeds_small2}
+    if a.quick:
+        seeds = {"small1": "0", "small2": ""}
+    cpu_s = 1.0 if a.quick else 60 * a.minutes
+    small = QUICK if a.quick else {}
+    runs = [
+        (which, m, int(s), search["methods"][m]["chosen"], cpu_s, small)
+        for which in SETS
+        for s in seeds[which].split(",")
+        if s
+        for m in methods
+    ]
+    # the jobs with the longest evaluations first, so that the workers finish together
+    order = {m: i for i, m in enumerate(("implicit", "transfer", "mamlpp", "maml"))}
+    runs.sort(key=lambda j: order.get(j[1], len(order)))
+    t0 = time.perf_counter()
+    results = map_saved(a.workers, job, runs, out / "raw.partial.jsonl")
+    n = small.get("runs")
+    dist = baselines(load_runs(size=None, runs=n), load_runs(runs=n))
+    raw = {
+        "budget_cpu_s": cpu_s,
+        "seeds": seeds,
+        "search": search,
+        "jobs": results,
+        "baselines": dist,
+        "wall_s": time.perf_counter() - t0,
+        "job_cpu_s": sum(r["job_cpu_s"] for r in results),
+        "machine": device_name("cpu"),
+        "workers": a.workers,
+    }
+    out.mkdir(parents=True, exist_ok=True)  # what was measured, before it is reported
+    (out / "raw.json").write_text(json.dumps(raw))
+    write(out, raw)
     print((out / "summary.md").read_text())
-    print(f"fewshot-omniglot: {time.perf_counter() - t0:.0f} s; wrote {out}/")
+    print(f"fewshot-omniglot: {raw['wall_s'] / 60:.1f} min; wrote {out}/")
 
 
 if __name__ == "__main__":

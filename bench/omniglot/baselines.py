@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .data import Run
+from effmaml.omniglot import OneShotRun as Run
 
 __all__ = ["classify", "error_percent", "inked_points", "mhd", "mhd_error", "pixel_error"]
 

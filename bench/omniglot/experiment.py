@@ -1,11 +1,14 @@
-"""The real-Omniglot experiment: meta-train on one minimal background set, score Lake et
-al.'s 20 one-shot runs once, and the usual held-out episodes.
+"""The real-Omniglot experiment: each method meta-trains on one minimal background set for
+the same CPU-time budget, with the hyperparameters chosen on the validation characters
+(:mod:`.search`); then Lake et al.'s 20 one-shot runs are scored once, and held-out
+episodes.
 
-Every method of ``make fewshot`` (:data:`bench.fewshot.METHODS`) trains on the ``"train"``
-characters of one minimal set (with quarter turns as classes) in 20-way 1-shot episodes,
-exactly as :func:`bench.fewshot.train_method` trains it; iMAML's λ is chosen on the
-``"val"`` characters (never on the runs). The trained model is then scored, with the
-method's own adaptation on each support set:
+Every method trains on the ``"train"`` characters of one minimal set (quarter turns as
+classes) in 20-way 1-shot episodes (ProtoNets: its own number of ways), under
+:class:`bench.fewshot.budget.Budget`: until the training process has spent the budget's
+CPU seconds (one torch thread per worker), with the error on the validation characters
+measured at a few points on the way, the clock paused. The trained model is then scored
+with the method's own adaptation on each support set (ProtoNets: nearest prototype):
 
 * ``runs``: the 20 runs of the original task (20-way within one evaluation alphabet; the
   20 training images are the support set), error %;
@@ -14,50 +17,157 @@ method's own adaptation on each support set:
   five rows of the 20-way head: every row of a meta-learned head is trained as the start
   of any class (episodes label classes in a random order), so any five are the same start.
 
-Cost per job: the method's training (``Problem.iterations`` outer steps) plus 20 + 2 x
-``eval_tasks`` adaptations.
+Cost per job: the budget, plus ``len(CURVE)`` validation passes of ``CURVE_TASKS`` episodes,
+20 adaptations for the runs and 2 x ``eval_tasks`` for the held-out episodes.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
+import os
+import time
 
 import torch
 
+from effmaml.omniglot import OneShotRun, one_shot_runs
+
+from ..fewshot.budget import Budget
+from ..fewshot.data import MINIMAL_SETS, OMNIGLOT_DIR
 from ..fewshot.evaluation import evaluate
-from ..fewshot.methods import own_steps, train_method, tuner
-from ..fewshot.problems import METHODS, PROBLEMS, Problem
-from ..fewshot.run import choose_lam, pool_map, worker_pool
+from ..fewshot.methods import predictor, train_method
+from ..fewshot.problems import METHODS as FEWSHOT_METHODS
+from ..fewshot.problems import PROBLEMS, PROTONET, VAL_SEED, Problem
 from .baselines import error_percent, mhd_error, pixel_error
-from .data import BACKGROUND, Run, load_runs
 
-__all__ = ["OMNIGLOT", "SETS", "baselines", "narrowed", "problem_for", "run", "score_runs"]
+__all__ = [
+    "BASE",
+    "CURVE",
+    "CURVE_TASKS",
+    "EVAL_QUERIES",
+    "METHODS",
+    "SETS",
+    "VAL_TASKS",
+    "baselines",
+    "configure",
+    "job",
+    "load_runs",
+    "narrowed",
+    "score_runs",
+    "scoring",
+    "train_tracked",
+    "val_accuracy",
+]
 
-SETS = tuple(BACKGROUND)  # "small1", "small2"
+SETS = tuple(MINIMAL_SETS)  # "small1", "small2"
+METHODS = (*FEWSHOT_METHODS, PROTONET)
+EVAL_QUERIES = 15
+# 20-way 1-shot validation episodes, 5 queries per class: the search scores each
+# configuration on VAL_TASKS, the curves measure CURVE_TASKS at each fraction of the budget
+VAL_TASKS = 100
+CURVE_TASKS = 50
+VAL_QUERIES = 5
+CURVE = (0.25, 0.5, 0.75, 1.0)
 
-# Finn et al.'s 20-way Omniglot recipe (inner SGD 0.1, 5 steps at train, meta-batch 16,
-# 64 filters, 60000 outer steps) shrunk to fit 2 CPU cores in about 30 minutes for both sets
-# and 3 seeds: 16 filters, one inner step of 0.4 at train (their 5-way step),
-# meta-batch 4, 250 outer steps; one query per class at train as in their code (15 at test).
-OMNIGLOT = dataclasses.replace(
-    PROBLEMS["characters"],  # its filters, inner steps and iMAML's candidates
-    name="omniglot",
+# What every method starts from before its own choices (:mod:`.search`): 20-way 1-shot
+# episodes, Conv-4, Adam 1e-3; MAML under auto at 3/4 of naive's predicted peak (a
+# recomputing schedule); transfer and random: 10 SGD steps on the support set at test;
+# 50 held-out episodes per seed (15 queries per class).
+BASE = dataclasses.replace(
+    PROBLEMS["characters"],
+    name="omniglot-small1",
     data="omniglot-small1",
     n_way=20,
-    k_query=1,
-    iterations=250,
-    meta_batch=4,
-    eval_steps=(10,),  # transfer and random: 10 SGD steps on the support set
+    k_query=3,
+    width=32,
+    inner_lr=0.1,
+    inner_steps=5,
+    meta_batch=2,
+    imaml_steps=10,
+    imaml_lr=0.1,
+    imaml_lams=(0.5,),
+    eval_steps=(10,),
     eval_tasks=50,
+    memory_fraction=0.75,
 )
-EVAL_QUERIES = 15
+
+# a configuration's knobs -> the Problem field each method reads it from
+_PER_METHOD = {
+    "inner_lr": {"implicit": "imaml_lr", "mamlpp": "mamlpp.lr"},
+    "inner_steps": {
+        "implicit": "imaml_steps",
+        "mamlpp": "mamlpp.steps",
+        "transfer": "eval_steps",
+        "random": "eval_steps",
+    },
+}
+_DIRECT = {"width": "width", "k_query": "k_query", "meta_batch": "meta_batch", "lam": "imaml_lams"}
+_DIRECT |= {"train_way": "n_way", "inner_lr": "inner_lr", "inner_steps": "inner_steps"}
 
 
-def problem_for(which: str, base: Problem = OMNIGLOT) -> Problem:
-    """``base`` on minimal set ``which`` (``"small1"`` or ``"small2"``)."""
-    return dataclasses.replace(base, name=f"omniglot-{which}", data=f"omniglot-{which}")
+def configure(method: str, config: dict, which: str = "small1", base: Problem = BASE) -> Problem:
+    """``base`` on minimal set ``which`` with ``method``'s configuration: ``inner_lr`` and
+    ``inner_steps`` (MAML's and first order's inner SGD, iMAML's, MAML++'s initial learned
+    rate and its steps, transfer's and random's fine-tuning), ``lam`` (iMAML's λ),
+    ``width`` (Conv-4 filters), ``k_query`` (queries per class at training),
+    ``meta_batch`` (episodes per outer step; transfer: as many images per step) and
+    ``train_way`` (ProtoNets' ways at training).
+
+    Raises:
+        ValueError: an unknown knob.
+    """
+    p = dataclasses.replace(base, name=f"omniglot-{which}", data=f"omniglot-{which}")
+    for knob, value in config.items():
+        field = _PER_METHOD.get(knob, {}).get(method) or _DIRECT.get(knob)
+        if field is None:
+            raise ValueError(f"unknown knob {knob!r}; known: {sorted(_DIRECT)}")
+        if field.startswith("mamlpp."):
+            mamlpp = dataclasses.replace(p.mamlpp, **{field.partition(".")[2]: value})
+            p = dataclasses.replace(p, mamlpp=mamlpp)
+        elif field in ("eval_steps", "imaml_lams"):
+            p = dataclasses.replace(p, **{field: (value,)})
+        else:
+            p = dataclasses.replace(p, **{field: value})
+    return p
+
+
+def scoring(problem: Problem, n_way: int = 20, k_query: int = EVAL_QUERIES) -> Problem:
+    """The problem as its test episodes are drawn: ``n_way``-way, 15 queries per class."""
+    return dataclasses.replace(problem, n_way=n_way, k_query=k_query)
+
+
+def load_runs(size: int | None = 28, runs: int | None = None) -> list[OneShotRun]:
+    """Lake et al.'s 20 runs (the committed ``all_runs.zip``, checked) at ``size``."""
+    return one_shot_runs(OMNIGLOT_DIR / "all_runs.zip", size=size, runs=runs)
+
+
+def val_accuracy(problem: Problem, model, method: str, n_tasks: int = VAL_TASKS) -> float:
+    """Mean accuracy of 20-way 1-shot episodes (5 queries per class) on the validation
+    characters (the same ``n_tasks`` for every method), with the method's own adaptation."""
+    p = scoring(problem, 20, VAL_QUERIES)
+    res = evaluate(p, model, method, n_tasks, VAL_SEED, "val", eval_steps=())
+    return sum(res["own"]) / len(res["own"])
+
+
+def train_tracked(
+    problem: Problem,
+    method: str,
+    seed: int,
+    cpu_s: float,
+    checkpoints: tuple[float, ...] = CURVE,
+    val_tasks: int = CURVE_TASKS,
+):
+    """Train under a budget of ``cpu_s`` CPU seconds; return ``(model, cost, curve)`` with
+    the validation accuracy at each checkpoint (``{"cpu_s", "steps", "val_accuracy"}``)."""
+    curve: list[dict] = []
+
+    def on_checkpoint(model, used: float, steps: int) -> None:
+        acc = val_accuracy(problem, model, method, val_tasks)
+        curve.append({"cpu_s": used, "steps": steps, "val_accuracy": acc})
+
+    budget = Budget(cpu_s, checkpoints, on_checkpoint)
+    model, cost = train_method(problem, method, seed, budget=budget)
+    return model, cost, curve
 
 
 def narrowed(model: torch.nn.Module, n_way: int) -> torch.nn.Module:
@@ -74,23 +184,18 @@ def narrowed(model: torch.nn.Module, n_way: int) -> torch.nn.Module:
     return out
 
 
-def score_runs(
-    problem: Problem, model, method: str, runs: list[Run], lam: float | None = None
-) -> list[float]:
-    """Error % on each run: the method's own adaptation on the run's 20 training images
-    (one per class), then its 20 test images classified."""
-    adapt = tuner(problem, model, method, "own", lam)
-    steps = own_steps(problem, method)
+def score_runs(problem: Problem, model, method: str, runs: list[OneShotRun]) -> list[float]:
+    """Error % on each run: the method's own classifier of the run's 20 training images
+    (one per class) applied to its 20 test images."""
+    classify = predictor(scoring(problem), model, method)
     errors = []
     for r in runs:
         support = (r.train, torch.arange(len(r.train)))
-        f = adapt.adapt(support, steps=steps)
-        with torch.no_grad():
-            errors.append(error_percent(r, f(r.test).argmax(-1)))
+        errors.append(error_percent(r, classify(support, r.test).argmax(-1)))
     return errors
 
 
-def baselines(runs105: list[Run], runs28: list[Run]) -> dict[str, list[float]]:
+def baselines(runs105: list[OneShotRun], runs28: list[OneShotRun]) -> dict[str, list[float]]:
     """Per-run error % of the distance baselines: MHD (105x105, the demo's), pixel nearest
     neighbour at 105x105 and at the networks' 28x28."""
     return {
@@ -100,46 +205,33 @@ def baselines(runs105: list[Run], runs28: list[Run]) -> dict[str, list[float]]:
     }
 
 
-def _job(args):
-    problem, method, seed, lam = args
+def job(args) -> dict:
+    """One (set, method, seed): train under the budget, then score. ``args``:
+    ``(which, method, seed, config, cpu_s, small)`` with ``small`` a dict of the quick
+    run's reductions (``val_tasks``, ``eval_tasks``, ``runs``) or empty. The result holds
+    the machine's load average as the job ends (``load_avg``): how shared the CPU was."""
+    which, method, seed, config, cpu_s, small = args
     torch.set_num_threads(1)
-    model, cost = train_method(problem, method, seed, lam=lam)
-    out = {"runs": score_runs(problem, model, method, load_runs(), lam)}
-    for way in (problem.n_way, 5):
-        p = dataclasses.replace(problem, n_way=way, k_query=EVAL_QUERIES)
-        m = model if way == problem.n_way else narrowed(model, way)
-        out[f"{way}-way"] = evaluate(p, m, method, lam=lam, eval_steps=())["own"]
-    return problem.name, method, seed, cost, out
-
-
-def run(problems: list[Problem], seeds=(0, 1, 2), workers: int = 2, methods=METHODS):
-    """Every (problem, method, seed): ``[(problem, method, seed, cost, scores), ...]`` with
-    ``scores`` ``{"runs": [error % per run], "20-way": [...], "5-way": [...]}`` (accuracy per
-    episode), and ``lams``: iMAML's λ per problem with the validation scores it chose by."""
-    pool = worker_pool(workers)
-    try:
-        lams = {}
-        for p in problems:
-            if "implicit" in methods and len(p.imaml_lams) > 1:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    scores = pool_map(pool, choose_lam, [(p, lam) for lam in p.imaml_lams])
-                lams[p.name] = {"chosen": max(scores, key=lambda s: s[1])[0], "scores": scores}
-            else:
-                lams[p.name] = {"chosen": p.imaml_lams[0], "scores": []}
-        # the longest jobs first, so that the pool's two workers finish together
-        order = {m: i for i, m in enumerate(("implicit", "mamlpp", "maml", "transfer"))}
-        jobs = sorted(
-            [
-                (p, m, s, lams[p.name]["chosen"] if m == "implicit" else None)
-                for p in problems
-                for s in seeds
-                for m in methods
-            ],
-            key=lambda j: order.get(j[1], len(order)),
-        )
-        results = pool_map(pool, _job, jobs)
-    finally:
-        if pool is not None:
-            pool.close()
-    return results, lams
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    p = configure(method, config, which)
+    if "eval_tasks" in small:
+        p = dataclasses.replace(p, eval_tasks=small["eval_tasks"])
+    val_tasks = small.get("val_tasks", CURVE_TASKS)
+    model, cost, curve = train_tracked(p, method, seed, cpu_s, CURVE, val_tasks)
+    scores = {"runs": score_runs(p, model, method, load_runs(runs=small.get("runs")))}
+    for way in (20, 5):
+        m = model if way == 20 or method == PROTONET else narrowed(model, way)
+        scores[f"{way}-way"] = evaluate(scoring(p, way), m, method, eval_steps=())["own"]
+    return {
+        "set": f"omniglot-{which}",
+        "method": method,
+        "seed": seed,
+        "config": config,
+        "cost": cost,
+        "curve": curve,
+        "scores": scores,
+        "job_cpu_s": time.process_time() - cpu0,
+        "job_wall_s": time.perf_counter() - wall0,
+        # the machine's 1-minute load average as the job ends (shared: others' work too)
+        "load_avg": os.getloadavg()[0],
+    }
