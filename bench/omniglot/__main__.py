@@ -18,6 +18,11 @@ The budget is each training process's own CPU time (``time.process_time``, one t
 thread per worker), so that methods get equal compute on a shared machine; validation
 passes during training are paused out of it. ``--quick``: a tiny run of both steps'
 code (a second of CPU per job, a few episodes, small1, seed 0).
+
+The main run goes a seed at a time (seed 0 on both sets, then seed 1, ...), each job's
+result appended to ``OUT/raw.partial.jsonl`` as it ends: stopped part way, it continues
+where it was when started again, and started with fewer ``--seeds`` it reports the seeds
+that are done without training them again.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 
 from ..env import device_name
 from ..fewshot.run import map_saved
-from .experiment import METHODS, SETS, VAL_TASKS, baselines, job, load_runs
+from .experiment import CURVE_TASKS, METHODS, SETS, VAL_TASKS, baselines, job, load_runs
 from .report import write
 from .search import choose, grid, search_job
 
@@ -117,9 +122,11 @@ def main(argv=None) -> None:
         if s
         for m in methods
     ]
-    # the jobs with the longest evaluations first, so that the workers finish together
+    # a round per seed (seed 0 on every set first): a run stopped part way has whole seeds
+    # for every method, and rerun with fewer --seeds reports them from raw.partial.jsonl;
+    # in a round the jobs with the longest evaluations first, so the workers finish together
     order = {m: i for i, m in enumerate(("implicit", "transfer", "mamlpp", "maml"))}
-    runs.sort(key=lambda j: order.get(j[1], len(order)))
+    runs.sort(key=lambda j: (j[2], order.get(j[1], len(order))))
     t0 = time.perf_counter()
     results = map_saved(a.workers, job, runs, out / "raw.partial.jsonl")
     n = small.get("runs")
@@ -130,6 +137,7 @@ def main(argv=None) -> None:
         "search": search,
         "jobs": results,
         "baselines": dist,
+        "curve_tasks": small.get("val_tasks", CURVE_TASKS),
         "wall_s": time.perf_counter() - t0,
         "job_cpu_s": sum(r["job_cpu_s"] for r in results),
         "machine": device_name("cpu"),

@@ -65,7 +65,7 @@ EVAL_QUERIES = 15
 # 20-way 1-shot validation episodes, 5 queries per class: the search scores each
 # configuration on VAL_TASKS, the curves measure CURVE_TASKS at each fraction of the budget
 VAL_TASKS = 100
-CURVE_TASKS = 50
+CURVE_TASKS = 25
 VAL_QUERIES = 5
 CURVE = (0.25, 0.5, 0.75, 1.0)
 

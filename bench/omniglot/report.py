@@ -191,7 +191,7 @@ def write(out: Path, raw: dict) -> pd.DataFrame:
         ]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
     lines += _compute(results, methods, sets)
-    lines += _curve_table(curves, methods, sets, minutes)
+    lines += _curve_table(curves, methods, sets, raw.get("curve_tasks", CURVE_TASKS))
     lines += _search_section(search, methods)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _plot_runs(out, values, methods, list(raw["baselines"]), sets)
@@ -241,7 +241,7 @@ def _compute(results: pd.DataFrame, methods, sets) -> list[str]:
     return lines
 
 
-def _curve_table(curves: pd.DataFrame, methods, sets, minutes: float) -> list[str]:
+def _curve_table(curves: pd.DataFrame, methods, sets, tasks: int) -> list[str]:
     if curves.empty:
         return []
     first = sets[0]
@@ -251,7 +251,7 @@ def _curve_table(curves: pd.DataFrame, methods, sets, minutes: float) -> list[st
         "",
         f"## Validation error against CPU-minutes ({first})",
         "",
-        f"Error % of {CURVE_TASKS} 20-way 1-shot episodes ({VAL_QUERIES} queries per class) "
+        f"Error % of {tasks} 20-way 1-shot episodes ({VAL_QUERIES} queries per class) "
         f"on the validation characters, measured with the clock paused at fractions of the "
         f"budget; mean over seeds (CPU-minutes in brackets). `val_error_vs_cpu.png` plots "
         f"every set.",
