@@ -222,10 +222,17 @@ _square.calls = []
 
 
 def test_a_stopped_run_resumes_with_the_jobs_not_done(tmp_path):
-    from bench.fewshot.run import map_saved
+    from bench.fewshot.run import job_key, map_saved, saved
+    from bench.omniglot.report import _resumed
 
     partial = tmp_path / "raw.partial.jsonl"
     partial.write_text(json.dumps([json.dumps(3), 9]) + "\n")  # job 3 done before a stop
+    assert saved(partial) == {job_key(3): 9}
     _square.calls.clear()
     assert map_saved(1, _square, [1, 2, 3], partial) == [1, 4, 9]
     assert _square.calls == [1, 2] and not partial.exists()
+    # the report says when jobs were read back (their wall time is not the run's)
+    assert "1 of its 3 jobs were run by earlier invocations" in _resumed(
+        {"jobs_resumed": 1, "jobs": [1, 4, 9]}
+    )
+    assert _resumed({"jobs": [1]}) == ""

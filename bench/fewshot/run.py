@@ -13,7 +13,7 @@ from .evaluation import ci95, evaluate
 from .methods import train_method
 from .problems import METHODS, VAL_SEED, Problem, data_for
 
-__all__ = ["choose_lam", "map_saved", "pool_map", "run", "worker_pool"]
+__all__ = ["choose_lam", "job_key", "map_saved", "pool_map", "run", "saved", "worker_pool"]
 
 
 def choose_lam(args) -> tuple[float, float]:
@@ -50,18 +50,29 @@ def _keyed(item):
     return key, fn(args)
 
 
-def map_saved(workers: int, fn, jobs: list, partial: Path) -> list:
-    """``fn`` over ``jobs`` in ``workers`` spawned processes (here, for one), each result
-    appended to ``partial`` (JSON lines) as it comes: a run stopped part way and started
-    again with the same jobs does only those not done (delete ``partial`` to start
-    afresh). Returns the results in the jobs' order; removes ``partial`` when all are in."""
+def job_key(job) -> str:
+    """A job's arguments as the key its result is saved under."""
+    return json.dumps(job, sort_keys=True)
+
+
+def saved(partial: Path) -> dict[str, object]:
+    """The results ``partial`` (JSON lines of ``[job_key, result]``) holds, by key."""
     done: dict[str, object] = {}
     if partial.exists():
         for line in partial.read_text().splitlines():
             if line.strip():
                 key, result = json.loads(line)
                 done[key] = result
-    keys = [json.dumps(j, sort_keys=True) for j in jobs]
+    return done
+
+
+def map_saved(workers: int, fn, jobs: list, partial: Path) -> list:
+    """``fn`` over ``jobs`` in ``workers`` spawned processes (here, for one), each result
+    appended to ``partial`` (JSON lines) as it comes: a run stopped part way and started
+    again with the same jobs does only those not done (delete ``partial`` to start
+    afresh). Returns the results in the jobs' order; removes ``partial`` when all are in."""
+    done = saved(partial)
+    keys = [job_key(j) for j in jobs]
     todo = [(k, fn, j) for k, j in zip(keys, jobs) if k not in done]
     if done:
         print(f"{partial}: {len(jobs) - len(todo)} of {len(jobs)} jobs already done")

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from ..env import device_name
-from ..fewshot.run import map_saved
+from ..fewshot.run import job_key, map_saved, saved
 from .experiment import CURVE_TASKS, METHODS, SETS, VAL_TASKS, baselines, job, load_runs
 from .report import write
 from .search import choose, grid, search_job
@@ -127,8 +127,10 @@ def main(argv=None) -> None:
     # in a round the jobs with the longest evaluations first, so the workers finish together
     order = {m: i for i, m in enumerate(("implicit", "transfer", "mamlpp", "maml"))}
     runs.sort(key=lambda j: (j[2], order.get(j[1], len(order))))
+    partial = out / "raw.partial.jsonl"
+    resumed = sum(job_key(j) in saved(partial) for j in runs)
     t0 = time.perf_counter()
-    results = map_saved(a.workers, job, runs, out / "raw.partial.jsonl")
+    results = map_saved(a.workers, job, runs, partial)
     n = small.get("runs")
     dist = baselines(load_runs(size=None, runs=n), load_runs(runs=n))
     raw = {
@@ -139,6 +141,7 @@ def main(argv=None) -> None:
         "baselines": dist,
         "curve_tasks": small.get("val_tasks", CURVE_TASKS),
         "wall_s": time.perf_counter() - t0,
+        "jobs_resumed": resumed,  # done by an earlier invocation: not in wall_s
         "job_cpu_s": sum(r["job_cpu_s"] for r in results),
         "machine": device_name("cpu"),
         "workers": a.workers,

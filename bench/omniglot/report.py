@@ -144,7 +144,7 @@ def write(out: Path, raw: dict) -> pd.DataFrame:
         f"(quarter turns as classes) in 20-way 1-shot episodes, Conv-4, Adam 1e-3; each "
         f"method's hyperparameters chosen on small1's validation characters (below), the "
         f"same on small2. Seeds: {seeds}. The whole run: "
-        f"{raw['wall_s'] / 60:.1f} minutes wall on {raw['machine']}, "
+        f"{raw['wall_s'] / 60:.1f} minutes wall{_resumed(raw)} on {raw['machine']}, "
         f"{raw['job_cpu_s'] / 60:.1f} CPU-minutes in its jobs (training, validation "
         f"passes, scoring){_load(jobs)}.",
         "",
@@ -197,6 +197,19 @@ def write(out: Path, raw: dict) -> pd.DataFrame:
     _plot_runs(out, values, methods, list(raw["baselines"]), sets)
     _plot_curves(out, curves, methods, sets)
     return values
+
+
+def _resumed(raw: dict) -> str:
+    """Whether some jobs were done by earlier invocations (their wall time is not in the
+    run's), or ""."""
+    n = raw.get("jobs_resumed", 0)
+    if not n:
+        return ""
+    return (
+        f" ({n} of its {len(raw['jobs'])} jobs were run by earlier invocations, stopped or "
+        f"side by side with the search, and read back: the wall time is the rest's; each "
+        f"job's own CPU and wall seconds are in results.csv)"
+    )
 
 
 def _load(jobs: list[dict]) -> str:
