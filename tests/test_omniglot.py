@@ -231,6 +231,7 @@ def test_a_stopped_run_resumes_with_the_jobs_not_done(tmp_path):
     _square.calls.clear()
     assert map_saved(1, _square, [1, 2, 3], partial) == [1, 4, 9]
     assert _square.calls == [1, 2] and not partial.exists()
+    assert map_saved(1, _square, [4], partial, keep=True) == [16] and saved(partial)
     # the report says when jobs were read back (their wall time is not the run's)
     assert "1 of its 3 jobs were run by earlier invocations" in _resumed(
         {"jobs_resumed": 1, "jobs": [1, 4, 9]}

@@ -66,11 +66,12 @@ def saved(partial: Path) -> dict[str, object]:
     return done
 
 
-def map_saved(workers: int, fn, jobs: list, partial: Path) -> list:
+def map_saved(workers: int, fn, jobs: list, partial: Path, keep: bool = False) -> list:
     """``fn`` over ``jobs`` in ``workers`` spawned processes (here, for one), each result
     appended to ``partial`` (JSON lines) as it comes: a run stopped part way and started
     again with the same jobs does only those not done (delete ``partial`` to start
-    afresh). Returns the results in the jobs' order; removes ``partial`` when all are in."""
+    afresh). Returns the results in the jobs' order; removes ``partial`` when all are in,
+    unless ``keep`` (runs made side by side, combined by a later one)."""
     done = saved(partial)
     keys = [job_key(j) for j in jobs]
     todo = [(k, fn, j) for k, j in zip(keys, jobs) if k not in done]
@@ -88,7 +89,8 @@ def map_saved(workers: int, fn, jobs: list, partial: Path) -> list:
     finally:
         if pool is not None:
             pool.close()
-    partial.unlink()
+    if not keep:
+        partial.unlink()
     return [done[k] for k in keys]
 
 

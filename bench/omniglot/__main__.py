@@ -84,6 +84,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny: 1 CPU-second jobs, small1")
     ap.add_argument("--out", default="results/fewshot-omniglot")
     ap.add_argument(
+        "--keep-partial",
+        action="store_true",
+        help="keep OUT/raw.partial.jsonl when done (runs of some methods side by side, "
+        "combined by a later run that reads them back)",
+    )
+    ap.add_argument(
         "--report-only", action="store_true", help="rewrite the report from OUT/raw.json"
     )
     a = ap.parse_args(argv)
@@ -130,7 +136,7 @@ def main(argv=None) -> None:
     partial = out / "raw.partial.jsonl"
     resumed = sum(job_key(j) in saved(partial) for j in runs)
     t0 = time.perf_counter()
-    results = map_saved(a.workers, job, runs, partial)
+    results = map_saved(a.workers, job, runs, partial, keep=a.keep_partial)
     n = small.get("runs")
     dist = baselines(load_runs(size=None, runs=n), load_runs(runs=n))
     raw = {
