@@ -284,6 +284,11 @@ def _curve_table(curves: pd.DataFrame, methods, sets, tasks: int) -> list[str]:
     return lines
 
 
+def _incomplete(search: dict) -> str:
+    """What the search had not done when its choices were read, or ""."""
+    return f" **Incomplete:** {search['incomplete']}" if search.get("incomplete") else ""
+
+
 def _search_section(search: dict, methods) -> list[str]:
     lines = [
         "",
@@ -297,7 +302,7 @@ def _search_section(search: dict, methods) -> list[str]:
         f"variants that change one value each. The search took "
         f"{search['wall_s'] / 60:.1f} minutes wall ({search['workers']} workers); rerun it "
         f"with `python -m bench.omniglot --search` (it rewrites `search.json`, which the "
-        f"main run reads).",
+        f"main run reads).{_incomplete(search)}",
         "",
         "| method | configuration | validation accuracy % | outer steps | |",
         "|---|---|---|---|---|",
