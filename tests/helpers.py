@@ -633,9 +633,18 @@ def objects_in_cycles(meta_iteration) -> int:
     meta_iteration()
     gc.collect()
     gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         meta_iteration()
         meta_iteration()
-        return gc.collect()
+        found = gc.collect()
+        if found:  # what they are, for the failure's message
+            from collections import Counter
+
+            kinds = Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
+            print("objects in cycles:", kinds.most_common(12))
+        return found
     finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
         gc.enable()
