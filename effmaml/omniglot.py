@@ -11,9 +11,9 @@ unzipped): the background and evaluation sets (``images_background.zip``,
 (``images_background_small1.zip``, ``..._small2.zip``; 5 alphabets each), as published in
 github.com/brendenlake/omniglot (``python/``), or a folder in torchvision's layout
 (``[omniglot-py/]images_background/`` and ``images_evaluation/``, alphabet folders of
-character folders of PNGs). An archive whose name is one of :data:`DIGESTS` is checked
+character folders of PNGs). An archive whose name is one of ``DIGESTS`` is checked
 against its published digest before it is read; an altered, truncated or missing file is
-an :class:`OmniglotDataError` that says which and what to do. Each character is one label
+an ``OmniglotDataError`` that says which and what to do. Each character is one label
 (``targets``), items are ``(image, label)`` with the image ``(1, size, size)`` in [0, 1],
 ink 1 and paper 0. Reading PNGs needs Pillow (``pip install pillow``, or torchvision,
 which brings it).
@@ -71,7 +71,7 @@ _VERIFIED: set[tuple[Path, int, float]] = set()
 
 
 def verify(path: str | Path) -> Path:
-    """``path``, once the archive's digest matches :data:`DIGESTS` for its name.
+    """``path``, once the archive's digest matches ``DIGESTS`` for its name.
 
     Cost: one read of the file (about 10 ms per MB); a file checked before in this process,
     unchanged in size and modification time, is not read again.
@@ -143,7 +143,7 @@ class Omniglot(torch.utils.data.Dataset):
         source: an archive (``.zip``) or a folder in torchvision's layout.
         size: image side (Lanczos); None: the 105x105 images as drawn.
         characters: read only the first this many characters (a test's slice), or all.
-        check: verify an archive against :data:`DIGESTS` (an archive of another name
+        check: verify an archive against ``DIGESTS`` (an archive of another name
             needs ``check=False``).
         subsets: for a folder, the subsets to read (both by default, as Finn et al.'s
             1623-character split needs).
@@ -255,7 +255,7 @@ def one_shot_runs(
     path: str | Path, size: int | None = SIZE, runs: int | None = None, check: bool = True
 ) -> list[OneShotRun]:
     """The 20 runs of ``all_runs.zip`` (or the first ``runs``), images read as
-    :func:`read_png` reads them at ``size``. Score a model once per run: the 20 training
+    ``read_png`` reads them at ``size``. Score a model once per run: the 20 training
     images are the support set, the 20 test images the queries (error % is the published
     measure: people 4.5%, Lake et al. 2015).
 
