@@ -141,8 +141,8 @@ def test_one_method_trains_under_a_budget_and_scores_the_runs():
     tiny = fewshot_problems.data_for(experiment.BASE)  # small1 (its validation: 32 classes)
     p = experiment.configure("maml", {"width": 8, "inner_steps": 3, "meta_batch": 1})
     model, cost, curve = experiment.train_tracked(p, "maml", 0, 3.0, (0.0, 1.0), 2)
-    assert cost["schedule"].startswith("auto -> checkpoint(")  # below naive's peak
-    assert cost["predicted_peak_mib"] <= cost["memory_budget_mib"]
+    # no memory budget: auto runs the fastest exact schedule, which fits any machine here
+    assert cost["schedule"] == "auto -> naive" and "memory_budget_mib" not in cost
     assert cost["steps"] >= 1 and cost["cpu_s"] >= 3.0 and cost["episodes"] == cost["steps"]
     assert [c["steps"] for c in curve] == [0, cost["steps"]]
     # the benchmark's set-up (reading the data, the memory budget's estimate, first-call
