@@ -72,8 +72,8 @@ CURVE = (0.25, 0.5, 0.75, 1.0)
 # What every method starts from before its own choices (:mod:`.search`): 20-way 1-shot
 # episodes, Conv-4, Adam 1e-3; MAML under `auto` with no memory budget (the fastest exact
 # schedule that fits the machine: under equal CPU minutes a recomputing schedule that saves
-# memory nobody is short of would only cost MAML outer steps); transfer and random: 10 SGD steps on the support set at test;
-# 50 held-out episodes per seed (15 queries per class).
+# memory nobody is short of would only cost MAML outer steps); transfer and random: 10 SGD
+# steps on the support set at test; 50 held-out episodes per seed (15 queries per class).
 BASE = dataclasses.replace(
     PROBLEMS["characters"],
     name="omniglot-small1",
