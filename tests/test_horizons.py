@@ -89,3 +89,43 @@ def test_online_hypergradient_descent_is_a_window_of_one_step():
     torch.testing.assert_close(
         torch.tensor(rates[n] - rates[n - 1]), -beta * grad[n - 1], rtol=1e-4, atol=1e-9
     )
+
+
+def test_a_pool_job_from_a_main_module_is_refused_before_any_work():
+    """``python -m bench.horizons`` once handed a function of its own ``__main__`` to the
+    spawned workers, which cannot import it: every worker died and the run hung after its
+    first stage. The one-worker run (this file's) now fails the same way a pooled one would."""
+    from bench.fewshot.run import importable, map_saved, pool_map
+    from bench.horizons import distill
+
+    importable(distill.job)  # the distillation's job lives in a module a worker imports
+
+    def local(x):
+        return x
+
+    def in_main(x):
+        return x
+
+    in_main.__module__ = "bench.horizons.__main__"
+    for fn in (local, in_main, lambda x: x):
+        with pytest.raises(ValueError, match="cannot run in a spawned worker"):
+            pool_map(None, fn, [1])
+    with pytest.raises(ValueError, match="define it at the top of a module"):
+        map_saved(1, in_main, [1], __import__("pathlib").Path("unused.jsonl"))
+
+
+def test_a_stopped_run_starts_again_from_the_stage_after_the_last_saved(quick, tmp_path):
+    from bench.horizons import __main__ as cli
+
+    raw = json.loads((quick / "raw.json").read_text())
+    assert not list(quick.glob("stage-*.json"))  # removed once raw.json is written
+    settings = {"a": (1, 2)}
+    saved = {"settings": {"a": [1, 2]}, "result": raw["datasets"]}
+    (tmp_path / "stage-datasets.json").write_text(json.dumps(saved))
+    resumed: list[str] = []
+    got = cli._stage(tmp_path, "datasets", settings, lambda: pytest.fail("ran again"), resumed)
+    assert got == raw["datasets"] and resumed == ["datasets"]
+    # other settings: the saved stage is not theirs, it runs (and is saved) again
+    again = cli._stage(tmp_path, "datasets", {"a": (3,)}, lambda: {"new": 1}, resumed)
+    assert again == {"new": 1} and resumed == ["datasets"]
+    assert json.loads((tmp_path / "stage-datasets.json").read_text())["result"] == {"new": 1}

@@ -13,7 +13,16 @@ from .evaluation import ci95, evaluate
 from .methods import train_method
 from .problems import METHODS, VAL_SEED, Problem, data_for
 
-__all__ = ["choose_lam", "job_key", "map_saved", "pool_map", "run", "saved", "worker_pool"]
+__all__ = [
+    "choose_lam",
+    "importable",
+    "job_key",
+    "map_saved",
+    "pool_map",
+    "run",
+    "saved",
+    "worker_pool",
+]
 
 
 def choose_lam(args) -> tuple[float, float]:
@@ -40,8 +49,29 @@ def worker_pool(workers: int):
     return mp.get_context("spawn").Pool(workers) if workers > 1 else None
 
 
+def importable(fn) -> None:
+    """Refuse a pool job ``fn`` that a spawned worker could not import by name: one defined
+    in a ``__main__`` module (``python -m pkg`` runs ``pkg/__main__.py`` as ``__main__``,
+    which a worker does not re-run), or a lambda or local function. Checked in every run,
+    pooled or not, so that a one-worker run (the tests') fails as a pooled one would.
+
+    Raises:
+        ValueError: ``fn`` is not importable; move it to a module and import it.
+    """
+    module, name = getattr(fn, "__module__", "") or "", getattr(fn, "__qualname__", "")
+    if module.split(".")[-1] == "__main__" or "<" in name or "." in name:
+        raise ValueError(
+            f"pool job {module}.{name} cannot run in a spawned worker: a worker imports the "
+            "function by its module and name, and a __main__ module, a lambda or a local "
+            "function cannot be imported; define it at the top of a module other than "
+            "__main__ and import it"
+        )
+
+
 def pool_map(pool, fn, jobs):
-    """``fn`` over ``jobs`` in order, in ``pool`` or (None) here."""
+    """``fn`` over ``jobs`` in order, in ``pool`` or (None) here (``fn`` must be
+    :func:`importable`)."""
+    importable(fn)
     return pool.map(fn, jobs, chunksize=1) if pool is not None else [fn(j) for j in jobs]
 
 
@@ -72,6 +102,7 @@ def map_saved(workers: int, fn, jobs: list, partial: Path, keep: bool = False) -
     again with the same jobs does only those not done (delete ``partial`` to start
     afresh). Returns the results in the jobs' order; removes ``partial`` when all are in,
     unless ``keep`` (runs made side by side, combined by a later one)."""
+    importable(fn)
     done = saved(partial)
     keys = [job_key(j) for j in jobs]
     todo = [(k, fn, j) for k, j in zip(keys, jobs) if k not in done]

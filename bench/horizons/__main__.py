@@ -7,6 +7,11 @@ step of each method in fresh processes (``bench.horizons.measure``); writes ``ra
 first, then ``summary.md``, ``scores.csv`` and ``schedules.png`` from it (default
 ``results/horizons``). ``--report-only`` rewrites the last three from an existing
 ``raw.json``; ``--quick`` runs everything at a tiny size (the tests').
+
+Each of the first two stages, when done, is saved beside (``OUT/stage-*.json``, with the
+settings it ran under): a run stopped after it starts again from the next stage (the
+summary says which stages an earlier invocation ran); the files go once ``raw.json`` is
+written.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +31,12 @@ import torch
 
 from ..env import environment, timestamp
 from ..fewshot.run import pool_map, worker_pool
-from . import measure
+from . import distill, measure
 from .problem import KNOTS
 from .report import plot_schedules, summary, write_scores
 from .run import QUICK, Settings, run
 
 __all__ = ["main", "report"]
-
-
-def _distill_job(args: tuple) -> dict[str, Any]:
-    from ..bilevel.common import digits
-    from .distill import learn_and_score
-
-    torch.set_num_threads(1)
-    kind, steps, window, outer, seed = args
-    return learn_and_score(kind, digits(), steps, window, outer, seed)
 
 
 def run_distill(cfg: Settings) -> dict[str, Any]:
@@ -49,7 +46,7 @@ def run_distill(cfg: Settings) -> dict[str, Any]:
     jobs += [("truncated", *j[1:]) for j in jobs]
     pool = worker_pool(cfg.workers)
     try:
-        runs = pool_map(pool, _distill_job, jobs)
+        runs = pool_map(pool, distill.job, jobs)
     finally:
         if pool is not None:
             pool.close()
@@ -87,6 +84,25 @@ def report(out: Path) -> None:
     (out / "summary.md").write_text(summary(raw))
 
 
+def _stage(
+    out: Path, name: str, settings: dict, compute: Callable[[], Any], resumed: list[str]
+) -> Any:
+    """``compute()``, saved to ``out/stage-NAME.json`` with ``settings``; or what that file
+    holds, when an earlier invocation with the same settings saved it (``name`` appended
+    to ``resumed``)."""
+    path = out / f"stage-{name}.json"
+    same = json.loads(json.dumps(settings))  # as the file holds them: tuples as lists
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["settings"] == same:
+            print(f"{path}: done by an earlier invocation, not run again", file=sys.stderr)
+            resumed.append(name)
+            return saved["result"]
+    result = compute()
+    path.write_text(json.dumps({"settings": same, "result": result}))
+    return result
+
+
 def _cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -114,8 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start, load = time.time(), os.getloadavg()[0]
     torch.set_num_threads(1)
-    datasets = run(cfg)
-    distill = run_distill(cfg)
+    settings = {**dataclasses.asdict(cfg), "knots": KNOTS}
+    resumed: list[str] = []
+    datasets = _stage(out, "datasets", settings, lambda: run(cfg), resumed)
+    distilled = _stage(out, "distill", settings, lambda: run_distill(cfg), resumed)
     costs, dist_costs = run_costs(cfg, args.quick)
     env = {
         **environment("cpu"),
@@ -123,16 +141,18 @@ def main(argv: list[str] | None = None) -> None:
         "minutes": (time.time() - start) / 60,
         "cpu_minutes": _cpu_seconds() / 60,
         "load": load,
+        "resumed_stages": resumed,
     }
-    settings = {**dataclasses.asdict(cfg), "knots": KNOTS}
     raw = {
         "settings": settings,
         "env": env,
         "datasets": datasets,
         "costs": costs,
-        "distill": {**distill, "costs": dist_costs},
+        "distill": {**distilled, "costs": dist_costs},
     }
     (out / "raw.json").write_text(json.dumps(raw, indent=1))
+    for name in ("datasets", "distill"):
+        (out / f"stage-{name}.json").unlink(missing_ok=True)
     report(out)
     print(f"wrote {out} in {env['minutes']:.1f} minutes", file=sys.stderr)
 

@@ -57,3 +57,13 @@ def learn_and_score(
     d = bd.distill(split, steps, "random", outer, seed=seed, strategy=strategy, options=opts)
     acc = bd.score(split, d.images, d.labels, d.rates, "random", seed)
     return {"kind": kind, "seed": seed, "test_acc": acc, "outer_losses": d.losses}
+
+
+def job(args: tuple) -> dict[str, Any]:
+    """One seed of one kind (a pool job: defined here, not in ``__main__``, because a spawned
+    worker imports the function it runs by its module's name)."""
+    from ..bilevel.common import digits
+
+    torch.set_num_threads(1)
+    kind, steps, window, outer, seed = args
+    return learn_and_score(kind, digits(), steps, window, outer, seed)

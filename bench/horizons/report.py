@@ -76,6 +76,19 @@ def _verdict(name: str, d: dict) -> list[str]:
     return out
 
 
+def _resumed(env: dict[str, Any]) -> str:
+    """What the wall and CPU minutes leave out: stages an earlier invocation ran."""
+    stages = env.get("resumed_stages") or []
+    if not stages:
+        return ""
+    named = {"datasets": "the schedule experiment", "distill": "the distillation"}
+    what = " and ".join(named.get(s, s) for s in stages)
+    return (
+        f"; {what} ran in an earlier invocation with the same settings (saved as it ended, "
+        "`OUT/stage-*.json`), and the minutes above count this invocation's stages only"
+    )
+
+
 def summary(raw: dict[str, Any]) -> str:
     """The markdown summary: set-up, one table per dataset, the verdicts, the cost of one
     outer step, the distillation comparison."""
@@ -88,8 +101,8 @@ def summary(raw: dict[str, Any]) -> str:
         f"{env['device']}, torch {env['torch']}, git {env['git']}, {env['date']}; "
         f"{env['minutes']:.1f} minutes wall ({env['cpu_minutes']:.1f} CPU-minutes over "
         f"{cfg['workers']} worker processes, load average {env['load']:.1f} at the start) "
-        f"(`make horizons`). Every figure below is computed from `raw.json` in this folder "
-        f"(`python -m bench.horizons --report-only`).",
+        f"(`make horizons`){_resumed(env)}. Every figure below is computed from `raw.json` "
+        f"in this folder (`python -m bench.horizons --report-only`).",
         "",
         f"A learning-rate schedule for T = {first['steps']} inner steps of SGD with momentum "
         f"0.9 (an MLP with two hidden layers of 100 ReLU units; minibatches of "
