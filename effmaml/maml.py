@@ -123,6 +123,14 @@ class MAML:
                 f"inner must be an effmaml inner optimizer such as effmaml.SGD(lr=0.01) "
                 f"(got {type(inner).__name__}); torch.optim optimizers are not differentiable"
             )
+        if not all(hasattr(inner, a) for a in ("lr", "per_step", "steps")):
+            name = type(inner).__name__
+            raise TypeError(
+                f"inner optimizer {name} was not initialised as an InnerOptimizer: its "
+                f"__init__ must call super().__init__(lr) (the base rate step() may scale "
+                f"by, a float, tensor or per-parameter dict; 0.0 if the rule has none), "
+                f"which sets lr, per_step and steps"
+            )
         if clip_grad_grad_norm is not None and not clip_grad_grad_norm > 0:
             raise ValueError(f"clip_grad_grad_norm must be > 0 or None (got {clip_grad_grad_norm})")
         if prox_lambda < 0:

@@ -308,6 +308,9 @@ class Witness:
             f"for the same index. Likely causes: random augmentation drawn outside torch's "
             f"RNG (numpy, random) or in a DataLoader worker; a shuffling sampler or a "
             f"source that returns the next batch rather than batch t; data that changed on "
-            f"disk. Fix the source (seed its randomness from the index), materialise the "
-            f"batches in a list, or use strategy='naive', which does not recompute"
+            f"disk; a loss_fn or inner optimizer that changed a tensor in place through "
+            f"`.data` or under no_grad (autograd cannot see it, so the recomputation starts "
+            f"from another value: return new tensors instead). Fix the source (seed its "
+            f"randomness from the index), materialise the batches in a list, or use "
+            f"strategy='naive', which does not recompute"
         )

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import module as _module_py
 from .clip import clip_backward
 from .inner import InnerOptimizer
 from .module import FunctionalModel
@@ -502,6 +503,8 @@ def _captured(rt: Runtime, t: int) -> dict[int, tuple[str, str]] | None:
     return rt.captured if t == 0 or rt.outer is not None else None
 
 
+_MODULE_FILE = _module_py.__file__  # where FunctionalModel's own errors are raised
+
 _RULE = (
     "loss_fn must be callable as loss_fn(m, batch) -> scalar tensor: m is the model at the "
     "step's parameters (call m(x), m.embed(x) ...) and batch is the step's batch as the "
@@ -558,4 +561,12 @@ def call_loss(loss_fn: LossFn, module: Any, batch: Any, t: int) -> Any:
         tb = err.__traceback__
         if tb is not None and tb.tb_next is None:  # raised by the call itself: no frame ran
             raise TypeError(f"{_RULE}; calling it so at inner step {t} failed: {err}") from err
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None and tb.tb_frame.f_code.co_filename == _MODULE_FILE:
+            # the model was used as something else (batch[0] on m): usually (batch, m)
+            raise TypeError(
+                f"{err} (raised at inner step {t} where loss_fn used the model m it was "
+                f"given; {_RULE}: if your loss_fn takes (batch, m), swap its arguments)"
+            ) from err
         raise

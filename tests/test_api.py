@@ -363,3 +363,39 @@ def test_a_torch_loss_or_swapped_arguments_as_loss_fn_get_the_rule(loss_fn, what
     own error named an internal class."""
     with pytest.raises(TypeError, match=rf"got {what} .*lambda m, batch: F\.cross_entropy"):
         effmaml.MAML(make_model(), loss_fn, effmaml.SGD(0.1))
+
+
+def test_everyday_slips_get_messages_that_name_the_fix():
+    """What a newcomer hit: a strategy name one letter off, an option of the right name
+    with a bad value, loss_fn's arguments swapped, an inner optimizer that skipped
+    super().__init__."""
+    net = nn.Linear(2, 2)
+
+    def loss(m, batch):
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    with pytest.raises(ValueError, match="did you mean 'checkpoint'"):
+        effmaml.MAML(net, loss, effmaml.SGD(0.1), "checkpointing")
+    with pytest.raises(TypeError, match="window must be an int") as bad:
+        effmaml.MAML(net, loss, effmaml.SGD(0.1), "truncated", window=2.5)
+    assert "does not take" not in str(bad.value)
+    with pytest.raises(TypeError, match="does not take options"):
+        effmaml.MAML(net, loss, effmaml.SGD(0.1), "truncated", windw=2)
+
+    batch = (torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
+    swapped = effmaml.MAML(net, lambda b, m: loss(m, b), effmaml.SGD(0.1), "checkpoint")
+    with pytest.raises(TypeError, match=r"inner step 0.*swap its arguments"):
+        swapped.adapt([batch] * 2)
+
+    class NoSuper(effmaml.InnerOptimizer):
+        def __init__(self):
+            pass
+
+        def init(self, params):
+            return {}
+
+        def step(self, state, params, grads, t, hyper):
+            return {}, {n: p - 0.1 * grads[n] for n, p in params.items()}
+
+    with pytest.raises(TypeError, match=r"NoSuper .*super\(\).__init__\(lr\)"):
+        effmaml.MAML(net, loss, NoSuper(), "naive")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -319,16 +321,25 @@ def make_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
             )
         return strategy
     if strategy not in STRATEGIES:
+        close = difflib.get_close_matches(str(strategy), list(STRATEGIES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
-            f"unknown strategy {strategy!r}; known strategies: {', '.join(sorted(STRATEGIES))}"
+            f"unknown strategy {strategy!r}; {hint}known strategies: "
+            f"{', '.join(sorted(STRATEGIES))}"
         )
     cls = STRATEGIES[strategy]
     try:
         return cls(**options)
     except TypeError as err:
-        raise TypeError(
-            f"strategy {strategy!r} does not take options {sorted(options)}: {err}"
-        ) from err
+        # an option the class's signature lacks, or a value its own check refused
+        # (``window=2.5``): only the first is "does not take"
+        try:
+            inspect.signature(cls).bind(**options)
+        except TypeError:
+            raise TypeError(
+                f"strategy {strategy!r} does not take options {sorted(options)}: {err}"
+            ) from err
+        raise TypeError(f"strategy {strategy!r}: {err}") from err
 
 
 def check_count(name: str, value: Any, hint: str = "", allow_none: bool = True) -> None:
