@@ -107,7 +107,7 @@ learned-optimizer: $(SETUP)
 	$(PY) -m bench.learned_optimizer
 
 # what differentiating with respect to the data costs: each exact schedule with learned
-# images against the same without, and finding outer tensors where there are none
+# images against the same without
 outer-cost: $(SETUP)
 	$(PY) -m bench.outer_cost
 

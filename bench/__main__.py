@@ -3,9 +3,9 @@
 plan -> run -> derive -> write:
 
 * **plan**: the preset's (N, run) pairs, with those the preset skips (caps, no clipping);
-* **run**: each (strategy, N) in a memory child (on CPU started with
-  ``effmaml.measure.MALLOC_FOR_MEASURING`` so glibc returns freed blocks) and a timing
-  child (without it: that setting slows runs ~2x); raw rows are appended to
+* **run**: each (strategy, N) in a memory child (``bench.isolated.run_child``: on CPU
+  started with ``effmaml.measure.MALLOC_FOR_MEASURING`` so glibc returns freed blocks) and
+  a timing child (without it: that setting slows runs ~2x); raw rows are appended to
   ``results/<preset>/runs.csv`` as runs end, so an interrupted sweep keeps what it measured;
 * **derive**: agreement of every meta-gradient with naive's at the same N (and, under
   ``--amp``, cosine with float32 naive's), whatever order the runs came in;
@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,10 +29,10 @@ import torch
 from tqdm import tqdm
 
 import effmaml
-from effmaml.measure import MALLOC_FOR_MEASURING
 
 from . import child, report
 from .env import environment, timestamp
+from .isolated import run_child
 from .presets import PRESETS, REFERENCE, RUNS, STAND_IN, Preset, RunSpec
 from .workload import LazyBatches, agreement, amp_context, build, make_maml
 
@@ -135,27 +132,6 @@ def plan(
     return runs
 
 
-def _child(args: list[str], env: dict, timeout: int) -> dict:
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.child", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "error": f"over {timeout}s"}
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if lines:
-        row = json.loads(lines[-1])
-        row.setdefault("status", "ok" if out.returncode == 0 else "error")
-        return row
-    err = (out.stderr.strip().splitlines() or ["no output"])[-1][:300]
-    status = "oom" if "out of memory" in err.lower() or out.returncode in (-9, 137) else "error"
-    return {"status": status, "error": err}
-
-
 def timed(preset: Preset, steps: int) -> bool:
     return preset.time_max_steps is None or steps <= preset.time_max_steps
 
@@ -170,19 +146,19 @@ def run_one(run: Run, preset: Preset, target: Target, grad_file: str, share: int
     if torch.cuda.is_available():
         mode = ("once" if preset.single_run else "both") if timed(preset, run.steps) else "memory"
         args = target.command(run.spec.label, [run.steps], mode, grad_file)
-        return _child(args, dict(os.environ), preset.timeout_s)
-    env = dict(os.environ, **MALLOC_FOR_MEASURING)
+        return run_child("bench.child", args, timeout=preset.timeout_s)
+    env = dict(os.environ)
     if share > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // share))
     args = target.command(run.spec.label, [run.steps], "memory", grad_file)
-    return _child(args, env, preset.timeout_s)
+    return run_child("bench.child", args, memory=True, env=env, timeout=preset.timeout_s)
 
 
 def time_strategy(label: str, steps: list[int], preset: Preset, target: Target) -> dict:
     """CPU: one child without the memory setting (it slows runs ~2x) times ``label`` at
     every N, after one warm-up: ``{N: {time_s, time_min_s, repeats}}``, or an error row."""
     timeout = preset.timeout_s * len(steps)
-    out = _child(target.command(label, steps, "time"), dict(os.environ), timeout)
+    out = run_child("bench.child", target.command(label, steps, "time"), timeout=timeout)
     if "times" not in out:
         return {
             n: {"status": out.get("status", "error"), "error": out.get("error", "")} for n in steps

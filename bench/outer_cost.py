@@ -6,12 +6,8 @@ one leaf ``x`` of shape (N, 10, 1, 28, 28). Each exact schedule runs the same pr
 twice, with ``x`` requiring grad ("data") and detached ("plain"), alternated round by
 round in one process; the ratio is the median of the paired per-round ratios with its
 distribution-free interval (:mod:`bench.timing`). Memory: one meta-gradient per
-subprocess (``MALLOC_MMAP_THRESHOLD_=65536``, the harness's way), its measured peak
+subprocess (``bench.isolated.run_child``, the harness's way), its measured peak
 against the cost model's prediction, which counts the data's gradient buffer.
-
-Finding them costs a problem that has none too: "plain" is also timed with the finding
-switched off (the step's TorchFunctionMode and step 0's graph walk replaced by no-ops, what
-the engine ran before outer tensors), alternated round by round in the same process.
 
 Writes ``results/outer-cost/{runs.csv,summary.md}``.
 """
@@ -19,25 +15,19 @@ Writes ``results/outer-cost/{runs.csv,summary.md}``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import effmaml
-import effmaml.step
 from effmaml.measure import PeakMemory, clock
-from effmaml.outer import OuterTensors
 
 from .env import environment, timestamp
+from .isolated import run_child
 from .models import build_model
 from .timing import median_ci, paired_ratios
 
@@ -90,41 +80,6 @@ def memory(name: str, steps: int, data: bool) -> dict[str, int]:
     return {"measured": peak.peak, "predicted": pred.peak_bytes}
 
 
-def _child(args: list[str], env: dict[str, str]) -> dict:
-    """Run this module's ``main(args)`` in a fresh process and read its JSON line."""
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.outer_cost", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        cwd=str(Path(__file__).resolve().parents[1]),
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@contextlib.contextmanager
-def finding_off() -> Iterator[None]:
-    """The engine without the finding of outer tensors (for a problem that has none)."""
-    reading, check = effmaml.step.reading, OuterTensors.check_graph
-    effmaml.step.reading = lambda outer, step, own: contextlib.nullcontext()  # type: ignore[assignment]
-    OuterTensors.check_graph = lambda self, loss, step, mode: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        effmaml.step.reading, OuterTensors.check_graph = reading, check  # type: ignore[method-assign]
-
-
-def finding_cost(name: str, steps: int, rounds: int) -> tuple[float, float, float, float]:
-    """Median paired ratio (finding on / off) on the plain problem, with its interval."""
-    on, off = [], []
-    for _ in range(rounds):
-        on.append(meta_gradient(name, steps, False))
-        with finding_off():
-            off.append(meta_gradient(name, steps, False))
-    return median_ci(paired_ratios(on, off))
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.outer_cost", description=__doc__)
     ap.add_argument("--steps", type=int, default=24)
@@ -150,9 +105,11 @@ def main(argv: list[str] | None = None) -> None:
             plain.append(meta_gradient(name, args.steps, False))
         ratio, low, high, cover = median_ci(paired_ratios(with_data, plain))
         mem = {
-            d: _child(
+            d: run_child(
+                "bench.outer_cost",
                 ["--steps", str(args.steps), "--child", "memory", name, d],
-                {"MALLOC_MMAP_THRESHOLD_": "65536"},
+                memory=True,
+                check=True,
             )
             for d in ("0", "1")
         }
@@ -173,18 +130,15 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         print(rows[-1], flush=True)
-    baseline = finding_cost("checkpoint_segment", args.steps, args.rounds)
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    (OUT / "summary.md").write_text(summary(rows, baseline, time.time() - start))
+    (OUT / "summary.md").write_text(summary(rows, time.time() - start))
 
 
-def summary(
-    rows: list[dict], baseline: tuple[float, float, float, float] | None, seconds: float
-) -> str:
+def summary(rows: list[dict], seconds: float) -> str:
     """The summary table (markdown)."""
     mib = 1 << 20
     env = environment("cpu")
@@ -216,14 +170,6 @@ def summary(
             f"| {r['predicted_plain'] / mib:.1f} | {r['predicted_data'] / mib:.1f} "
             f"| {(r['predicted_data'] - r['predicted_plain']) / mib:+.2f} |"
         )
-    if baseline is not None:
-        m, lo, hi, cover = baseline
-        lines += [
-            "",
-            f"Finding outer tensors where there are none (checkpoint_segment on the plain "
-            f"problem, finding on / off, alternated per round): {m:.3f}x [{lo:.3f}, {hi:.3f}] "
-            f"({cover:.0%} interval).",
-        ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
-"""One meta-gradient on a preset's workload, by effmaml or by a peer library."""
+"""One meta-gradient on a preset's workload, by effmaml or by a peer library
+(``bench.peers``)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import torch
 import effmaml
 
 from .models import batch_for, build_model, loss_for
+from .peers import Higher, TorchOpt, torch_maml
 from .presets import Preset, RunSpec
 
 __all__ = [
-    "PEER_STATUS",
     "LazyBatches",
     "agreement",
     "amp_context",
@@ -100,12 +101,8 @@ def meta_gradient(model, maml, preset: Preset, spec: RunSpec, steps: int, device
     """
     model.zero_grad(set_to_none=True)
     batches = LazyBatches(preset, steps, device, dtype)
-    if spec.peer == "torch_maml":
-        return _torch_maml(model, preset, spec, batches, query)
-    if spec.peer == "higher":
-        return _higher(model, preset, batches, query)
-    if spec.peer == "torchopt":
-        return _torchopt(model, preset, batches, query)
+    if spec.peer:
+        return _peer(model, preset, spec, batches, query)
     with amp_context(preset, spec, device):
         if preset.msl:  # every step's query loss, weighted uniformly
             w = [1.0 / steps] * steps
@@ -120,6 +117,26 @@ def meta_gradient(model, maml, preset: Preset, spec: RunSpec, steps: int, device
     return _flat(model), adapted.step_evals, facts
 
 
+def _peer(model, preset: Preset, spec: RunSpec, batches, query):
+    """A peer's meta-gradient (``bench.peers``): its gradient, inner-loss evaluations, notes."""
+    loss_fn = loss_for(preset.model)
+    if spec.peer == "torch_maml":
+        checkpoint = spec.strategy == "checkpoint"
+        evals = torch_maml(
+            model,
+            loss_fn,
+            preset.lr,
+            batches,
+            query,
+            checkpoint_steps=spec.opts()["segment"] if checkpoint else None,
+            max_grad_grad_norm=preset.clip if checkpoint else None,
+        )
+        return _flat(model), evals, {"note": "torch_maml disables BatchNorm running stats"}
+    peer = {"higher": Higher, "torchopt": TorchOpt}[spec.peer](model, preset.lr)
+    peer(loss_fn, batches, query)
+    return _flat(model), len(batches), {}
+
+
 def _flat(model) -> torch.Tensor:
     return torch.cat(
         [
@@ -127,82 +144,6 @@ def _flat(model) -> torch.Tensor:
             for p in model.parameters()
         ]
     ).detach()
-
-
-def _torch_maml(model, preset, spec, batches, query):
-    import torch_maml
-
-    loss_fn = loss_for(preset.model)
-    evals = [0]
-
-    def tm_loss(m, batch):
-        evals[0] += 1
-        return loss_fn(m, batch)
-
-    opt = torch_maml.IngraphGradientDescent(learning_rate=preset.lr)
-    if spec.strategy == "checkpoint":
-        maml = torch_maml.GradientCheckpointMAML(
-            model, tm_loss, optimizer=opt, checkpoint_steps=spec.opts()["segment"]
-        )
-    else:
-        maml = torch_maml.NaiveMAML(model, tm_loss, optimizer=opt)
-    kwargs = {}
-    if preset.clip is not None and spec.strategy == "checkpoint":
-        kwargs["max_grad_grad_norm"] = preset.clip
-    updated, _, _ = maml(list(batches), **kwargs)
-    loss_fn(updated, query).backward()
-    return _flat(model), evals[0], {"note": "torch_maml disables BatchNorm running stats"}
-
-
-def _higher(model, preset, batches, query):
-    import higher
-
-    loss_fn = loss_for(preset.model)
-    inner_opt = torch.optim.SGD(model.parameters(), lr=preset.lr)
-    with higher.innerloop_ctx(
-        model, inner_opt, copy_initial_weights=False, track_higher_grads=True
-    ) as (fmodel, diffopt):
-        for t in range(len(batches)):
-            diffopt.step(loss_fn(fmodel, batches[t]))
-        loss_fn(fmodel, query).backward()
-    return _flat(model), len(batches), {}
-
-
-def _torchopt(model, preset, batches, query):
-    """TorchOpt's MAML: ``torchopt.MetaSGD`` steps the module's parameters in place,
-    differentiably; the state is saved before and restored after (its documented pattern).
-    BatchNorm buffers are restored by value: its forward updates them in place."""
-    import torchopt
-
-    loss_fn = loss_for(preset.model)
-    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-    state = torchopt.extract_state_dict(model, by="reference")
-    inner = torchopt.MetaSGD(model, lr=preset.lr)
-    for t in range(len(batches)):
-        inner.step(loss_fn(model, batches[t]))
-    loss_fn(model, query).backward()
-    torchopt.recover_state_dict(model, state)
-    with torch.no_grad():
-        for k, b in model.named_buffers():
-            b.copy_(buffers[k])
-    return _flat(model), len(batches), {}
-
-
-# Every peer the bench knows, and what became of it here (the summaries print the line of
-# each peer a preset ran, and learn2learn's, which none can run).
-PEER_STATUS = {
-    "torch_maml": "torch_maml 1.0 (NaiveMAML, GradientCheckpointMAML)",
-    "higher": "higher 0.2.1 (innerloop_ctx, second order)",
-    "torchopt": (
-        "TorchOpt 0.7.3 (MetaSGD; its C++ extension does not load against torch 2.14, "
-        "`undefined symbol` at torchopt._C, and its pure-Python path runs)"
-    ),
-    "learn2learn": (
-        "learn2learn 0.2.0: not run, it does not install on Python >= 3.11 (its sdist "
-        "ships generated C files that include longintrepr.h, which CPython 3.11 moved: "
-        "`fatal error: longintrepr.h: No such file or directory`)"
-    ),
-}
 
 
 def agreement(grad: torch.Tensor, ref: torch.Tensor) -> dict:

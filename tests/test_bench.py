@@ -1,7 +1,6 @@
 """The bench's code path at tiny size: subprocess runs, CSV columns, agreement, report."""
 
 import dataclasses
-import json
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import torch
 
 import effmaml
 from bench.__main__ import plan
+from bench.isolated import ROOT, ChildError, run_child
 from bench.models import MODELS
 from bench.presets import PRESETS, RUNS
 from bench.report import TARGETS, derive_columns, styles
@@ -117,23 +117,8 @@ def test_plot_styles_tell_strategies_apart():
 def test_child_once_mode_measures_and_times_one_meta_gradient(tmp_path):
     """The GPU preset's single-run mode (on the GPU one process measures memory and time
     together); run here on the CPU at toy size."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.child",
-            "tiny",
-            "checkpoint_k5",
-            "2",
-            "once",
-            str(tmp_path / "g.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    args = ["tiny", "checkpoint_k5", "2", "once", str(tmp_path / "g.pt")]
+    row = run_child("bench.child", args, timeout=300, check=True)
     assert row["repeats"] == 1 and row["time_s"] > 0 and row["peak_mib"] > 0
     assert row["predicted_s"] > 0 and (tmp_path / "g.pt").exists()
 
@@ -145,14 +130,7 @@ def test_child_takes_the_batch_and_autocast_options_the_bench_passes(tmp_path):
 
     def child(*options):
         args = ["tiny", *options, "checkpoint_k5", "2", "once", str(tmp_path / "g.pt")]
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.child", *args],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=300,
-        )
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_child("bench.child", args, timeout=300, check=True)
 
     full = child()
     small = child("--batch", "2")
@@ -266,6 +244,30 @@ def test_child_command_line_round_trips_through_the_one_parser():
     assert (plain.batch, plain.amp) == (0, "")
     with pytest.raises(ValueError, match="mode must be one of"):
         child.command("tiny", "naive", [5], "fast")
+
+
+def test_one_runner_reads_every_child(monkeypatch):
+    """bench.isolated.run_child: from the repository root, glibc's setting for a memory
+    child only, the last JSON line, and a failure as a row (or an error with check)."""
+    import bench.isolated as isolated
+
+    seen = {}
+
+    def fake_run(cmd, env, cwd, capture_output, text, timeout):
+        seen.update(cmd=cmd, env=env, cwd=cwd)
+        out = 'progress\n{"a": 1}\nnoise\n{"peak": 2}\n' if "ok" in cmd else ""
+        return subprocess.CompletedProcess(cmd, 0 if out else 1, out, "Killed: out of memory")
+
+    monkeypatch.setattr(isolated.subprocess, "run", fake_run)
+    assert run_child("m", ["ok"], memory=True) == {"peak": 2, "status": "ok"}
+    assert seen["cmd"] == [sys.executable, "-m", "m", "ok"] and seen["cwd"] == ROOT
+    assert seen["env"]["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    run_child("m", ["ok"], env={"X": "1"})
+    assert seen["env"] == {"X": "1"}  # timing children run without the memory setting
+    assert run_child("m", ["bad"]) == {"status": "oom", "error": "Killed: out of memory"}
+    with pytest.raises(ChildError, match="python -m m bad: oom"):
+        run_child("m", ["bad"], check=True)
+    assert (ROOT / "bench" / "isolated.py").exists()
 
 
 def test_execute_runs_a_plan(monkeypatch, tmp_path):

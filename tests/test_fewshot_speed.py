@@ -109,6 +109,19 @@ def test_peers_are_the_libraries_effmaml_is_compared_with():
     assert all(not LIBRARIES[ref].peer for ref in REFERENCE.values())
 
 
+def test_torchopt_here_is_the_sweeps_adapter_and_leaves_the_model_as_it_was():
+    """One adapter per peer (bench.peers): fewshot-speed's TorchOpt restores the BatchNorm
+    statistics its in-place forward moved, as the sweep's always did."""
+    pytest.importorskip("torchopt")
+    device = torch.device("cpu")
+    model = make_model(TOY, device)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    LIBRARIES["torchopt"].setup(model, TOY)(make_tasks(TOY, device), 2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any("running" in k for k in before)  # Conv-4 has BatchNorm statistics to move
+
+
 @pytest.mark.parametrize(
     ("n", "ranks", "coverage"),
     # the textbook order statistics of a 95% interval for the median

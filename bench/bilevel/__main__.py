@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from ..env import environment, timestamp
+from ..intervals import mean_t95
+from ..isolated import run_child
 from . import distill, hyperclean, schedule
-from .common import child, digits, mean_ci, mnist1d
+from .common import digits, mnist1d
 from .report import plot_images, plot_schedule, plot_weights, summary
 
 __all__ = ["Settings", "main"]
@@ -71,7 +73,7 @@ def run_distill(cfg: Settings) -> tuple[list[dict], dict]:
                 if seed == cfg.seeds[0]:
                     images[(n, init)] = d.images
             base = distill.baselines(split, n, init, cfg.seeds[0], draws=cfg.draws)
-            mean, half = mean_ci(accs)
+            mean, half = mean_t95(accs)
             row = {"steps": n, "init": init, "outer_steps": outer[n], "distilled": mean}
             rows.append({**row, "distilled_ci": half, "seeds": len(accs), **base})
             print(rows[-1], flush=True)
@@ -93,7 +95,7 @@ def run_schedule(cfg: Settings) -> tuple[list[dict], dict]:
     seeds = [s + 50 for s in cfg.schedule_seeds]
 
     def acc(rates: list[float]) -> tuple[float, float]:
-        return mean_ci(schedule.test_accuracy(split, rates, seeds))
+        return mean_t95(schedule.test_accuracy(split, rates, seeds))
 
     n = cfg.schedule_steps
     named = {f"learned constant (from {s}): {h[-1]:.3f}": [h[-1]] * n for s, h in starts.items()}
@@ -113,8 +115,8 @@ def run_clean(cfg: Settings) -> tuple[dict, torch.Tensor, hyperclean.Noisy]:
     weights, losses = hyperclean.clean(split, noisy, cfg.clean_outer, steps=cfg.clean_steps)
     acc = hyperclean.scores(split, noisy, weights, [910, 911, 912])
     det = hyperclean.detection(noisy, weights)
-    row: dict = {f"{k}_acc": mean_ci(v)[0] for k, v in acc.items()}
-    row.update({f"{k}_ci": mean_ci(v)[1] for k, v in acc.items()})
+    row: dict = {f"{k}_acc": mean_t95(v)[0] for k, v in acc.items()}
+    row.update({f"{k}_ci": mean_t95(v)[1] for k, v in acc.items()})
     row.update(det, outer_steps=cfg.clean_outer, val_loss_first=losses[0], val_loss_last=losses[-1])
     print(row, flush=True)
     return row, weights, noisy
@@ -128,7 +130,8 @@ def run_memory(cfg: Settings, out: Path) -> list[dict]:
         ref = None
         for strategy in cfg.memory:
             path = out / f".grad_{n}_{strategy}.pt"
-            r = child("bench.bilevel", ["--child", str(n), strategy, str(path)])
+            args = ["--child", str(n), strategy, str(path)]
+            r = run_child("bench.bilevel", args, memory=True, check=True)
             g = torch.load(path)
             path.unlink()
             ref = g if ref is None else ref

@@ -1,5 +1,5 @@
 """What the bilevel problems share: real data from packages, small networks, a plain
-trainer to score what was learned, confidence intervals, and memory in a fresh process.
+trainer to score what was learned.
 
 Nothing downloads: ``sklearn.datasets.load_digits`` ships 1,797 real 8x8 digits, and
 ``mnist1d.data.make_dataset`` generates Greydanus's MNIST-1D (4,000 train and 1,000 test
@@ -8,29 +8,18 @@ signals of length 40 with the default arguments) from its templates.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import statistics
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from effmaml.measure import MALLOC_FOR_MEASURING
-
 __all__ = [
     "Split",
     "accuracy",
-    "child",
     "digits",
-    "mean_ci",
     "mlp",
     "mnist1d",
     "train_plain",
@@ -131,35 +120,3 @@ def accuracy(model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor) 
     """Fraction of ``x`` that the model with ``params`` classifies as ``y``."""
     with torch.no_grad():
         return float((functional_call(model, params, (x,)).argmax(1) == y).float().mean())
-
-
-# two-sided 95% Student t quantiles by degrees of freedom (then the normal's)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% interval (Student t over the values; 0 for one)."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, 0.0
-    df = n - 1
-    t = _T95.get(df) or next((v for k, v in sorted(_T95.items()) if k >= df), 1.96)
-    return mean, t * statistics.stdev(values) / math.sqrt(n)
-
-
-def child(module: str, args: list[str], memory: bool = True) -> dict:
-    """``python -m MODULE ARGS`` in a fresh process, its last output line read as JSON.
-    ``memory``: glibc told to return freed blocks, as the harness measures memory (never
-    time under it: it slows allocation down)."""
-    env = {**os.environ, **(MALLOC_FOR_MEASURING if memory else {})}
-    out = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=str(Path(__file__).resolve().parents[2]),
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])

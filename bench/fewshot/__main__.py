@@ -19,16 +19,22 @@ number of outer steps on as many images. Evaluation: a fixed set of test episode
 the same for every method; accuracy (or loss) after k plain SGD steps on the support set,
 and after the method's own adaptation (the headline); mean ± 95% CI over seeds × episodes.
 
-Writes ``results/fewshot/`` (runs.csv, per-episode values, summary.md with the published
-numbers beside ours, accuracy_vs_steps.png) or, with ``--horizon``, results/fewshot-horizon/.
+Writes ``results/fewshot/`` (runs.csv, per-episode values, meta.json with iMAML's λ and the
+run's minutes, summary.md with the published numbers beside ours, accuracy_vs_steps.png)
+or, with ``--horizon``, results/fewshot-horizon/. ``--report-only`` rewrites summary.md and
+the plot from runs.csv, the per-episode values and meta.json (the problems, seeds and
+methods given as for the run).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
+
+import pandas as pd
 
 from .problems import HORIZON, METHODS, PROBLEMS
 from .report import write, write_horizon
@@ -49,6 +55,12 @@ def main(argv=None) -> None:
     ap.add_argument("--horizon", action="store_true", help="the long-horizon experiment")
     ap.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     ap.add_argument("--out", help="default results/fewshot (or results/fewshot-horizon)")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite summary.md and the plot from what --out holds (runs.csv, values.csv.gz, "
+        "meta.json); nothing runs",
+    )
     a = ap.parse_args(argv)
     seeds = tuple(int(s) for s in (a.seeds or ("0,1" if a.horizon else "0,1,2")).split(","))
     problems = []
@@ -63,21 +75,33 @@ def main(argv=None) -> None:
             p = dataclasses.replace(p, iterations=a.iterations)
         problems.append(p)
     t0 = time.perf_counter()
+    out = Path(a.out or ("results/fewshot-horizon" if a.horizon else "results/fewshot"))
+    methods = tuple(a.methods.split(",")) if a.methods else METHODS
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
     if a.horizon:
-        p = HORIZON.apply(problems[0])
+        problems = [HORIZON.apply(problems[0])]
         if a.iterations:
-            p = dataclasses.replace(p, iterations=a.iterations)
-        runs, values, lams = run([p], seeds, a.workers, HORIZON.methods, HORIZON.steps)
-        out = Path(a.out or "results/fewshot-horizon")
-        write_horizon(out, runs, values, p, lams, seeds, time.perf_counter() - t0)
+            problems = [dataclasses.replace(problems[0], iterations=a.iterations)]
+    if a.report_only:  # what was measured, reported again
+        runs = pd.read_csv(out / "runs.csv", keep_default_na=False, na_values=[""])
+        values = pd.read_csv(out / "values.csv.gz", keep_default_na=False, na_values=[""])
+        meta = json.loads((out / "meta.json").read_text())
+        lams, seconds = meta["lams"], meta["seconds"]
     else:
-        methods = tuple(a.methods.split(",")) if a.methods else METHODS
-        unknown = set(methods) - set(METHODS)
-        if unknown:
-            ap.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-        runs, values, lams = run(problems, seeds, a.workers, methods)
-        out = Path(a.out or "results/fewshot")
-        write(out, runs, values, lams, problems, seeds, time.perf_counter() - t0)
+        if a.horizon:
+            runs, values, lams = run(problems, seeds, a.workers, HORIZON.methods, HORIZON.steps)
+        else:
+            runs, values, lams = run(problems, seeds, a.workers, methods)
+        seconds = time.perf_counter() - t0
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").write_text(json.dumps({"lams": lams, "seconds": seconds}))
+    raw = not a.report_only
+    if a.horizon:
+        write_horizon(out, runs, values, problems[0], lams, seeds, seconds, raw=raw)
+    else:
+        write(out, runs, values, lams, problems, seeds, seconds, raw=raw)
     print((out / "summary.md").read_text())
     print(f"fewshot: {time.perf_counter() - t0:.0f} s; wrote {out}/")
 

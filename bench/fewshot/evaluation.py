@@ -1,10 +1,10 @@
-"""Evaluation on held-out episodes: the same tasks for every method, mean ± 95% CI."""
+"""Evaluation on held-out episodes: the same tasks for every method (the reports print the
+mean ± its 95% interval, ``bench.intervals``)."""
 
 from __future__ import annotations
 
 import contextlib
 
-import pandas as pd
 import torch
 
 import effmaml
@@ -12,7 +12,7 @@ import effmaml
 from .methods import predictor, tuner
 from .problems import EVAL_SEED, Problem, loss_of, tasks_for
 
-__all__ = ["ci95", "evaluate", "mean_ci"]
+__all__ = ["evaluate"]
 
 
 def evaluate(
@@ -53,14 +53,3 @@ def evaluate(
             else:
                 out[key].append(float(loss(lambda x, p=pred: p, (xq, yq))))
     return out
-
-
-def ci95(values) -> float:
-    """Half-width of the 95% confidence interval of the mean: 1.96·sd/√n."""
-    values = pd.Series(values, dtype=float)
-    return float(1.96 * values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else 0.0
-
-
-def mean_ci(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
-    """``"mean ± half-width"`` of the 95% interval, times ``scale``, to ``digits`` places."""
-    return f"{scale * values.mean():.{digits}f} ± {scale * ci95(values):.{digits}f}"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..env import device_name
-from .evaluation import ci95, mean_ci
+from ..intervals import format_mean_t95, mean_t95
 from .problems import METHODS, Problem
 
 __all__ = ["PUBLISHED", "describe", "write", "write_horizon"]
@@ -39,15 +39,24 @@ PUBLISHED = [
 
 
 def write(
-    out: Path, runs: pd.DataFrame, values: pd.DataFrame, lams: dict, problems, seeds, seconds: float
+    out: Path,
+    runs: pd.DataFrame,
+    values: pd.DataFrame,
+    lams: dict,
+    problems,
+    seeds,
+    seconds: float,
+    raw: bool = True,
 ) -> None:
-    """runs.csv, values.csv.gz, summary.md and the plot."""
+    """runs.csv and values.csv.gz (with ``raw``: what was measured), summary.md and the
+    plot."""
     out.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(out / "runs.csv", index=False)
-    values.to_csv(out / "values.csv.gz", index=False)
+    if raw:
+        runs.to_csv(out / "runs.csv", index=False)
+        values.to_csv(out / "values.csv.gz", index=False)
     lines = [
         f"Test episodes per seed: {int(runs.tasks.iloc[0])}, the same for every method; seeds "
-        f"{', '.join(map(str, seeds))}; mean ± 95% CI over seeds × episodes. "
+        f"{', '.join(map(str, seeds))}; mean ± its 95% Student t interval over seeds × episodes. "
         f"{seconds / 60:.1f} minutes on {_machine()}.",
         "",
     ]
@@ -80,7 +89,7 @@ def write(
         lines += [
             f"**{unit} after each method's own adaptation** ({'; '.join(how)})",
             "",
-            own.apply(lambda v, s=scale: mean_ci(v, s))
+            own.apply(lambda v, s=scale: format_mean_t95(v, s))
             .reindex(list(METHODS))
             .dropna()
             .to_frame(unit)
@@ -94,7 +103,7 @@ def write(
                 index="method",
                 columns="k",
                 values="value",
-                aggfunc=lambda v, s=scale: mean_ci(v, s),
+                aggfunc=lambda v, s=scale: format_mean_t95(v, s),
             )
             .reindex(list(METHODS))
             .dropna(how="all")
@@ -156,6 +165,10 @@ def describe(p: Problem) -> str:
     )
 
 
+def _half_t95(values: pd.Series) -> float:
+    return mean_t95(values)[1]
+
+
 def _machine() -> str:
     return device_name("cpu")
 
@@ -172,7 +185,7 @@ def _plot(out: Path, problems, values: pd.DataFrame) -> None:
         sub = values[(values.problem == p.name) & (values.adapt != "own")].copy()
         sub["k"] = sub.adapt.astype(int)
         scale = 100.0 if p.kind == "image" else 1.0
-        stats = sub.groupby(["method", "k"]).value.agg(["mean", ci95])
+        stats = sub.groupby(["method", "k"]).value.agg(mean="mean", ci95=_half_t95)
         for m in METHODS:
             if m in stats.index.get_level_values(0):
                 s = stats.loc[m]
@@ -204,13 +217,16 @@ def write_horizon(
     lams: dict,
     seeds,
     seconds: float,
+    raw: bool = True,
 ) -> None:
-    """The horizon experiment's table (accuracy and cost against N) and plot."""
+    """The horizon experiment's table (accuracy and cost against N) and plot (and with
+    ``raw``, runs.csv and values.csv.gz)."""
     out.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(out / "runs.csv", index=False)
-    values.to_csv(out / "values.csv.gz", index=False)
+    if raw:
+        runs.to_csv(out / "runs.csv", index=False)
+        values.to_csv(out / "values.csv.gz", index=False)
     own = values[values.adapt == "own"]
-    acc = own.groupby(["method", "inner_steps"]).value.agg(["mean", ci95])
+    acc = own.groupby(["method", "inner_steps"]).value.agg(mean="mean", ci95=_half_t95)
     cost = (
         runs[runs.adapt == "own"]
         .groupby(["method", "inner_steps"])

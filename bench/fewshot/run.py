@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .evaluation import ci95, evaluate
+from ..intervals import mean_t95
+from .evaluation import evaluate
 from .methods import train_method
 from .problems import METHODS, VAL_SEED, Problem, data_for
 
@@ -174,7 +175,7 @@ def run(
                     "adapt": key,
                     "tasks": len(vals),
                     "mean": series.mean(),
-                    "ci95": ci95(series),
+                    "ci95": mean_t95(series)[1],
                     **cost,
                 }
             )

@@ -1,6 +1,7 @@
 """fewshot-speed's workload and the libraries that run it: the model, the tasks, and one
-meta-iteration per library (effmaml's fronts, higher, TorchOpt's MetaSGD and implicit
-differentiation, a plain torch.func loop), each in its family with its reference."""
+meta-iteration per library (effmaml's fronts, higher and TorchOpt's MetaSGD through the
+sweep's adapters in ``bench.peers``, TorchOpt's implicit differentiation, a plain
+torch.func loop), each in its family with its reference."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import effmaml
 from ..fewshot.methods import IMAML_CG_DAMPING, IMAML_CG_STEPS
 from ..fewshot.problems import ce_loss
 from ..models import build_model
+from ..peers import Higher, TorchOpt
 
 __all__ = [
     "FAMILIES",
@@ -112,35 +114,20 @@ def _effmaml(strategy: str) -> Callable[[nn.Module, Speed], Step]:
     return setup
 
 
-def _higher(model: nn.Module, cfg: Speed) -> Step:
-    import higher
+def _peer(cls: type[Higher] | type[TorchOpt]) -> Callable[[nn.Module, Speed], Step]:
+    """A peer of ``bench.peers``, the sweep's adapter: each task's support set at every
+    step."""
 
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    def setup(model: nn.Module, cfg: Speed) -> Step:
+        peer = cls(model, cfg.lr)
 
-    def step(tasks: list[Task], n: int) -> None:
-        for support, query in tasks:
-            with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (f, diffopt):
-                for _ in range(n):
-                    diffopt.step(ce_loss(f, support))
-                ce_loss(f, query).backward()
+        def step(tasks: list[Task], n: int) -> None:
+            for support, query in tasks:
+                peer(ce_loss, [support] * n, query)
 
-    return step
+        return step
 
-
-def _torchopt(model: nn.Module, cfg: Speed) -> Step:
-    import torchopt
-
-    inner = torchopt.MetaSGD(model, lr=cfg.lr)
-
-    def step(tasks: list[Task], n: int) -> None:
-        for support, query in tasks:
-            state = torchopt.extract_state_dict(model, by="reference")
-            for _ in range(n):
-                inner.step(ce_loss(model, support))
-            ce_loss(model, query).backward()
-            torchopt.recover_state_dict(model, state)
-
-    return step
+    return setup
 
 
 def _torchopt_implicit(model: nn.Module, cfg: Speed) -> Step:
@@ -231,8 +218,8 @@ LIBRARIES: dict[str, Library] = {
     "effmaml naive": Library(_effmaml("naive")),
     "effmaml auto": Library(_effmaml("auto")),
     "effmaml checkpoint": Library(_effmaml("checkpoint")),
-    "higher": Library(_higher, peer=True),
-    "torchopt": Library(_torchopt, peer=True),
+    "higher": Library(_peer(Higher), peer=True),
+    "torchopt": Library(_peer(TorchOpt), peer=True),
     "torch.func loop": Library(_func_loop, peer=True),
     "effmaml implicit": Library(_effmaml("implicit"), family="imaml"),
     "torchopt implicit": Library(_torchopt_implicit, family="imaml", peer=True),

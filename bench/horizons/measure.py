@@ -1,7 +1,7 @@
 """Peak memory and time of one outer step, each measured in a fresh process.
 
 ``python -m bench.horizons --child MODE PROBLEM METHOD``: MODE ``memory`` (started with
-``MALLOC_MMAP_THRESHOLD_``, ``bench.bilevel.common.child``) or ``time`` (without);
+``MALLOC_FOR_MEASURING``, ``bench.isolated.run_child``) or ``time`` (without);
 PROBLEM a dataset of the schedule experiment (``mnist1d``, ``digits``) or ``distill``;
 METHOD ``exact``, ``truncated K``, ``naive`` or ``online HD``. One outer step warms up
 (the probe, allocator, caches), then memory: the peak resident bytes of one more above
@@ -26,7 +26,8 @@ import torch
 from effmaml.measure import PeakMemory
 
 from ..bilevel import distill as bd
-from ..bilevel.common import child, digits
+from ..bilevel.common import digits
+from ..isolated import run_child
 from .meta import Method, method, outer_step
 from .problem import KNOTS, setup, train_hd
 
@@ -112,8 +113,8 @@ def measure(
     else both in this one: the tests' quick run, whose numbers mean nothing)."""
     args = [problem, name, str(steps), str(batch), json.dumps(extra or {})]
     if fresh:
-        mem = child("bench.horizons", ["--child", "memory", *args])
-        tim = child("bench.horizons", ["--child", "time", *args], memory=False)
+        mem = run_child("bench.horizons", ["--child", "memory", *args], memory=True, check=True)
+        tim = run_child("bench.horizons", ["--child", "time", *args], check=True)
     else:
         mem, tim = main(["memory", *args]), main(["time", *args])
     return {"problem": problem, "method": name, **mem, "seconds": tim["seconds"]}

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..bilevel.common import mean_ci
+from ..intervals import mean_t95
 
 __all__ = ["compare", "headline", "plot_schedules", "summary", "write_scores"]
 
@@ -26,7 +26,7 @@ def _f(x: float, digits: int = 3) -> str:
 def _ci(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     if not all(map(math.isfinite, values)):
         return "diverged"
-    m, h = mean_ci([scale * v for v in values])
+    m, h = mean_t95([scale * v for v in values])
     return f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
@@ -43,7 +43,7 @@ def compare(d: dict, a: str, b: str, key: str) -> tuple[float, float]:
     """Mean and 95% half-width of ``a − b`` in ``key`` over the test seeds (paired: the
     same initialisations and minibatches)."""
     diffs = [x - y for x, y in zip(_vals(d, a, key), _vals(d, b, key))]
-    return mean_ci(diffs)
+    return mean_t95(diffs)
 
 
 def _best_truncated(d: dict) -> str:
@@ -195,7 +195,7 @@ def _distill(dist: dict, cfg: dict) -> list[str]:
         kind: [r["test_acc"] for r in runs if r["kind"] == kind] for kind in ("exact", "truncated")
     }
     diffs = [a - b for a, b in zip(accs["exact"], accs["truncated"])]
-    m, h = mean_ci(diffs)
+    m, h = mean_t95(diffs)
     mem = {r["method"]: r for r in dist.get("costs", [])}
     out = [
         "## Dataset distillation at N = " + str(n) + ": exact against truncated",
@@ -250,7 +250,7 @@ def headline(raw: dict) -> str:
     if dist and dist.get("runs"):
         cfg = raw["settings"]
         acc = {
-            k: mean_ci([100 * r["test_acc"] for r in dist["runs"] if r["kind"] == k])
+            k: mean_t95([100 * r["test_acc"] for r in dist["runs"] if r["kind"] == k])
             for k in ("exact", "truncated")
         }
         line += (

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..bilevel.common import Split, child
+from ..bilevel.common import Split
+from ..isolated import run_child
 from . import meta
 from .meta import HELD_OUT, MetaConfig
 from .tasks import Task, train
@@ -163,7 +164,12 @@ def agreement_and_memory(cfg: Settings, out: Path, quick: bool) -> list[dict[str
         for strategy, options in runs:
             path = out / f".grad_{n}_{strategy}.pt"
             argv = ["--child", str(n), strategy, options, str(path)]
-            r = child("bench.learned_optimizer", argv + (["--quick"] if quick else []))
+            r = run_child(
+                "bench.learned_optimizer",
+                argv + (["--quick"] if quick else []),
+                memory=True,
+                check=True,
+            )
             g = torch.load(path)
             path.unlink()
             ref = g if ref is None else ref

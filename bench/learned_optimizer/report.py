@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..bilevel.common import mean_ci
+from ..intervals import mean_t95
 
 __all__ = ["BASELINES", "UNTRAINED", "headline", "held_out_rows", "summary", "write"]
 
@@ -109,7 +109,7 @@ def _cell(values: Sequence[float], digits: int = 3) -> str:
     ok = [v for v in values if math.isfinite(v)]
     if not ok:
         return f"diverged {bad}/{len(values)}"
-    mean, half = mean_ci(ok)
+    mean, half = mean_t95(ok)
     text = f"{mean:.{digits}f} ± {half:.{digits}f}"
     return text + (f" (diverged {bad}/{len(values)})" if bad else "")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..fewshot.evaluation import ci95, mean_ci
+from ..intervals import format_mean_t95, mean_t95
 from .experiment import CURVE_TASKS, EVAL_QUERIES, METHODS, VAL_QUERIES
 
 __all__ = ["CONTEXT", "PUBLISHED", "curves_frame", "results_frame", "values_frame", "write"]
@@ -103,7 +103,7 @@ def _key(job: dict) -> dict:
 
 
 def _cell(values: pd.Series) -> str:
-    return mean_ci(values, digits=1) if len(values) else "—"
+    return format_mean_t95(values, digits=1) if len(values) else "—"
 
 
 def _config(config: dict) -> str:
@@ -353,7 +353,7 @@ def _plot_runs(out: Path, values: pd.DataFrame, methods, baselines, sets) -> Non
         for m in names:
             v = runs[(runs.method == m) & ((runs.set == s) | (runs.set == ""))].value
             means.append(v.mean())
-            errs.append(ci95(v))
+            errs.append(mean_t95(v)[1])
         xs = [i + (j - (len(sets) - 1) / 2) * width for i in range(len(names))]
         ax.bar(xs, means, width, yerr=errs, capsize=2, label=f"trained on {s}")
     for who, err, _ in PUBLISHED:

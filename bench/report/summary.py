@@ -197,7 +197,7 @@ def reference_note(df: pd.DataFrame) -> str:
 
 def peers_note(df: pd.DataFrame) -> str:
     """The peers this preset ran, their versions and state, and learn2learn's status."""
-    from ..workload import PEER_STATUS
+    from ..peers import PEER_STATUS
 
     ran = [p for p in PEER_STATUS if "peer" in df and (df.peer.astype(str) == p).any()]
     if not ran:
