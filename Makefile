@@ -94,7 +94,8 @@ bilevel: $(SETUP)
 # the short-horizon bias measured: a 1000-step learning-rate schedule meta-learned by the
 # exact hypergradient, by truncated ones (K = 1, 10, 100) and by online hypergradient
 # descent, against the tuned constant and cosine; distillation at N = 300, exact against
-# RaT-BPTT's random window of 60 -> results/horizons/ (`--report-only` rebuilds the summary)
+# RaT-BPTT's random window of 60 -> results/horizons/ (about 45 minutes on 2 idle cores; a run
+# stopped between its stages starts again from the next; `--report-only` rebuilds the summary)
 horizons: $(SETUP)
 	$(PY) -m bench.horizons
 
