@@ -110,16 +110,34 @@ def test_peers_are_the_libraries_effmaml_is_compared_with():
 
 
 def test_torchopt_here_is_the_sweeps_adapter_and_leaves_the_model_as_it_was():
-    """One adapter per peer (bench.peers): fewshot-speed's TorchOpt restores the BatchNorm
-    statistics its in-place forward moved, as the sweep's always did."""
+    """One adapter per peer (bench.peers): fewshot-speed's TorchOpt is the sweep's, which
+    restores the BatchNorm statistics its in-place forward moved (fewshot-speed's Conv-4
+    keeps none; a model that does shows it) and the parameters it stepped in place."""
     pytest.importorskip("torchopt")
+    from bench.fewshot_speed import libraries
+    from bench.peers import TorchOpt
+
     device = torch.device("cpu")
     model = make_model(TOY, device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     LIBRARIES["torchopt"].setup(model, TOY)(make_tasks(TOY, device), 2)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert any("running" in k for k in before)  # Conv-4 has BatchNorm statistics to move
+    assert libraries.TorchOpt is TorchOpt  # the sweep's adapter, not a copy
+
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    assert any("running" in k for k in before)
+
+    def loss(m, batch):
+        return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    TorchOpt(bn, 0.1)(loss, [batch] * 3, batch)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is not None for p in bn.parameters())
 
 
 @pytest.mark.parametrize(
