@@ -54,6 +54,7 @@ def test_the_summary_is_rebuilt_from_the_raw_data_alone(quick, tmp_path):
     text = (quick / "summary.md").read_text()
     for phrase in ("## digits", "exact −", "## The cost of one outer step", "Dataset distillation"):
         assert phrase in text
+    assert "when the cost of one outer step was measured" in text  # the load the times saw
     assert (quick / "schedules.png").stat().st_size > 1000
 
 

@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     resumed: list[str] = []
     datasets = _stage(out, "datasets", settings, lambda: run(cfg), resumed)
     distilled = _stage(out, "distill", settings, lambda: run_distill(cfg), resumed)
+    before_costs = os.getloadavg()[0]
     costs, dist_costs = run_costs(cfg, args.quick)
     env = {
         **environment("cpu"),
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         "minutes": (time.time() - start) / 60,
         "cpu_minutes": _cpu_seconds() / 60,
         "load": load,
+        # the times below are read against this: the costs phase measures one at a time
+        "load_costs": [before_costs, os.getloadavg()[0]],
         "resumed_stages": resumed,
     }
     raw = {

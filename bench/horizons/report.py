@@ -76,6 +76,14 @@ def _verdict(name: str, d: dict) -> list[str]:
     return out
 
 
+def _costs_load(env: dict[str, Any]) -> str:
+    """The load while the outer steps were timed (recorded since 2026-12-05), or ""."""
+    if "load_costs" not in env:
+        return ""
+    a, b = env["load_costs"]
+    return f", {a:.1f} and {b:.1f} when the cost of one outer step was measured"
+
+
 def _resumed(env: dict[str, Any]) -> str:
     """What the wall and CPU minutes leave out: stages an earlier invocation ran."""
     stages = env.get("resumed_stages") or []
@@ -100,7 +108,8 @@ def summary(raw: dict[str, Any]) -> str:
         "",
         f"{env['device']}, torch {env['torch']}, git {env['git']}, {env['date']}; "
         f"{env['minutes']:.1f} minutes wall ({env['cpu_minutes']:.1f} CPU-minutes over "
-        f"{cfg['workers']} worker processes, load average {env['load']:.1f} at the start) "
+        f"{cfg['workers']} worker processes, load average {env['load']:.1f} at the start"
+        f"{_costs_load(env)}) "
         f"(`make horizons`){_resumed(env)}. Every figure below is computed from `raw.json` "
         f"in this folder (`python -m bench.horizons --report-only`).",
         "",
@@ -174,7 +183,9 @@ def _costs(raw: dict) -> list[str]:
         "time of 3 (measured in another process, without the allocator setting that "
         "memory needs). A truncated window is placed at the end here (the longest unroll "
         "a random window draws; its memory does not depend on where it lies); naive is "
-        "the exact hypergradient without recomputation, for reference.",
+        "the exact hypergradient without recomputation, for reference. Times move with "
+        "other work on the machine (the load is in the header): compare them within the "
+        "table.",
         "",
         "| problem | method | run | peak (MiB) | predicted (MiB) | seconds |",
         "|---|---|---|---|---|---|",
