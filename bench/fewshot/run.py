@@ -60,7 +60,7 @@ def importable(fn) -> None:
         ValueError: ``fn`` is not importable; move it to a module and import it.
     """
     module, name = getattr(fn, "__module__", "") or "", getattr(fn, "__qualname__", "")
-    if module.split(".")[-1] == "__main__" or "<" in name or "." in name:
+    if module.split(".")[-1] == "__main__" or "<" in name:  # <lambda>, f.<locals>.g
         raise ValueError(
             f"pool job {module}.{name} cannot run in a spawned worker: a worker imports the "
             "function by its module and name, and a __main__ module, a lambda or a local "
