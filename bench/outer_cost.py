@@ -74,7 +74,8 @@ def memory(name: str, steps: int, data: bool) -> dict[str, int]:
     strategy, kw = SCHEDULES[name]
     maml = effmaml.MAML(model, _loss, effmaml.SGD(0.1), strategy, **kw)
     # the prediction for these batches: their gradient buffers (views of x) included
-    _, pred = maml.strategy.plan(maml.problem(batches)[0], maml.measure(batches[0]))
+    pred = maml.strategy.plan(maml.problem(batches)[0], maml.measure(batches[0])).prediction
+    assert pred is not None
     with PeakMemory("cpu") as peak:
         _loss(maml.adapt(batches), query).backward()
     return {"measured": peak.peak, "predicted": pred.peak_bytes}

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "MAML": "maml",
     "Adapted": "adapted",
-    "RepeatedBatch": "step",
+    "RepeatedBatch": "sources",
     "SGD": "optim",
     "Adam": "optim",
     "AdamW": "optim",
@@ -43,6 +43,7 @@ _EXPORTS = {
             "Implicit",
             "Naive",
             "Offload",
+            "Plan",
             "Revolve",
             "RunFacts",
             "Strategy",
@@ -84,6 +85,7 @@ __all__ = [
     "Naive",
     "Offload",
     "PerStepBatchNorm",
+    "Plan",
     "RMSprop",
     "RepeatedBatch",
     "Revolve",
@@ -131,7 +133,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .maml import MAML
     from .optim import SGD, Adagrad, Adam, AdamW, RMSprop
     from .perstep import PerStepBatchNorm, msl_weights, per_step_batchnorm
-    from .step import RepeatedBatch, at_step
+    from .sources import RepeatedBatch
+    from .step import at_step
     from .strategies import (
         STRATEGIES,
         Auto,
@@ -140,6 +143,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         Implicit,
         Naive,
         Offload,
+        Plan,
         Revolve,
         RunFacts,
         Strategy,

@@ -14,7 +14,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from .module import FunctionalModel
-from .step import Runtime, at_step
+from .problem import NO_RECORDS, Records, Runtime
+from .step import at_step
 from .strategies import Outcome, RunFacts, Strategy
 
 __all__ = ["Adapted"]
@@ -85,6 +86,7 @@ class Adapted(FunctionalModel):
         query_loss: Tensor | None = None,
         query_losses: list[Tensor] | None = None,
         first_step: int = 0,
+        records: Records = NO_RECORDS,
     ) -> None:
         self.buffers = Buffers(buffers)
         super().__init__(model, {**fixed, **params}, self.buffers)
@@ -100,6 +102,7 @@ class Adapted(FunctionalModel):
         self.query_loss = query_loss
         self.query_losses = [q.detach() for q in query_losses or []]
         self.first_step = first_step
+        self._records = records  # what the run recorded (the witness its backward checks)
 
     @classmethod
     def from_outcome(
@@ -125,6 +128,7 @@ class Adapted(FunctionalModel):
             out.query_loss,
             out.queries,
             first_step,
+            out.records,
         )
 
     @property

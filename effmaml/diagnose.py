@@ -23,9 +23,11 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .checks import find_no_double_backward
+from .module import FunctionalModel
+from .problem import InnerProblem
 from .replay import forked_rng
 from .state import Consts, InnerState
-from .step import FunctionalModel, InnerProblem, step_context
+from .step import step_context
 from .substitutes import NODES
 
 __all__ = ["NoDoubleBackwardError", "culprit", "no_double_backward_error"]

@@ -37,9 +37,10 @@ from torch import Tensor
 from .checks import find_no_double_backward, is_no_double_backward
 from .diagnose import NoDoubleBackwardError, culprit, no_double_backward_error
 from .outer import OuterTensors
+from .problem import InnerProblem, Records, Runtime
 from .replay import RngState, Witness, capture_rng, replay_rng
 from .state import Consts, InnerState, Spec
-from .step import InnerProblem, Runtime, inner_step
+from .step import inner_step
 
 __all__ = [
     "BackwardAgainError",
@@ -58,6 +59,7 @@ __all__ = [
 def advance(
     problem: InnerProblem,
     rt: Runtime,
+    rec: Records,
     state: InnerState,
     a: int,
     b: int,
@@ -69,6 +71,7 @@ def advance(
     Args:
         problem: the problem.
         rt: the call's runtime.
+        rec: the execution's records (``effmaml.problem.Records``).
         state: the state before step ``a``.
         a: first step.
         b: one past the last step.
@@ -90,7 +93,7 @@ def advance(
         if keep is not None:
             keep(state, capture_rng(problem.rng_devices))
         new, loss, query = inner_step(
-            problem, rt, state.detached(requires_grad=True), t, consts, create_graph=graph
+            problem, rt, rec, state.detached(requires_grad=True), t, consts, create_graph=graph
         )
         state = new.detached(requires_grad=False)
         losses.append(loss.detach())
@@ -101,6 +104,7 @@ def advance(
 def pullback(
     problem: InnerProblem,
     rt: Runtime,
+    rec: Records,
     state: InnerState,
     rng: RngState,
     a: int,
@@ -118,6 +122,7 @@ def pullback(
     Args:
         problem: the problem.
         rt: the call's runtime.
+        rec: the execution's records (``effmaml.problem.Records``).
         state: the stored state before step ``a``.
         rng: the RNG state before step ``a`` (dropout replays).
         a: first step.
@@ -133,7 +138,7 @@ def pullback(
             ``a .. b-1`` (shape ``(b - a,)``); each is added into the cotangent as the
             pullback passes its state (Note [The multi-step loss under recomputation]).
         outer: stand-ins of the outer tensors these steps read that need a gradient
-            (leaves that ``rt.outer`` hands to the steps in their place, ``effmaml.outer``).
+            (leaves that ``rec.outer`` hands to the steps in their place, ``effmaml.outer``).
 
     Returns:
         ``(grad_a, grad_consts, grad_outer)``: the cotangent at ``state`` (same form as
@@ -155,7 +160,7 @@ def pullback(
         s = s0
         losses, queries = [], []
         for t in range(a, b):
-            s, loss, query = inner_step(problem, rt, s, t, c, create_graph=True)
+            s, loss, query = inner_step(problem, rt, rec, s, t, c, create_graph=True)
             losses.append(loss)
             queries.append(query)
     if inspect is not None:
@@ -172,7 +177,7 @@ def pullback(
         [*s.flat(differentiable_only=True), *losses, *(q for q in queries if q is not None)]
     )
     if found is not None:
-        raise _no_double_backward(problem, rt, state, rng, a, b, consts, "")
+        raise _no_double_backward(problem, rt, rec, state, rng, a, b, consts, "")
     outputs: list[Tensor] = []
     cotangents: list[Tensor] = []
     for v, g in zip(s.flat(differentiable_only=True), grad_b.flat(differentiable_only=True)):
@@ -197,7 +202,7 @@ def pullback(
     except (RuntimeError, NotImplementedError) as err:
         if isinstance(err, NoDoubleBackwardError) or not is_no_double_backward(err):
             raise
-        raise _no_double_backward(problem, rt, state, rng, a, b, consts, str(err)) from err
+        raise _no_double_backward(problem, rt, rec, state, rng, a, b, consts, str(err)) from err
     grad_a = [_or_zeros(g, v) for g, v in zip(grads[:n_s], inputs[:n_s])]
     it = iter(grads[n_s:n_c])
     g_consts = [next(it) if need else None for need in need_consts]
@@ -207,6 +212,7 @@ def pullback(
 def _no_double_backward(
     problem: InnerProblem,
     rt: Runtime,
+    rec: Records,
     state: InnerState,
     rng: RngState,
     a: int,
@@ -224,7 +230,7 @@ def _no_double_backward(
             found = culprit(problem, s, consts, t)
             if found or t == b - 1:
                 return no_double_backward_error(problem, s, consts, detail, t, found)
-            s, _, _ = advance(problem, rt, s, t, t + 1, consts)
+            s, _, _ = advance(problem, rt, rec, s, t, t + 1, consts)
     raise AssertionError("unreachable: a pullback covers at least one step")
 
 
@@ -235,6 +241,7 @@ def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
 def advance_to(
     problem: InnerProblem,
     rt: Runtime,
+    rec: Records,
     state: InnerState,
     rng: RngState,
     a: int,
@@ -245,7 +252,7 @@ def advance_to(
     if a == b:
         return state, rng
     with replay_rng(rng):
-        out, _, _ = advance(problem, rt, state, a, b, consts)
+        out, _, _ = advance(problem, rt, rec, state, a, b, consts)
         return out, capture_rng(problem.rng_devices)
 
 
@@ -324,6 +331,7 @@ class Schedule:
         self,
         problem: InnerProblem,
         rt: Runtime,
+        rec: Records,
         state0: InnerState,
         rng0: RngState,
         consts: Consts,
@@ -336,6 +344,7 @@ class Schedule:
         self,
         problem: InnerProblem,
         rt: Runtime,
+        rec: Records,
         memo: object,
         state0: InnerState,
         rng0: RngState,
@@ -397,7 +406,7 @@ class _Unroll(torch.autograd.Function):
         run: _Run = ctx.run
         if run.memo is None:  # the first backward used the stored states up
             raise backward_again_error(f"strategy {run.label or type(run.schedule).__name__}")
-        problem, rt, spec = run.problem, run.rt, run.state_spec
+        problem, rt, rec, spec = run.problem, run.rt, run.rec, run.state_spec
         flat = ctx.saved_tensors
         n_c = run.consts_spec.size
         n_in = spec.size + n_c
@@ -411,7 +420,7 @@ class _Unroll(torch.autograd.Function):
         assert len(need) == n_c and len(need_outer) == len(flat) - n_in
         # Note [Outer tensors under recomputation]
         # The steps read the outer tensors themselves (a batch, loss_fn's closure); while
-        # they run again here, rt.outer hands each torch function a leaf sharing the outer
+        # they run again here, rec.outer hands each torch function a leaf sharing the outer
         # tensor's storage instead, so the pullback's autograd.grad differentiates with
         # respect to it, and the gradient leaves this Function for the outer tensor: into
         # the graph it came from (a view of a learned leaf, augment(x, θ), G(z)).
@@ -423,11 +432,12 @@ class _Unroll(torch.autograd.Function):
         def pull(state_a: InnerState, rng_a: RngState, a: int, b: int) -> None:
             # the schedule must hand over consecutive ranges, last first
             assert b == expect[0], (a, b, expect[0])
-            wanted = [] if rt.outer is None else rt.outer.read_by(a, b)
+            wanted = [] if rec.outer is None else rec.outer.read_by(a, b)
             wanted = [i for i in wanted if need_outer[i]]
             grad[0], g_c, g_o = pullback(
                 problem,
                 rt,
+                rec,
                 state_a,
                 rng_a,
                 a,
@@ -448,15 +458,17 @@ class _Unroll(torch.autograd.Function):
 
         memo, run.memo = run.memo, None
         with contextlib.ExitStack() as stack:
-            if rt.outer is not None:
-                stack.enter_context(rt.outer.substituting(stand_ins))
-            run.schedule.backward(problem, rt, memo, state0.detached(False), run.rng0, consts, pull)
+            if rec.outer is not None:
+                stack.enter_context(rec.outer.substituting(stand_ins))
+            run.schedule.backward(
+                problem, rt, rec, memo, state0.detached(False), run.rng0, consts, pull
+            )
         assert expect[0] == run.schedule.start
-        if rt.outer is not None:
-            rt.outer.release()
+        if rec.outer is not None:
+            rec.outer.release()
         rt.host_peak_bytes = max(rt.host_peak_bytes, run.schedule.store.host_bytes())
-        if rt.witness is not None:
-            rt.witness.verify()
+        if rec.witness is not None:
+            rec.witness.verify()
         return (None, *spec.full(grad[0]), *acc, *acc_outer)
 
 
@@ -474,6 +486,7 @@ class _Run:
 
     problem: InnerProblem
     rt: Runtime
+    rec: Records
     schedule: Schedule
     state_spec: Spec[InnerState]
     consts_spec: Spec[Consts]
@@ -494,13 +507,13 @@ def run_schedule(
     consts: Consts,
     schedule: Schedule,
     label: str = "",
-) -> tuple[InnerState, Tensor, Tensor]:
+) -> tuple[InnerState, Tensor, Tensor, Records]:
     """Run the unroll under ``schedule``; the result is differentiable w.r.t. the inputs
     and every outer tensor the steps read (``effmaml.outer``).
 
     Args:
         problem: the problem.
-        rt: the call's runtime; its witness and outer-tensor record are set here.
+        rt: the call's runtime (counts, the host store's peak).
         state0: the state at ``schedule.start`` (the initial one, params θ, optimizer
             state and buffers, for every exact schedule).
         consts: constants (fixed params, tensor hyper-parameters, θ₀).
@@ -508,14 +521,17 @@ def run_schedule(
         label: the strategy as run, for messages (``checkpoint(segment=5, ...)``).
 
     Returns:
-        ``(state_N, losses, queries)``, the inner and query losses of shape ``(N,)``.
+        ``(state_N, losses, queries, records)``: the inner and query losses of shape
+        ``(N,)``, and the run's ``Records`` (the outer tensors the steps read, the
+        witness that checks the recomputations in backward).
     """
     # Note [Checking that a recomputation saw the same batch]
     # The forward pass records each step's loss and batch fingerprint; every step run
     # again in backward is compared with them on the device, and the backward ends with one
     # check (one host sync) that raises if a batch source gave another batch for an index.
-    rt.witness = Witness(problem.steps, problem.device, problem.autocast)
-    rt.outer = OuterTensors(problem.steps)
+    rec = Records(
+        OuterTensors(problem.steps), Witness(problem.steps, problem.device, problem.autocast)
+    )
     # Note [The forward pass before the Function]
     # The forward pass runs before the custom Function is applied (without graph, as a
     # Function's forward would), so that the outer tensors it finds can be the Function's
@@ -523,11 +539,12 @@ def run_schedule(
     rng0 = capture_rng(problem.rng_devices)
     with torch.no_grad():
         state, losses, queries, memo = schedule.forward(
-            problem, rt, state0.detached(requires_grad=False), rng0, consts
+            problem, rt, rec, state0.detached(requires_grad=False), rng0, consts
         )
     rt.host_peak_bytes = max(rt.host_peak_bytes, schedule.store.host_bytes())
-    run = _Run(problem, rt, schedule, state0.spec(), consts.spec(), rng0, memo, label=label)
+    run = _Run(problem, rt, rec, schedule, state0.spec(), consts.spec(), rng0, memo, label=label)
     run.result = (state, losses, queries)
-    out = _Unroll.apply(run, *state0.flat(), *consts.flat(), *rt.outer.tensors)
+    assert rec.outer is not None
+    out = _Unroll.apply(run, *state0.flat(), *consts.flat(), *rec.outer.tensors)
     state, _ = run.state_spec.split(out[:-2])
-    return state, out[-2], out[-1]
+    return state, out[-2], out[-1], rec

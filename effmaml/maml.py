@@ -17,18 +17,11 @@ from .costs import Prediction, Probe
 from .inner import InnerOptimizer
 from .memory import parse_bytes
 from .probe import probe
-from .sources import OnePass, as_source, check_buffers
-from .step import (
-    Consts,
-    InnerProblem,
-    InnerState,
-    LossFn,
-    RepeatedBatch,
-    Runtime,
-    Settings,
-    check_loss_fn,
-)
-from .strategies import Auto, Strategy, make_strategy
+from .problem import InnerProblem, LossFn, Runtime, Settings
+from .sources import OnePass, RepeatedBatch, as_source, check_buffers
+from .state import Consts, InnerState
+from .step import check_loss_fn
+from .strategies import Auto, Plan, Strategy, make_strategy
 from .substitutes import needs_substitutes
 
 __all__ = ["MAML", "RepeatedBatch"]
@@ -324,8 +317,8 @@ class MAML:
         else:
             rt.callback = callback
         problem = planned
-        self.strategy.check_budget(problem, rt, state0, consts)
-        out = self.strategy.run(problem, rt, state0, consts)
+        pr = probe(problem, rt, state0, consts) if self.strategy.wants_probe(problem) else None
+        out = self.strategy.plan(problem, pr).execute(rt, state0, consts)
         return Adapted.from_outcome(
             self.model, out, consts.fixed, rt, self.strategy, problem.first_step
         )
@@ -377,28 +370,40 @@ class MAML:
 
         Returns:
             label -> ``Prediction`` (labels like
-            ``"checkpoint(segment=7, pullback='step')"``).
+            ``"checkpoint(segment=7, pullback='step')"``): each strategy's ``plan``
+            (``adapt`` executes the same plan); a named strategy over the budget is
+            predicted all the same (its default plan: ``adapt`` is what refuses it), and a
+            candidate over it is left out.
         """
-        problem, _, _ = self.problem(batch, steps)
+        problem, state0, consts = self.problem(batch, steps)
         problem = _with_query(problem, query, step_weights)
-        if memory_budget is not None:
-            problem = problem.with_settings(memory_budget=parse_bytes(memory_budget))
-        if host_memory_budget is not None:
-            problem = problem.with_settings(host_memory_budget=parse_bytes(host_memory_budget))
-        pr = self.measure(batch, query)
+        budgets = {"memory_budget": memory_budget, "host_memory_budget": host_memory_budget}
+        given = {k: parse_bytes(v) for k, v in budgets.items() if v is not None}
+        if given:
+            problem = problem.with_settings(**given)
+        # as a following adapt with batches like it sees the probe: cached, at no cost
+        pr = dataclasses.replace(
+            probe(problem, self.runtime(), state0, consts), evals=0, seconds=0.0
+        )
         if strategy is not None:
-            chosen = [make_strategy(strategy, **options)]
-        elif options:
+            st = make_strategy(strategy, **options)
+            try:
+                p = st.plan(problem, pr)
+            except MemoryError:  # predicted all the same: adapt is what refuses to run it
+                p = st.plans(problem, pr)[0]
+            return {p.label: _predicted(p)}
+        if options:
             raise TypeError(
                 f"estimate got strategy options {sorted(options)} without a strategy; name "
                 f"the strategy they belong to, e.g. estimate(batch, n, 'revolve', slots=4)"
             )
-        else:
-            chosen = Auto.candidates(problem)
         out: dict[str, Prediction] = {}
-        for st in chosen:
-            label, pred = st.plan(problem, pr)
-            out[label] = pred
+        for st in Auto.candidates(problem):
+            try:
+                p = st.plan(problem, pr)
+            except MemoryError:  # over the budget: not a candidate
+                continue
+            out[p.label] = _predicted(p)
         return out
 
     def problem(
@@ -540,3 +545,11 @@ def _with_query(
         if not all(math.isfinite(x) for x in w) or not any(w):
             raise ValueError(f"step_weights must be finite and not all zero (got {list(w)})")
     return dataclasses.replace(problem, query=query, step_weights=w)
+
+
+def _predicted(plan: Plan) -> Prediction:
+    if plan.prediction is None:
+        raise NotImplementedError(
+            f"strategy {plan.label} has no memory model: its plans() make no prediction"
+        )
+    return plan.prediction

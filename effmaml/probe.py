@@ -34,15 +34,11 @@ from .costs import Probe
 from .engine import pullback
 from .measure import clock, host_link
 from .memory import nbytes, saved_bytes
+from .module import FunctionalModel
+from .problem import NO_RECORDS, InnerProblem, Runtime
 from .replay import capture_rng, forked_rng, replay_rng
 from .state import Consts, InnerState
-from .step import (
-    FunctionalModel,
-    InnerProblem,
-    Runtime,
-    inner_step,
-    step_context,
-)
+from .step import inner_step, step_context
 
 __all__ = ["PROBE_EVALS", "probe", "signature"]
 
@@ -142,7 +138,20 @@ def probe(problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
             # an operation without double backward raises NoDoubleBackwardError here, named
             # (Note [A missing double backward inside a pullback])
             t0 = clock(device)
-            pullback(problem, rt, state0, rng, 0, 1, consts, need, cotangent, loss_grad, inspect)
+            pullback(
+                problem,
+                rt,
+                NO_RECORDS,
+                state0,
+                rng,
+                0,
+                1,
+                consts,
+                need,
+                cotangent,
+                loss_grad,
+                inspect,
+            )
             return clock(device) - t0, seen["graph_step"] - t0
 
         # the first pullback runs cold and counts what the step saves (its gradients are
@@ -183,7 +192,9 @@ def _first_order(
     t0 = clock(problem.device)
     s = state0.detached(requires_grad=True)
     with saved_bytes() as count:
-        out, loss, _ = inner_step(problem, rt, s, 0, consts.detached(), create_graph=False)
+        out, loss, _ = inner_step(
+            problem, rt, NO_RECORDS, s, 0, consts.detached(), create_graph=False
+        )
         # a first-order step frees its graph inside autograd.grad; what it keeps alive at
         # its peak is the forward's saved tensors
     del out, loss

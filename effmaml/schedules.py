@@ -27,9 +27,9 @@ from typing import NamedTuple
 from torch import Tensor
 
 from .engine import Handle, Pull, Schedule, Store, advance, advance_to
+from .problem import InnerProblem, Records, Runtime
 from .replay import RngState, capture_rng, replay_rng
 from .state import Consts, InnerState
-from .step import InnerProblem, Runtime
 
 __all__ = [
     "Action",
@@ -84,6 +84,7 @@ class UniformSchedule(Schedule):
         self,
         problem: InnerProblem,
         rt: Runtime,
+        rec: Records,
         state0: InnerState,
         rng0: RngState,
         consts: Consts,
@@ -97,7 +98,7 @@ class UniformSchedule(Schedule):
             b = min(a + self.segment, steps)
             if a > 0:
                 stored.append((a, self.store.put(state), capture_rng(problem.rng_devices)))
-            state, seg_losses, seg_queries = advance(problem, rt, state, a, b, consts)
+            state, seg_losses, seg_queries = advance(problem, rt, rec, state, a, b, consts)
             losses += seg_losses
             queries += seg_queries
         return state, losses, queries, stored
@@ -106,6 +107,7 @@ class UniformSchedule(Schedule):
         self,
         problem: InnerProblem,
         rt: Runtime,
+        rec: Records,
         memo: object,
         state0: InnerState,
         rng0: RngState,
@@ -132,7 +134,7 @@ class UniformSchedule(Schedule):
                 keep.append((store.put(s), r))
 
             with replay_rng(rng_a):
-                last, _, _ = advance(problem, rt, state_a, a, b - 1, consts, keep=put)
+                last, _, _ = advance(problem, rt, rec, state_a, a, b - 1, consts, keep=put)
                 put(last, capture_rng(problem.rng_devices))
             del state_a, last
             for t in reversed(range(a, b)):
@@ -258,6 +260,7 @@ class RevolveSchedule(Schedule):
         self,
         problem: InnerProblem,
         rt: Runtime,
+        rec: Records,
         state0: InnerState,
         rng0: RngState,
         consts: Consts,
@@ -274,20 +277,20 @@ class RevolveSchedule(Schedule):
                 first = action
                 break
             assert action.src == pos, "the first descent advances from where it stands"
-            state, seg, seg_q = advance(problem, rt, state, pos, action.dst, consts)
+            state, seg, seg_q = advance(problem, rt, rec, state, pos, action.dst, consts)
             losses += seg
             queries += seg_q
             pos = action.dst
             if action.kind == "store":
                 stored[pos] = (state, capture_rng(problem.rng_devices))
         assert first is not None and pos <= first.src == steps - 1
-        state, seg, seg_q = advance(problem, rt, state, pos, steps - 1, consts)
+        state, seg, seg_q = advance(problem, rt, rec, state, pos, steps - 1, consts)
         losses += seg
         queries += seg_q
         # the global RNG is where step N-1 starts: run it in place, so that it moves on
         # exactly as naive's forward would leave it
         working = (steps - 1, state, capture_rng(problem.rng_devices))
-        final, seg, seg_q = advance(problem, rt, state, steps - 1, steps, consts)
+        final, seg, seg_q = advance(problem, rt, rec, state, steps - 1, steps, consts)
         losses += seg
         queries += seg_q
         del stored[0]  # the input; backward gets it again from the Function's saved tensors
@@ -298,6 +301,7 @@ class RevolveSchedule(Schedule):
         self,
         problem: InnerProblem,
         rt: Runtime,
+        rec: Records,
         memo: object,
         state0: InnerState,
         rng0: RngState,
@@ -322,7 +326,9 @@ class RevolveSchedule(Schedule):
             elif action.kind == "free":
                 stored.pop(action.src, None)
             else:
-                s, r = advance_to(problem, rt, *stored[action.src], action.src, action.dst, consts)
+                s, r = advance_to(
+                    problem, rt, rec, *stored[action.src], action.src, action.dst, consts
+                )
                 if action.kind == "store":
                     stored[action.dst] = (s, r)
                 else:

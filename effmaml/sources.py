@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .outer import grad_tensors
-from .step import RepeatedBatch
 
-__all__ = ["OnePass", "as_source", "check_buffers", "outer_bytes"]
+__all__ = ["OnePass", "RepeatedBatch", "as_source", "check_buffers", "move_to", "outer_bytes"]
 
 
 class OnePass(Sequence[Any]):
@@ -216,3 +216,39 @@ def check_buffers(model: nn.Module) -> None:
             f"parameters (module.register_parameter): they then adapt, or stay fixed with "
             f"params= and receive their meta-gradient; or detach them"
         )
+
+
+class RepeatedBatch(Sequence):
+    """One batch presented as a sequence of ``steps`` identical batches
+    (``adapt(batch, steps=N)`` builds one).
+
+    Args:
+        batch: the batch every step gets.
+        steps: N."""
+
+    def __init__(self, batch: Any, steps: int) -> None:
+        self.batch = batch
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, t: Any) -> Any:
+        if isinstance(t, slice):
+            return [self.batch] * len(range(*t.indices(self.steps)))
+        if not -self.steps <= t < self.steps:
+            raise IndexError(t)
+        return self.batch
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move every tensor inside ``batch`` (tensors, tuples, lists, dicts) to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to(b, device) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    return batch

@@ -1,4 +1,4 @@
-"""The one inner step that every strategy runs, and the problem it runs on.
+"""The one inner step that every strategy runs.
 
 ``inner_step(problem, rt, state, t, consts, create_graph)`` evaluates the user's loss on batch
 ``t`` with ``torch.func.functional_call`` (no deep copy and no patching of the user's
@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
-import functools
 import inspect
-import itertools
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,251 +26,29 @@ from . import module as _module_py
 from .clip import clip_backward
 from .inner import InnerOptimizer
 from .module import FunctionalModel
-from .outer import QUERY, OuterTensors, reading
-from .replay import AutocastState, Witness, capture_autocast, replay_autocast, rng_devices
+from .outer import reading
+from .problem import InnerProblem, LossFn, Records, Runtime
+from .replay import replay_autocast
 from .state import Consts, InnerState
 from .substitutes import substituted
 
 __all__ = [
-    "Consts",
-    "FunctionalModel",
-    "InnerProblem",
-    "InnerState",
-    "LossFn",
-    "RepeatedBatch",
-    "Runtime",
-    "Settings",
     "at_step",
     "attention_kernels",
-    "callback_stops",
+    "call_loss",
     "check_loss_fn",
     "current_step",
     "differentiable_ops",
     "inner_step",
-    "move_to",
     "query_loss",
     "step_context",
 ]
-
-LossFn = Callable[[Any, Any], Tensor]  # loss_fn(m, batch), m a FunctionalModel
-
-
-@dataclass(frozen=True)
-class Settings:
-    """A front's settings, resolved once by ``effmaml.MAML`` and embedded in every problem
-    it builds (frozen): what each layer below reads, under one meaning.
-
-    Three entries are resolved further where the information first exists, each in one
-    place, always by ``InnerProblem.with_settings``: ``exact_states`` None -> the probe's
-    answer (``effmaml.strategies.scheduled``), ``memory_budget`` None -> ``auto``'s
-    default budget (``effmaml.strategies.auto``), ``prox`` -> iMAML's λ inside
-    ``implicit`` (its inner objective is the proximal one by definition).
-
-    Attributes:
-        prox: λ of the proximal term (0 disables it).
-        clip: grad-of-grad clipping bound, or None.
-        update_running_stats: whether train-mode BatchNorm updates running statistics.
-        check_finite: raise on a non-finite inner loss (one host sync per step).
-        memory_budget: bytes the meta-gradient may use above the start (device memory, or
-            resident memory on a CPU), or None.
-        host_memory_budget: bytes of pinned host memory ``offload`` may hold, or None.
-        math_attention: run every inner step's scaled-dot-product attention with the math
-            kernel (Note [Attention kernels and double backward]).
-        substitute_ops: run every inner step under the twice-differentiable stand-ins of
-            ``effmaml.substitutes`` (Note [Substitutes under recomputation]).
-        exact_states: whether the forward pass's first-order advances compute each step's
-            gradient as a step with graph does (Note [States bitwise naive's]); None: the
-            probe decides, and a recomputing strategy runs with the resolved bool.
-    """
-
-    prox: float = 0.0
-    clip: float | None = None
-    update_running_stats: bool = True
-    check_finite: bool = True
-    memory_budget: int | None = None
-    host_memory_budget: int | None = None
-    math_attention: bool = False
-    substitute_ops: bool = False
-    exact_states: bool | None = None
-
-
-@dataclass(frozen=True)
-class InnerProblem:
-    """What one ``adapt`` call's inner problem is (frozen); built by ``effmaml.MAML``.
-
-    What a call does as it runs (counting, checking recomputations, the probe cache) is
-    its ``Runtime``, passed beside it.
-
-    Attributes:
-        model: the user's module (never mutated).
-        loss_fn: ``loss_fn(module_like, batch) -> scalar``.
-        inner: the differentiable inner optimizer.
-        batches: one batch per step (indexed again during recomputation).
-        device: where steps run; each batch is moved there only for its own step.
-        settings: the front's resolved settings (``Settings``).
-        autocast: the autocast state when ``adapt`` started; every inner step re-enters it
-            (Note [Autocast under recomputation]).
-        query: the query batch of a multi-step loss, or None.
-        step_weights: the multi-step loss's weights w_0..w_{N-1} (empty: none); the query
-            loss after step t counts w_t times.
-        first_step: the index in the whole inner loop of this problem's step 0 (an adapt
-            continued from an adapted model, ``adapt(..., start=adapted)``): what the
-            inner optimizer (Adam's bias correction, per-step rates) and per-step modules
-            (``current_step``) see is ``first_step + t``; batch t is still ``batches[t]``.
-    """
-
-    model: nn.Module
-    loss_fn: LossFn
-    inner: InnerOptimizer
-    batches: Sequence[Any]
-    device: torch.device
-    settings: Settings = field(default_factory=Settings)
-    autocast: AutocastState = field(default_factory=capture_autocast)
-    query: Any = None
-    step_weights: tuple[float, ...] = ()
-    first_step: int = 0
-
-    def with_settings(self, **changes: Any) -> InnerProblem:
-        """The same problem with some settings resolved further (``Settings``' docstring
-        lists the three places that do)."""
-        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, **changes))
-
-    def weight(self, t: int) -> float:
-        """The multi-step loss's weight of the query loss after step ``t`` (0 without one)."""
-        return self.step_weights[t] if self.step_weights else 0.0
-
-    @property
-    def steps(self) -> int:
-        """N, the number of inner steps."""
-        return len(self.batches)
-
-    @functools.cached_property
-    def rng_devices(self) -> tuple[torch.device, ...]:
-        """The devices whose generators a step may draw from besides the CPU's (dropout),
-        which a recomputation replays: where the batches go (``device``) and where the
-        model's parameters and buffers are (``effmaml.replay.rng_devices``)."""
-        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
-        return rng_devices([self.device, *(t.device for t in tensors)])
-
-    def batch(self, t: int) -> Any:
-        """Batch ``t`` on the device."""
-        return move_to(self.batches[t], self.device)
-
-
-def callback_stops(answer: object, t: int) -> bool:
-    """Whether a callback's ``answer`` after step ``t`` says to stop: True, or a bool
-    (a one-element boolean tensor such as ``loss < 0.3``, NumPy's bool); None and False go
-    on.
-
-    Raises:
-        TypeError: any other answer (a number, a string, a float tensor), which would
-            otherwise be read one way or the other silently.
-    """
-    if answer is None or answer is False or answer is True:
-        return bool(answer)
-    if isinstance(answer, Tensor) and answer.dtype == torch.bool and answer.numel() == 1:
-        return bool(answer)
-    if type(answer).__name__ == "bool_":  # NumPy's
-        return bool(answer)
-    raise TypeError(
-        f"callback(t, loss) returned {answer!r} after inner step {t}: return True to stop "
-        f"there, and None or False to go on (a one-element boolean tensor such as "
-        f"loss < 0.3 counts as a bool)"
-    )
-
-
-@dataclass
-class Runtime:
-    """What one ``adapt`` call does as it runs; one object per call, passed explicitly.
-
-    Attributes:
-        step_evals: inner-step evaluations so far (forward and recomputations).
-        witness: set by ``effmaml.engine.run_schedule`` for a recomputing run: records
-            each step's loss and batch in the forward pass and checks their recomputations
-            (Note [Checking that a recomputation saw the same batch]).
-        probes: the front's cache of probe results by batch signature
-            (``effmaml.probe.probe``); shared by the calls of one ``MAML``.
-        host_peak_bytes: the most pinned host memory the run's store held (``offload`` on
-            CUDA), updated after the forward pass and after backward.
-        outer: set by a strategy that differentiates through the steps without keeping
-            their graph: the tensors the steps read that require grad
-            (``effmaml.outer``); None under ``naive`` and in the probe.
-        captured: id -> ``(kind, name)`` of the model's tensors that the step's module
-            replaces (its adapted parameters, its buffers), set by the front: read by
-            ``loss_fn`` outside the module it is given, they are refused
-            (``effmaml.outer.CapturedModelError``); None: not checked.
-        callback: ``callback(t, loss)`` of ``MAML.adapt``, for a strategy that calls it in
-            its own loop (``watch``); None otherwise.
-    """
-
-    step_evals: int = 0
-    witness: Witness | None = None
-    probes: dict[Hashable, Any] = field(default_factory=dict)
-    host_peak_bytes: int = 0
-    outer: OuterTensors | None = None
-    captured: dict[int, tuple[str, str]] | None = None
-    callback: Callable[[int, Tensor], Any] | None = None
-
-    def watch(self, t: int, loss: Tensor) -> bool:
-        """Hand step ``t``'s inner loss (detached) to the callback; whether it says to
-        stop after this step (it returned True)."""
-        if self.callback is None:
-            return False
-        return callback_stops(self.callback(t, loss.detach()), t)
-
-    def batch(self, problem: InnerProblem, t: int) -> Any:
-        """Batch ``t`` on the device (the one the forward pass kept, if it holds an outer
-        tensor: a recomputation reads the very tensors the forward read)."""
-        if self.outer is None:
-            return problem.batch(t)
-        return self.outer.batch(t, lambda: problem.batch(t))
-
-    def query(self, problem: InnerProblem) -> Any:
-        """The multi-step loss's query batch on the device (kept likewise)."""
-        if self.outer is None:
-            return move_to(problem.query, problem.device)
-        return self.outer.batch(QUERY, lambda: move_to(problem.query, problem.device))
-
-
-class RepeatedBatch(Sequence):
-    """One batch presented as a sequence of ``steps`` identical batches
-    (``adapt(batch, steps=N)`` builds one).
-
-    Args:
-        batch: the batch every step gets.
-        steps: N."""
-
-    def __init__(self, batch: Any, steps: int) -> None:
-        self.batch = batch
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, t: Any) -> Any:
-        if isinstance(t, slice):
-            return [self.batch] * len(range(*t.indices(self.steps)))
-        if not -self.steps <= t < self.steps:
-            raise IndexError(t)
-        return self.batch
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    """Move every tensor inside ``batch`` (tensors, tuples, lists, dicts) to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(move_to(b, device) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    return batch
 
 
 def inner_step(
     problem: InnerProblem,
     rt: Runtime,
+    rec: Records,
     state: InnerState,
     t: int,
     consts: Consts,
@@ -285,7 +59,9 @@ def inner_step(
 
     Args:
         problem: the problem.
-        rt: the call's runtime (counts the evaluation; the witness sees loss and batch).
+        rt: the call's runtime (counts the evaluation).
+        rec: the execution's records: the outer tensors the step reads are looked for
+            there and the witness sees its loss and batch (``NO_RECORDS``: neither).
         state: φ_t, optimizer state and buffers. ``state.params`` must require grad (leaves
             or graph nodes).
         t: step index (selects the batch; Adam's bias correction).
@@ -321,17 +97,17 @@ def inner_step(
         problem.model, {**consts.fixed, **state.params}, buffers, copy_buffers=False
     )
     with step_context(problem, t):
-        batch = rt.batch(problem, t)
-        if rt.witness is not None:
-            rt.witness.batch(t, batch)
+        batch = rec.batch(problem, t)
+        if rec.witness is not None:
+            rec.witness.batch(t, batch)
         own = [*state.flat(), *consts.flat()]
-        with reading(rt.outer, t, own, _captured(rt, t)) as mode:
+        with reading(rec.outer, t, own, _captured(rt, rec, t)) as mode:
             loss = call_loss(problem.loss_fn, module, batch, t)
-        if rt.outer is not None and t == 0 and isinstance(loss, Tensor) and rt.outer.discovering:
-            rt.outer.check_graph(loss, t, mode)  # Note [What the mode cannot see]
+        if rec.outer is not None and t == 0 and isinstance(loss, Tensor) and rec.outer.discovering:
+            rec.outer.check_graph(loss, t, mode)  # Note [What the mode cannot see]
         _check_loss(loss, t, problem.settings.check_finite)
-        if rt.witness is not None:
-            rt.witness.loss(t, loss)
+        if rec.witness is not None:
+            rec.witness.loss(t, loss)
         objective = loss
         if problem.settings.prox:
             sq = sum(((state.params[k] - consts.theta0[k]) ** 2).sum() for k in state.params)
@@ -355,7 +131,7 @@ def inner_step(
             grads_d,
             problem.first_step + t,
             consts.hyper,
-            around=reading(rt.outer, t, [*own, *grads_d.values()], reader=reader),
+            around=reading(rec.outer, t, [*own, *grads_d.values()], reader=reader),
         )
         if create_graph:
             params = clip_backward(params, problem.settings.clip)
@@ -366,7 +142,7 @@ def inner_step(
         if problem.weight(t):
             # with grad on, as naive computes it (no_grad may pick other kernels); a
             # first-order caller detaches it, which frees its graph at once
-            query = query_loss(problem, new, consts, rt, t)
+            query = query_loss(problem, new, consts, rt, rec, t)
     return new, loss, query
 
 
@@ -374,13 +150,15 @@ def query_loss(
     problem: InnerProblem,
     state: InnerState,
     consts: Consts,
-    rt: Runtime | None = None,
-    t: int = -1,
+    rt: Runtime,
+    rec: Records,
+    t: int,
 ) -> Tensor:
     """The query loss at ``state`` (the multi-step loss's term after step ``t``), under the
     contexts the caller entered (the step's autocast, stand-ins and step index). The
     module's buffers are copied: the query's forward never updates running statistics.
-    With ``rt``, the query batch and the outer tensors it reads go through ``rt.outer``.
+    The query batch and the outer tensors it reads go through ``rec`` (the execution's
+    records).
     """
     # Note [The multi-step loss under recomputation]
     # Naive evaluates L_query(φ_{t+1}) right after step t, so the query's dropout draws
@@ -389,9 +167,9 @@ def query_loss(
     # state reproduces both, and a pullback adds w_t · ∂L_query/∂φ_{t+1} to the cotangent
     # as it passes state t+1: no query graph outlives its step's pullback.
     module = FunctionalModel(problem.model, {**consts.fixed, **state.params}, state.buffers)
-    outer = None if rt is None else rt.outer
-    query = move_to(problem.query, problem.device) if rt is None else rt.query(problem)
-    captured = None if rt is None else _captured(rt, t)
+    outer = rec.outer
+    query = rec.query(problem)
+    captured = _captured(rt, rec, t)
     with reading(outer, t, [*state.flat(), *consts.flat()], captured):
         loss = call_loss(problem.loss_fn, module, query, t)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
@@ -497,10 +275,10 @@ def _check_loss(loss: Any, t: int, check_finite: bool) -> None:
         )
 
 
-def _captured(rt: Runtime, t: int) -> dict[int, tuple[str, str]] | None:
+def _captured(rt: Runtime, rec: Records, t: int) -> dict[int, tuple[str, str]] | None:
     """The captured model's tensors to refuse at step ``t``: at the first step, and at every
     step whose user code runs under the outer-tensor mode anyway (no cost there)."""
-    return rt.captured if t == 0 or rt.outer is not None else None
+    return rt.captured if t == 0 or rec.outer is not None else None
 
 
 _MODULE_FILE = _module_py.__file__  # where FunctionalModel's own errors are raised

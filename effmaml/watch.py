@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from .engine import advance
+from .problem import NO_RECORDS, InnerProblem, Runtime, callback_stops
 from .replay import forked_rng
+from .sources import RepeatedBatch
 from .state import Consts, InnerState
-from .step import InnerProblem, RepeatedBatch, Runtime, callback_stops
 
 __all__ = ["Callback", "first", "scan"]
 
@@ -58,7 +59,7 @@ def scan(
     with forked_rng(problem.rng_devices), torch.no_grad():
         state = state0
         for t in range(problem.steps):
-            state, losses, _ = advance(problem, rt, state, t, t + 1, consts)
+            state, losses, _ = advance(problem, rt, NO_RECORDS, state, t, t + 1, consts)
             if callback_stops(callback(t, losses[0]), t):
                 return t + 1
     return problem.steps

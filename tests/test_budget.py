@@ -38,7 +38,7 @@ def test_estimate_follows_the_formulas():
     small = maml.estimate(make_batch(0), 10)
     large = maml.estimate(make_batch(0), 40)
     # the default candidates are auto's, read from the registry (no CUDA: no offload)
-    expected = {st.plan(maml.problem(make_batch(0), 10)[0], maml.measure(make_batch(0)))[0]
+    expected = {st.plan(maml.problem(make_batch(0), 10)[0], maml.measure(make_batch(0))).label
                 for st in effmaml.Auto.candidates(maml.problem(make_batch(0), 10)[0])}  # fmt: skip
     assert set(small) == expected and len(large) == len(small)
     assert {"naive", "revolve(slots=8)"} <= set(small)
@@ -202,19 +202,19 @@ def test_auto_takes_the_least_predicted_time_not_the_fewest_evaluations(monkeypa
     evaluations (2N) and has the smaller peak, but moves every state through pinned memory;
     schedules on the device that fit are predicted faster, and auto takes one of them."""
     problem = _cuda_problem(monkeypatch, 100, budget)
-    d = effmaml.Auto().decide(problem, H200)
-    pred, label = d.prediction, d.label
+    d = effmaml.Auto().plan(problem, H200)
+    pred, label = d.prediction, d.chosen
     fits = [(lab, p) for lab, p in d.considered if p.peak_bytes <= parse_bytes(budget)]
     assert not label.startswith("offload"), label
     assert pred.seconds == min(p.seconds for _, p in fits)
     offloads = [p for lab, p in fits if lab.startswith("offload")]
     assert offloads and all(p.seconds > pred.seconds for p in offloads)
     # what the old rule (fewest evaluations, ties to the smaller peak) took: offload(k=1)
-    off1 = effmaml.Offload(segment=1).choose(problem, H200)[1]
+    off1 = effmaml.Offload(segment=1).plan(problem, H200).prediction
     assert off1.step_evals <= pred.step_evals and off1.peak_bytes < pred.peak_bytes
     assert off1.seconds > 1.5 * pred.seconds
     # and under 3 GiB checkpoint(step), which the issue measured 2.4x faster, fits too
-    step = effmaml.Checkpoint(pullback="step").choose(problem, H200)[1]
+    step = effmaml.Checkpoint(pullback="step").plan(problem, H200).prediction
     assert pred.seconds <= step.seconds < min(p.seconds for p in offloads)
 
 
@@ -223,12 +223,12 @@ def test_offload_over_the_host_budget(monkeypatch):
     with the numbers; auto leaves it out."""
     problem = _cuda_problem(monkeypatch, 1000, "2GiB", host_budget="1GiB")
     with pytest.raises(MemoryError, match=r"pinned host memory .* host budget of 1.00 GiB"):
-        effmaml.Offload().choose(problem, H200)
-    d = effmaml.Auto().decide(problem, H200)
+        effmaml.Offload().plan(problem, H200)
+    d = effmaml.Auto().plan(problem, H200)
     assert not any(lab.startswith("offload") for lab, _ in d.considered)
-    assert d.label.startswith("revolve(")
+    assert d.chosen.startswith("revolve(") and d.label == f"auto -> {d.chosen}"
     roomy = _cuda_problem(monkeypatch, 1000, "2GiB", host_budget="100GiB")
-    _, pred = effmaml.Offload().choose(roomy, H200)
+    pred = effmaml.Offload().plan(roomy, H200).prediction
     assert 0 < pred.host_bytes <= parse_bytes("100GiB")
 
 
@@ -239,7 +239,7 @@ def test_default_host_budget_is_a_fraction_of_available_memory(monkeypatch):
     problem = _cuda_problem(monkeypatch, 1000, "100GiB")
     assert scheduled.host_budget(problem) == int(scheduled.HOST_BUDGET_FRACTION * 4 * 2**30)
     with pytest.raises(MemoryError, match="host_memory_budget="):
-        effmaml.Offload(segment=1).choose(problem, H200)
+        effmaml.Offload(segment=1).plan(problem, H200)
 
 
 def test_predicted_seconds_are_reported():

@@ -251,7 +251,7 @@ def test_facts_and_the_memory_model_count_gradient_buffers():
     one = x[0].numel() * x.element_size()
 
     def predicted(batches):
-        _, pred = maml.strategy.plan(maml.problem(batches)[0], maml.measure(batches[0]))
+        pred = maml.strategy.plan(maml.problem(batches)[0], maml.measure(batches[0])).prediction
         return pred.peak_bytes
 
     base = predicted(plain)
@@ -289,7 +289,7 @@ def test_the_forward_pass_keeps_no_graph_of_learned_data():
     x, y = _data()
     maml = effmaml.MAML(make_model(), ce_loss, effmaml.SGD(0.1), "revolve", slots=2)
     adapted = maml.adapt([(x[t], y[t]) for t in range(STEPS)])
-    witness = adapted._runtime.witness
+    witness = adapted._records.witness
     assert all(p is not None and p.grad_fn is None for p in witness.prints)
     assert all(v is not None and v.grad_fn is None for v in witness.losses)
 

@@ -166,7 +166,9 @@ def _predicted(split, n: int, strategy: str, kw: dict) -> tuple[int, str]:
     rates = torch.full((n,), 0.05, requires_grad=True)
     maml = effmaml.MAML(model, ce, effmaml.SGD(rates, per_step=True), strategy, **kw)
     batch = (images, torch.arange(10))
-    label, pred = maml.strategy.plan(maml.problem(batch, n)[0], maml.measure(batch))
+    plan = maml.strategy.plan(maml.problem(batch, n)[0], maml.measure(batch))
+    label, pred = plan.label, plan.prediction
+    assert pred is not None
     return pred.peak_bytes, label
 
 

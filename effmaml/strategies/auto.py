@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
-from ..costs import Prediction, Probe
-from ..engine import Schedule
+from ..costs import Probe
 from ..measure import available_bytes
 from ..memory import format_bytes
-from ..probe import probe
-from ..step import Consts, InnerProblem, InnerState, Runtime
-from .base import STRATEGIES, Outcome, Strategy, register_strategy
-from .scheduled import Scheduled
+from ..problem import InnerProblem
+from .base import STRATEGIES, Plan, Strategy, fastest, register_strategy
 
-__all__ = ["Auto", "Decision"]
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What ``auto`` chose.
-
-    Attributes:
-        strategy: the exact strategy to run.
-        schedule: its schedule (None for ``naive``).
-        prediction: its predicted cost.
-        label: the strategy with its resolved options.
-        budget: the memory budget the choice fits (bytes).
-        considered: every candidate's label and prediction (the best of each strategy).
-    """
-
-    strategy: Strategy
-    schedule: Schedule | None
-    prediction: Prediction
-    label: str
-    budget: int
-    considered: tuple[tuple[str, Prediction], ...]
+__all__ = ["Auto"]
 
 
 @register_strategy
@@ -73,76 +48,60 @@ class Auto(Strategy):
             for st in cls.auto_candidates(problem.device)
         ]
 
-    def decide(self, problem: InnerProblem, pr: Probe) -> Decision:
-        """The fastest candidate that fits (see the class docstring).
+    def wants_probe(self, problem: InnerProblem) -> bool:
+        return True
+
+    def plans(self, problem: InnerProblem, probe: Probe | None) -> list[Plan]:
+        """Every candidate's plans under the budget (``auto``'s default where none is
+        given): each candidate strategy's own ``plans``."""
+        assert probe is not None, "auto plans from the probe"
+        problem = _with_budget(problem)
+        return [p for st in self.candidates(problem) for p in st.plans(problem, probe)]
+
+    def plan(self, problem: InnerProblem, probe: Probe | None) -> Plan:
+        """The fastest candidate plan that fits (``fastest``; see the class docstring):
+        the chosen strategy's plan, labelled ``"auto -> ..."``, with the budget and every
+        candidate's own best plan that fits (``considered``).
 
         Raises:
-            MemoryError: nothing fits.
+            MemoryError: nothing fits (names the smallest budget that would).
         """
+        assert probe is not None, "auto plans from the probe"
+        problem = _with_budget(problem)
         budget = problem.settings.memory_budget
-        if budget is None:
-            budget = int(0.9 * available_bytes(problem.device))
-        problem = problem.with_settings(memory_budget=budget)
-        considered: list[tuple[str, Prediction]] = []
-        best: tuple[tuple, Decision] | None = None
+        assert budget is not None
+        best: list[Plan] = []
         for st in self.candidates(problem):
             try:
-                if isinstance(st, Scheduled):
-                    schedule, pred = st.choose(problem, pr)
-                    label = st.label(schedule)
-                else:
-                    schedule, (label, pred) = None, st.plan(problem, pr)
+                best.append(st.plan(problem, probe))
             except MemoryError:
                 continue
-            considered.append((label, pred))
-            key = (pred.seconds, pred.step_evals, pred.peak_bytes)
-            if pred.peak_bytes <= budget and (best is None or key < best[0]):
-                best = (key, Decision(st, schedule, pred, label, budget, ()))
-        if best is None:
+        chosen = fastest(best, budget)
+        if chosen is None:
             floor = min(
-                p.peak_bytes
-                for st in self.candidates(problem)
-                for p in (
-                    [p for _, p in st.predictions(problem, pr)]
-                    if isinstance(st, Scheduled)
-                    else [st.plan(problem, pr)[1]]
-                )
+                p.prediction.peak_bytes
+                for p in self.plans(problem, probe)
+                if p.prediction is not None
             )
             raise MemoryError(
                 f"no exact strategy fits memory_budget={format_bytes(budget)} for N="
-                f"{problem.steps} steps (state P={format_bytes(pr.state_bytes)}, one step's "
-                f"graph A={format_bytes(pr.step_graph_bytes)}); the smallest feasible budget "
+                f"{problem.steps} steps (state P={format_bytes(probe.state_bytes)}, one step's "
+                f"graph A={format_bytes(probe.step_graph_bytes)}); the smallest feasible budget "
                 f"is about {format_bytes(floor)}: raise the budget, shrink the "
                 f"batch, or use strategy='first_order'"
             )
-        return dataclasses.replace(best[1], considered=tuple(considered))
-
-    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
-        d = self.decide(problem, probe)
-        return f"auto -> {d.label}", d.prediction
-
-    def check_budget(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> None:
-        """Nothing: ``decide`` holds the budget as it chooses (in ``run``)."""
-
-    def run(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> Outcome:
-        pr = probe(problem, rt, state0, consts)
-        d = self.decide(problem, pr)
-        if isinstance(d.strategy, Scheduled):
-            assert d.schedule is not None
-            out = d.strategy.execute(problem, rt, state0, consts, d.schedule, d.prediction, pr)
-        else:
-            out = d.strategy.run(problem, rt, state0, consts)
-        facts = dataclasses.replace(
-            out.facts,
-            strategy=f"auto -> {d.label}",
-            probe=pr,
-            prediction=d.prediction,
-            chosen=d.label,
-            memory_budget=d.budget,
-            considered=d.considered,
+        considered = tuple((p.label, p.prediction) for p in best if p.prediction is not None)
+        return dataclasses.replace(
+            chosen,
+            label=f"auto -> {chosen.label}",
+            chosen=chosen.label,
+            memory_budget=budget,
+            considered=considered,
         )
-        return Outcome(out.state, out.losses, facts, out.queries, out.query_loss)
+
+
+def _with_budget(problem: InnerProblem) -> InnerProblem:
+    """The problem with ``auto``'s budget: the user's, or 90% of what is free now."""
+    if problem.settings.memory_budget is not None:
+        return problem
+    return problem.with_settings(memory_budget=int(0.9 * available_bytes(problem.device)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,16 +15,19 @@ from ..costs import Prediction, Probe
 from ..engine import Schedule
 from ..memory import format_bytes
 from ..notices import warn
-from ..probe import probe
-from ..step import Consts, InnerProblem, InnerState, Runtime
+from ..problem import NO_RECORDS, InnerProblem, Records, Runtime
+from ..state import Consts, InnerState
 
 __all__ = [
     "STRATEGIES",
     "Outcome",
+    "Plan",
     "RunFacts",
     "SolveStats",
     "Strategy",
     "check_count",
+    "fastest",
+    "fits",
     "make_strategy",
     "multi_step_loss",
     "register_strategy",
@@ -151,6 +154,8 @@ class Outcome:
             weight is 0); else empty.
         query_loss: with a multi-step loss, Σ_t w_t · L_query(φ_{t+1}), differentiable
             w.r.t. the initial parameters (the meta-objective); else None.
+        records: what the execution recorded about its steps (the outer tensors they
+            read, the witness of a recomputing run), which its backward uses.
     """
 
     state: InnerState
@@ -158,6 +163,86 @@ class Outcome:
     facts: RunFacts
     queries: list[Tensor] = field(default_factory=list)
     query_loss: Tensor | None = None
+    records: Records = NO_RECORDS
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One strategy's decision for one ``adapt``, made before any inner step runs (frozen).
+
+    ``Strategy.plan(problem, probe)`` makes it; ``execute`` runs it. Everything a layer
+    below reads is resolved here, once: the settings (``exact_states`` from the probe,
+    ``auto``'s default budget, ``implicit``'s λ), the schedule and its store, the
+    prediction and the label. ``MAML.estimate`` is ``plan`` without ``execute``.
+
+    Attributes:
+        strategy: the strategy that executes it (under ``auto``, the one chosen).
+        problem: the problem with every setting resolved.
+        label: the strategy as it will run, e.g. ``"checkpoint(segment=7, pullback='step')"``
+            (``"auto -> ..."`` under ``auto``).
+        options: the resolved options (``segment``, ``pullback``, ``slots`` ...).
+        probe: what the probe measured, or None where none ran.
+        prediction: the cost model's prediction, or None (no probe, or no memory model).
+        schedule: the engine ``Schedule`` (recomputing strategies), else None.
+        chosen: under ``auto``, the label of the plan it chose, else ``""``.
+        memory_budget: under ``auto``, the budget the choice fits (bytes), else None.
+        considered: under ``auto``, every candidate's best plan that fits, as
+            ``(label, prediction)``.
+    """
+
+    strategy: Strategy
+    problem: InnerProblem
+    label: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    probe: Probe | None = None
+    prediction: Prediction | None = None
+    schedule: Schedule | None = None
+    chosen: str = ""
+    memory_budget: int | None = None
+    considered: tuple[tuple[str, Prediction], ...] = ()
+
+    def execute(self, rt: Runtime, state0: InnerState, consts: Consts) -> Outcome:
+        """Run the plan (``Strategy.execute``): the outcome, differentiable w.r.t.
+        ``state0.params`` and ``consts`` under exact strategies."""
+        return self.strategy.execute(self, rt, state0, consts)
+
+    def facts(self, **run: Any) -> RunFacts:
+        """``RunFacts`` from the plan and what the run found (``run``: ``solve``,
+        ``exact_states``, ``outer``, ``outer_bytes``, or a ``strategy``/``options`` of a
+        drawn window)."""
+        planned: dict[str, Any] = {
+            "strategy": self.label,
+            "options": self.options,
+            "probe": self.probe,
+            "prediction": self.prediction,
+            "schedule": self.schedule,
+            "chosen": self.chosen,
+            "memory_budget": self.memory_budget,
+            "considered": self.considered,
+        }
+        return RunFacts(**{**planned, **run})
+
+
+def fits(plan: Plan, budget: int | None, host: int | None = None) -> bool:
+    """Whether ``plan``'s predicted peak fits ``budget`` and its pinned host memory ``host``
+    (None: no limit; a plan without a prediction fits)."""
+    p = plan.prediction
+    if p is None:
+        return True
+    return (budget is None or p.peak_bytes <= budget) and (host is None or p.host_bytes <= host)
+
+
+def fastest(plans: Sequence[Plan], budget: int | None, host: int | None = None) -> Plan | None:
+    """The plan with the least predicted time among those that fit (``fits``); ties go to
+    fewer step evaluations, then the smaller peak, then the earlier plan. None if none
+    fits. The one rule of "the fastest that fits": a strategy's own options and ``auto``'s
+    choice among strategies both use it."""
+    keyed = [
+        ((p.prediction.seconds, p.prediction.step_evals, p.prediction.peak_bytes, i), p)
+        for i, p in enumerate(plans)
+        if p.prediction is not None and fits(p, budget, host)
+    ]
+    return min(keyed, key=lambda kp: kp[0])[1] if keyed else None
 
 
 def multi_step_loss(problem: InnerProblem, queries: list[Tensor]) -> Tensor | None:
@@ -172,7 +257,9 @@ def multi_step_loss(problem: InnerProblem, queries: list[Tensor]) -> Tensor | No
 
 
 class Strategy:
-    """How to differentiate through the inner loop. Subclasses implement ``run``.
+    """How to differentiate through the inner loop: ``plan`` decides, before any inner step
+    runs, and ``execute`` runs the plan. Subclasses implement ``execute`` (and ``plans``
+    for a memory model).
 
     Attributes:
         name: registry name.
@@ -192,14 +279,55 @@ class Strategy:
     second_order: ClassVar[bool] = True
     streams: ClassVar[bool] = False
 
-    def run(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> Outcome:
-        """Run ``problem.steps`` inner steps from ``state0``.
+    def wants_probe(self, problem: InnerProblem) -> bool:
+        """Whether ``plan`` needs the probe's measurements (P, A, t₁, t₂) for ``problem``:
+        to hold a ``memory_budget`` against the prediction. Strategies that choose a
+        schedule from them (``Scheduled``, ``auto``) always do."""
+        return problem.settings.memory_budget is not None
+
+    def plans(self, problem: InnerProblem, probe: Probe | None) -> list[Plan]:
+        """Every plan this strategy would consider for ``problem``, the default first, each
+        with its prediction (None without a probe). The default: one plan, without a
+        memory model."""
+        return [Plan(self, problem, self.name, self.options(), probe)]
+
+    def plan(self, problem: InnerProblem, probe: Probe | None) -> Plan:
+        """The plan ``adapt`` executes: the default of ``plans``, held against the memory
+        budget (``Scheduled`` and ``auto`` choose the fastest that fits instead). Nothing
+        runs but the cost model.
 
         Args:
-            problem: the problem.
-            rt: the call's runtime (counts, checks, the probe cache).
+            problem: the problem (its ``steps``, ``device`` and budgets matter).
+            probe: what the probe measured on step 0, or None where ``wants_probe`` said
+                none is needed.
+
+        Returns:
+            The plan.
+
+        Raises:
+            MemoryError: the predicted peak is over ``memory_budget`` (says by how much,
+                and which strategies fit in less).
+        """
+        plan = self.plans(problem, probe)[0]
+        budget = problem.settings.memory_budget
+        if fits(plan, budget):
+            return plan
+        assert probe is not None and plan.prediction is not None and budget is not None
+        raise MemoryError(
+            f"strategy {self.name!r} ({plan.label}) is predicted to peak at "
+            f"{format_bytes(plan.prediction.peak_bytes)} for N={problem.steps} steps, over "
+            f"memory_budget={format_bytes(budget)} (state P={format_bytes(probe.state_bytes)},"
+            f" one step's graph A={format_bytes(probe.step_graph_bytes)}); use "
+            f"strategy='auto' (the fastest exact schedule that fits), 'checkpoint' or "
+            f"'revolve', or raise the budget"
+        )
+
+    def execute(self, plan: Plan, rt: Runtime, state0: InnerState, consts: Consts) -> Outcome:
+        """Run ``plan.problem.steps`` inner steps from ``state0`` as ``plan`` says.
+
+        Args:
+            plan: this strategy's plan (``plan.problem`` is the resolved problem).
+            rt: the call's runtime (counts, the probe cache, the callback).
             state0: the initial state; ``state0.params`` are the model's own parameters.
             consts: non-adapted parameters, tensor hyper-parameters and θ₀.
 
@@ -212,38 +340,6 @@ class Strategy:
         """The strategy's options, for reports."""
         return {}
 
-    def check_budget(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> None:
-        """Raise before any work if this strategy cannot meet ``memory_budget``.
-
-        With a budget, the probe measures step 0 (``effmaml.probe``: its step evaluations
-        once per batch signature) and ``plan`` predicts the peak; without one, nothing
-        runs. Strategies that choose their schedule under the budget (``Scheduled``,
-        ``auto``) check it as they choose, and do nothing here.
-
-        Raises:
-            MemoryError: the predicted peak is over the budget (says by how much, and which
-                strategies fit in less).
-        """
-        budget = problem.settings.memory_budget
-        if budget is None:
-            return
-        pr = probe(problem, rt, state0, consts)
-        try:
-            label, pred = self.plan(problem, pr)
-        except NotImplementedError:  # no memory model: nothing to hold the budget against
-            return
-        if pred.peak_bytes > budget:
-            raise MemoryError(
-                f"strategy {self.name!r} ({label}) is predicted to peak at "
-                f"{format_bytes(pred.peak_bytes)} for N={problem.steps} steps, over "
-                f"memory_budget={format_bytes(budget)} (state P={format_bytes(pr.state_bytes)},"
-                f" one step's graph A={format_bytes(pr.step_graph_bytes)}); use "
-                f"strategy='auto' (the fastest exact schedule that fits), 'checkpoint' or "
-                f"'revolve', or raise the budget"
-            )
-
     @classmethod
     def auto_candidates(cls, device: torch.device) -> list[Strategy]:
         """The configurations of this strategy that ``auto`` weighs on ``device``.
@@ -253,18 +349,6 @@ class Strategy:
         ``slots=None``) lets ``auto`` search that option under the budget.
         """
         return []
-
-    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
-        """What this strategy would run on ``problem`` and its predicted cost.
-
-        Args:
-            problem: the problem (its ``steps``, ``device`` and ``memory_budget`` matter).
-            probe: P and A measured by one probe step.
-
-        Returns:
-            ``(label, prediction)``; the label names the resolved options.
-        """
-        raise NotImplementedError(f"{type(self).__name__} has no memory model")
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

@@ -12,16 +12,10 @@ from ..clip import clip_backward
 from ..costs import Prediction, Probe, first_order_peak, predict_seconds
 from ..engine import advance
 from ..outer import OuterTensors
-from ..state import InnerState
-from ..step import (
-    Consts,
-    InnerProblem,
-    Runtime,
-    inner_step,
-    query_loss,
-    step_context,
-)
-from .base import Outcome, RunFacts, Strategy, register_strategy, warn_learned_hyper
+from ..problem import InnerProblem, Records, Runtime
+from ..state import Consts, InnerState
+from ..step import inner_step, query_loss, step_context
+from .base import Outcome, Plan, Strategy, register_strategy, warn_learned_hyper
 
 __all__ = ["FirstOrder", "first_order_steps"]
 
@@ -86,51 +80,57 @@ class FirstOrder(Strategy):
     second_order = False
     streams = True
 
-    def run(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> Outcome:
+    def execute(self, plan: Plan, rt: Runtime, state0: InnerState, consts: Consts) -> Outcome:
+        problem = plan.problem
         warn_learned_hyper(consts, self.name, "")
-        rt.outer = OuterTensors(problem.steps)
+        rec = Records(OuterTensors(problem.steps))
         if problem.step_weights:
-            return self._multi_step(problem, rt, state0, consts)
+            return self._multi_step(plan, rt, rec, state0, consts)
         state, losses = state0.detached(False), []
         for t in range(problem.steps):
-            state, loss, _ = advance(problem, rt, state, t, t + 1, consts)
+            state, loss, _ = advance(problem, rt, rec, state, t, t + 1, consts)
             losses += loss
             if rt.watch(t, loss[0]):  # adapt's callback: N = t + 1
                 break
-        rt.outer.refuse(self.name, _WHY)
-        rt.outer.release()  # nothing to recompute: no batch need stay pinned
-        params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
-        params = clip_backward(params, problem.settings.clip)
-        return Outcome(InnerState(params, state.opt, state.buffers), losses, RunFacts(self.name))
-
-    def _multi_step(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> Outcome:
-        """The first-order multi-step loss (``first_order_steps`` over all N steps)."""
-        state, losses, queries, query = first_order_steps(
-            problem, rt, state0, problem.steps, consts
-        )
-        assert rt.outer is not None
-        rt.outer.refuse(self.name, _WHY)
-        rt.outer.release()  # nothing to recompute: no batch need stay pinned
+        assert rec.outer is not None
+        rec.outer.refuse(self.name, _WHY)
+        rec.outer.release()  # nothing to recompute: no batch need stay pinned
         params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
         params = clip_backward(params, problem.settings.clip)
         out = InnerState(params, state.opt, state.buffers)
-        return Outcome(out, losses, RunFacts(self.name), queries, query)
+        return Outcome(out, losses, plan.facts(), records=rec)
 
-    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
+    def _multi_step(
+        self, plan: Plan, rt: Runtime, rec: Records, state0: InnerState, consts: Consts
+    ) -> Outcome:
+        """The first-order multi-step loss (``first_order_steps`` over all N steps)."""
+        problem = plan.problem
+        state, losses, queries, query = first_order_steps(
+            problem, rt, rec, state0, problem.steps, consts
+        )
+        assert rec.outer is not None
+        rec.outer.refuse(self.name, _WHY)
+        rec.outer.release()  # nothing to recompute: no batch need stay pinned
+        params = {k: _StraightThrough.apply(v, state0.params[k]) for k, v in state.params.items()}
+        params = clip_backward(params, problem.settings.clip)
+        out = InnerState(params, state.opt, state.buffers)
+        return Outcome(out, losses, plan.facts(), queries, query, rec)
+
+    def plans(self, problem: InnerProblem, probe: Probe | None) -> list[Plan]:
+        if probe is None:
+            return [Plan(self, problem, "first_order")]
         # the working state, its successor and the output; one first-order step's graph
         n = problem.steps
-        peak = first_order_peak(probe)
-        seconds = predict_seconds(probe, n, 0)
-        return "first_order", Prediction(peak, n + probe.evals, seconds=seconds)
+        pred = Prediction(
+            first_order_peak(probe), n + probe.evals, seconds=predict_seconds(probe, n, 0)
+        )
+        return [Plan(self, problem, "first_order", {}, probe, pred)]
 
 
 def first_order_steps(
     problem: InnerProblem,
     rt: Runtime,
+    rec: Records,
     state0: InnerState,
     b: int,
     consts: Consts,
@@ -141,7 +141,7 @@ def first_order_steps(
     Each weighted query loss's gradient at φ_{t+1} is handed to θ₀ (``state0.params``)
     unchanged, and its gradient w.r.t. the non-adapted parameters to them, as first-order
     MAML does for the final query loss; with ``outer``, also its direct gradient w.r.t. the
-    outer tensors it reads (``rt.outer``'s, found as the steps run).
+    outer tensors it reads (``rec.outer``'s, found as the steps run).
 
     Returns:
         ``(state_b, losses, queries, term)``: the state after step ``b - 1`` (detached),
@@ -160,7 +160,7 @@ def first_order_steps(
     state = state0.detached(False)
     losses, queries = [], []
     for t in range(b):
-        new, loss, _ = inner_step(quiet, rt, state.detached(True), t, fixed, False)
+        new, loss, _ = inner_step(quiet, rt, rec, state.detached(True), t, fixed, False)
         state = new.detached(False)
         losses.append(loss.detach())
         w = problem.weight(t)
@@ -174,10 +174,10 @@ def first_order_steps(
             fixed.theta0,
         )
         with step_context(problem, t):
-            q = query_loss(problem, leaves, consts_t, rt, t)
+            q = query_loss(problem, leaves, consts_t, rt, rec, t)
             wrt = [*leaves.params.values(), *consts_t.fixed.values()]
-            read = sorted(rt.outer.reads[t]) if outer and rt.outer is not None else []
-            stand_ins = rt.outer.stand_ins() if read and rt.outer is not None else []
+            read = sorted(rec.outer.reads[t]) if outer and rec.outer is not None else []
+            stand_ins = rec.outer.stand_ins() if read and rec.outer is not None else []
             grads = torch.autograd.grad(q, [*wrt, *(stand_ins[i] for i in read)], allow_unused=True)
         for i, g in enumerate(grads[: len(wrt)]):
             if g is not None:
@@ -190,8 +190,8 @@ def first_order_steps(
     inputs = [*state0.params.values(), *consts.fixed.values()]
     total = sum(problem.weight(t) * q for t, q in enumerate(queries))
     summed = [torch.zeros_like(x) if g is None else g for g, x in zip(acc, inputs)]
-    if outer and rt.outer is not None:
-        for i, x in enumerate(rt.outer.tensors):
+    if outer and rec.outer is not None:
+        for i, x in enumerate(rec.outer.tensors):
             inputs.append(x)
             summed.append(acc_outer[i] if i in acc_outer else torch.zeros_like(x))
     term = _Precomputed.apply(torch.as_tensor(total), len(summed), *summed, *inputs)

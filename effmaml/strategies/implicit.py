@@ -22,20 +22,16 @@ from ..checks import find_no_double_backward
 from ..costs import Prediction, Probe, implicit_peak, predict_seconds
 from ..diagnose import no_double_backward_error
 from ..engine import advance, backward_again_error
+from ..module import FunctionalModel
 from ..notices import warn
 from ..outer import OuterTensorError, OuterTensors, reading
-from ..step import (
-    Consts,
-    FunctionalModel,
-    InnerProblem,
-    InnerState,
-    RepeatedBatch,
-    Runtime,
-    step_context,
-)
+from ..problem import InnerProblem, Records, Runtime
+from ..sources import RepeatedBatch
+from ..state import Consts, InnerState
+from ..step import step_context
 from .base import (
     Outcome,
-    RunFacts,
+    Plan,
     SolveStats,
     Strategy,
     check_count,
@@ -139,9 +135,14 @@ class Implicit(Strategy):
             )
         return self.lam
 
-    def run(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> Outcome:
+    def plans(self, problem: InnerProblem, probe: Probe | None) -> list[Plan]:
+        """One plan: the problem with its proximal term at λ (its inner objective is the
+        proximal one by definition).
+
+        Raises:
+            ValueError: a multi-step loss, or a continued adapt (``start=``), which
+                iMAML's meta-gradient does not cover; λ given twice with different values.
+        """
         if problem.step_weights:
             raise ValueError(
                 "strategy='implicit' has no multi-step loss: its meta-gradient is taken at the "
@@ -157,23 +158,10 @@ class Implicit(Strategy):
                 "first_order"
             )
         lam = self.resolve_lam(problem.settings.prox)
-        warn_learned_hyper(consts, self.name, ": the inner solution does not depend on them")
         problem = problem.with_settings(prox=lam)
-        theta0 = {k: v.detach() for k, v in state0.params.items()}
-        consts = Consts(consts.fixed, consts.hyper, theta0)
-        rt.outer = OuterTensors(problem.steps)
-        final, losses, _ = advance(problem, rt, state0.detached(False), 0, problem.steps, consts)
-        stats = SolveStats(lam, self.cg_steps)
-        solver = _Solver(self, problem, rt, final, consts.fixed, lam, stats)
-        solver.check_outer()
-        fixed = list(consts.fixed.values())
-        outer = rt.outer.tensors
-        out = _ImplicitGrad.apply(solver, *state0.params.values(), *fixed, *outer)
-        params = dict(zip(state0.params, out))
-        facts = RunFacts(self.label(), self.options(), solve=stats)
-        return Outcome(InnerState(params, final.opt, final.buffers), losses, facts)
-
-    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
+        options = {**self.options(), "lam": lam}
+        if probe is None:
+            return [Plan(self, problem, self.label(), options)]
         peak = implicit_peak(probe)
         passes = len(_distinct_indices(problem.batches))
         if self.hvp_batches is not None:
@@ -181,7 +169,29 @@ class Implicit(Strategy):
         # N first-order steps, then about cg_steps + 1 Hessian-vector products, each a
         # step with graph and its pullback per distinct batch
         seconds = predict_seconds(probe, problem.steps, (self.cg_steps + 1) * passes)
-        return self.label(), Prediction(peak, problem.steps + probe.evals, seconds=seconds)
+        pred = Prediction(peak, problem.steps + probe.evals, seconds=seconds)
+        return [Plan(self, problem, self.label(), options, probe, pred)]
+
+    def execute(self, plan: Plan, rt: Runtime, state0: InnerState, consts: Consts) -> Outcome:
+        problem = plan.problem
+        lam = problem.settings.prox
+        warn_learned_hyper(consts, self.name, ": the inner solution does not depend on them")
+        theta0 = {k: v.detach() for k, v in state0.params.items()}
+        consts = Consts(consts.fixed, consts.hyper, theta0)
+        rec = Records(OuterTensors(problem.steps))
+        final, losses, _ = advance(
+            problem, rt, rec, state0.detached(False), 0, problem.steps, consts
+        )
+        stats = SolveStats(lam, self.cg_steps)
+        solver = _Solver(self, problem, rt, rec, final, consts.fixed, lam, stats)
+        solver.check_outer()
+        fixed = list(consts.fixed.values())
+        assert rec.outer is not None
+        outer = rec.outer.tensors
+        out = _ImplicitGrad.apply(solver, *state0.params.values(), *fixed, *outer)
+        params = dict(zip(state0.params, out))
+        facts = plan.facts(solve=stats)
+        return Outcome(InnerState(params, final.opt, final.buffers), losses, facts, records=rec)
 
     def label(self) -> str:
         """``implicit(lam=..., cg_steps=..., ...)``."""
@@ -267,6 +277,7 @@ class _Solver:
         strategy: Implicit,
         problem: InnerProblem,
         rt: Runtime,
+        rec: Records,
         final: InnerState,
         fixed: dict[str, Tensor],
         lam: float,
@@ -275,6 +286,7 @@ class _Solver:
         self.strategy = strategy
         self.problem = problem
         self.rt = rt
+        self.rec = rec
         self.phi = {k: v.detach() for k, v in final.params.items()}
         self.buffers = final.buffers
         self.checked = False  # whether L_train's gradient graph was walked once
@@ -290,7 +302,7 @@ class _Solver:
     def check_outer(self) -> None:
         """Refuse outer tensors that L_train does not read (their steps' batches are not in
         the solve): the implicit function theorem gives them no gradient."""
-        outer = self.rt.outer
+        outer = self.rec.outer
         assert outer is not None
         used = set().union(*(outer.reads[t] for t in self.indices))
         mover = [i for i in range(len(outer.tensors)) if i not in outer.by_loss]
@@ -326,9 +338,9 @@ class _Solver:
             # at φ_N: per-step modules use the last step's slice, as the adapted model does
             with (
                 step_context(self.problem, self.problem.steps - 1, grad=False),
-                reading(self.rt.outer, self.problem.steps - 1, [*phi.values(), *fixed.values()]),
+                reading(self.rec.outer, self.problem.steps - 1, [*phi.values(), *fixed.values()]),
             ):
-                loss = self.problem.loss_fn(module, self.rt.batch(self.problem, t)) / n
+                loss = self.problem.loss_fn(module, self.rec.batch(self.problem, t)) / n
             yield loss
 
     def hvp(self, vec: list[Tensor], fixed: dict[str, Tensor]) -> list[Tensor]:
@@ -393,7 +405,7 @@ class _Solver:
     ) -> tuple[list[Tensor | None], list[Tensor | None]]:
         """−(1/λ) ∂/∂w ⟨∇_φ L_train, x⟩ for each non-adapted parameter w that needs it, and
         for each of ``outer`` (stand-ins of the outer tensors that need it; the caller has
-        ``rt.outer`` hand them to ``loss_fn``)."""
+        ``rec.outer`` hand them to ``loss_fn``)."""
         leaves = {
             k: v.detach().requires_grad_(n) for (k, v), n in zip(fixed.items(), need, strict=True)
         }
@@ -449,7 +461,7 @@ class _ImplicitGrad(torch.autograd.Function):
         # it joins the graph that is being differentiated and memory stays at one step's A.
         # The outer tensors' stand-ins are leaves too (Note [Outer tensors under
         # recomputation]).
-        outer = solver.rt.outer
+        outer = solver.rec.outer
         assert outer is not None
         if solver.released and outer.tensors:  # the pinned batches of the first are gone
             raise backward_again_error("strategy implicit with outer tensors")

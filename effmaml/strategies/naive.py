@@ -8,10 +8,11 @@ from torch import Tensor
 from ..checks import find_no_double_backward
 from ..costs import Prediction, Probe, naive_peak, predict_seconds
 from ..diagnose import no_double_backward_error
+from ..problem import NO_RECORDS, InnerProblem, Runtime
 from ..sources import outer_bytes
-from ..state import InnerState
-from ..step import Consts, InnerProblem, Runtime, inner_step
-from .base import Outcome, RunFacts, Strategy, multi_step_loss, register_strategy
+from ..state import Consts, InnerState
+from ..step import inner_step
+from .base import Outcome, Plan, Strategy, multi_step_loss, register_strategy
 
 __all__ = ["Naive"]
 
@@ -37,9 +38,8 @@ class Naive(Strategy):
     def auto_candidates(cls, device: torch.device) -> list[Strategy]:
         return [cls()]
 
-    def run(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> Outcome:
+    def execute(self, plan: Plan, rt: Runtime, state0: InnerState, consts: Consts) -> Outcome:
+        problem = plan.problem
         # Note [φ₀ is not θ]
         # The first step differentiates its loss with respect to φ₀, whose value is θ. Were
         # φ₀ the model's tensors themselves, a batch or closure computed from them (ProtoMAML's
@@ -52,7 +52,9 @@ class Naive(Strategy):
         losses: list[Tensor] = []
         queries: list[Tensor] = []
         for t in range(problem.steps):
-            state, loss, query = inner_step(problem, rt, state, t, consts, create_graph=True)
+            state, loss, query = inner_step(
+                problem, rt, NO_RECORDS, state, t, consts, create_graph=True
+            )
             losses.append(loss)
             if problem.step_weights:  # a zero where the step's weight is 0
                 queries.append(torch.zeros_like(loss) if query is None else query)
@@ -60,11 +62,14 @@ class Naive(Strategy):
                 raise no_double_backward_error(problem, state0, consts)
             if rt.watch(t, loss):  # adapt's callback: N = t + 1
                 break
-        facts = RunFacts("naive")
+        facts = plan.facts()
         return Outcome(state, losses, facts, queries, multi_step_loss(problem, queries))
 
-    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
+    def plans(self, problem: InnerProblem, probe: Probe | None) -> list[Plan]:
+        if probe is None:
+            return [Plan(self, problem, "naive")]
         n = problem.steps
         # the gradient buffers of learned data in the batches (Note [Outer gradient buffers])
         peak = naive_peak(n, probe) + outer_bytes(problem.batches, problem.query)
-        return "naive", Prediction(peak, n + probe.evals, seconds=predict_seconds(probe, 0, n))
+        pred = Prediction(peak, n + probe.evals, seconds=predict_seconds(probe, 0, n))
+        return [Plan(self, problem, "naive", {}, probe, pred)]

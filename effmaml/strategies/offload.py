@@ -7,8 +7,8 @@ import torch
 from ..costs import Prediction, Probe, predict_seconds, schedule_peak
 from ..engine import Schedule, Store
 from ..offload import make_store, pinned_high_water
+from ..problem import InnerProblem
 from ..schedules import UniformSchedule
-from ..step import InnerProblem
 from .base import Strategy, register_strategy
 from .checkpoint import Checkpoint
 

@@ -8,8 +8,8 @@ import torch
 
 from ..costs import Prediction, Probe, predict_seconds, schedule_peak
 from ..engine import Schedule
+from ..problem import InnerProblem
 from ..schedules import RevolveSchedule
-from ..step import InnerProblem
 from .base import Strategy, check_count, register_strategy
 from .scheduled import Scheduled
 

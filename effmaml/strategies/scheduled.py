@@ -1,4 +1,4 @@
-"""The base of every checkpointing strategy: probe, pick a schedule, run it."""
+"""The base of every checkpointing strategy: probe, plan a schedule, execute it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from ..costs import Prediction, Probe
 from ..engine import Schedule, run_schedule
 from ..measure import available_host_bytes
 from ..memory import format_bytes
-from ..probe import probe
+from ..problem import InnerProblem, Runtime
 from ..sources import outer_bytes
-from ..step import Consts, InnerProblem, InnerState, Runtime
-from .base import Outcome, RunFacts, Strategy, multi_step_loss
+from ..state import Consts, InnerState
+from .base import Outcome, Plan, Strategy, fastest, fits, multi_step_loss
 
 __all__ = ["HOST_BUDGET_FRACTION", "Scheduled", "host_budget", "resolve_states", "with_outer"]
 
@@ -56,8 +56,9 @@ class Scheduled(Strategy):
 
     Subclasses say which schedules they can run (``candidates``, one per value of their
     free option) and how much each costs (``predict``). Every ``adapt`` probes first
-    (``effmaml.probe.probe``, cached per MAML and batch signature); with a memory
-    budget, the candidate with the least predicted time whose predicted peak fits is run.
+    (``effmaml.probe.probe``, cached per MAML and batch signature); ``plans`` resolves
+    ``exact_states`` from it once and makes one plan per candidate; ``plan`` takes the
+    default, or under a memory budget the fastest that fits (``fastest``).
     """
 
     exact = True
@@ -67,44 +68,56 @@ class Scheduled(Strategy):
         raise NotImplementedError
 
     def predict(self, schedule: Schedule, problem: InnerProblem, probe: Probe) -> Prediction:
-        """Predicted peak memory, step evaluations, host bytes and seconds of ``schedule``."""
+        """Predicted peak memory, step evaluations, host bytes and seconds of ``schedule``
+        (``problem``'s settings resolved), before the outer tensors' gradient buffers."""
         raise NotImplementedError
 
-    def predictions(self, problem: InnerProblem, probe: Probe) -> list[tuple[Schedule, Prediction]]:
-        """Every candidate schedule with its prediction, the default first."""
+    def wants_probe(self, problem: InnerProblem) -> bool:
+        return True
+
+    def plans(self, problem: InnerProblem, probe: Probe | None) -> list[Plan]:
+        """One plan per candidate schedule, the default first, each with its prediction
+        (the outer tensors' gradient buffers included: Note [Outer gradient buffers])."""
+        assert probe is not None, "a recomputing strategy plans from the probe"
         problem = resolve_states(problem, probe)
-        extra = outer_bytes(problem.batches, problem.query)  # Note [Outer gradient buffers]
+        extra = outer_bytes(problem.batches, problem.query)
         return [
-            (s, with_outer(self.predict(s, problem, probe), extra))
+            Plan(
+                self,
+                problem,
+                self.label(s),
+                self.resolved(s),
+                probe,
+                with_outer(self.predict(s, problem, probe), extra),
+                s,
+            )
             for s in self.candidates(problem, probe)
         ]
 
-    def choose(self, problem: InnerProblem, probe: Probe) -> tuple[Schedule, Prediction]:
-        """The schedule to run: the default, or under ``problem.settings.memory_budget`` the fastest
-        candidate that fits. Host memory (``offload``) must fit the host budget too.
+    def plan(self, problem: InnerProblem, probe: Probe | None) -> Plan:
+        """The default schedule's plan, or under ``problem.settings.memory_budget`` the
+        fastest that fits (``fastest``). Host memory (``offload``) must fit the host budget
+        too.
 
         Raises:
             MemoryError: nothing fits (says the smallest budget that would, and why).
         """
-        options = self.predictions(problem, probe)
+        assert probe is not None, "a recomputing strategy plans from the probe"
+        plans = self.plans(problem, probe)
         budget = problem.settings.memory_budget
         if budget is None:
-            options = options[:1]
-        host = host_budget(problem) if any(p.host_bytes for _, p in options) else None
-        fits = [
-            (p.seconds, p.step_evals, p.peak_bytes, i)
-            for i, (_, p) in enumerate(options)
-            if (budget is None or p.peak_bytes <= budget) and (host is None or p.host_bytes <= host)
-        ]
-        if not fits:
-            raise MemoryError(self._no_fit(problem, probe, options, budget, host))
-        return options[min(fits)[3]]
+            plans = plans[:1]
+        host = host_budget(problem) if any(_host(p) for p in plans) else None
+        best = fastest(plans, budget, host)
+        if best is None:
+            raise MemoryError(self._no_fit(problem, probe, plans, budget, host))
+        return best
 
     def _no_fit(
         self,
         problem: InnerProblem,
         probe: Probe,
-        options: list[tuple[Schedule, Prediction]],
+        plans: list[Plan],
         budget: int | None,
         host: int | None,
     ) -> str:
@@ -113,16 +126,16 @@ class Scheduled(Strategy):
             f"state P={format_bytes(probe.state_bytes)}, one step's graph "
             f"A={format_bytes(probe.step_graph_bytes)}"
         )
-        on_device = [p for _, p in options if budget is None or p.peak_bytes <= budget]
+        on_device = [p for p in plans if fits(p, budget)]
         if host is not None and on_device:
-            least = min(p.host_bytes for p in on_device)
+            least = min(_host(p) for p in on_device)
             return (
                 f"strategy {self.name!r} needs at least {format_bytes(least)} of pinned host "
                 f"memory for N={n} steps, over the host budget of {format_bytes(host)} "
                 f"({sizes}); pass host_memory_budget= to allow more, a larger segment, or "
                 f"use strategy='revolve' or 'auto', which need no host memory"
             )
-        smallest = min(p.peak_bytes for _, p in options)
+        smallest = min(_peak(p) for p in plans)
         return (
             f"strategy {self.name!r} cannot run N={n} steps within memory_budget="
             f"{format_bytes(budget or 0)}: its smallest predicted peak is "
@@ -130,46 +143,23 @@ class Scheduled(Strategy):
             f"strategy='auto'"
         )
 
-    def check_budget(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> None:
-        """Nothing: ``choose`` holds the budget as it picks the schedule (in ``run``)."""
-
-    def run(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> Outcome:
-        pr = probe(problem, rt, state0, consts)
-        schedule, prediction = self.choose(problem, pr)
-        return self.execute(problem, rt, state0, consts, schedule, prediction, pr)
-
-    def execute(
-        self,
-        problem: InnerProblem,
-        rt: Runtime,
-        state0: InnerState,
-        consts: Consts,
-        schedule: Schedule,
-        prediction: Prediction,
-        pr: Probe,
-    ) -> Outcome:
-        """Run a chosen ``schedule`` on the engine (for ``run`` and ``auto``)."""
-        problem = resolve_states(problem, pr)
-        label = self.label(schedule)
-        state, losses, queries = run_schedule(problem, rt, state0, consts, schedule, label)
-        outer = rt.outer
+    def execute(self, plan: Plan, rt: Runtime, state0: InnerState, consts: Consts) -> Outcome:
+        """Run the plan's schedule on the engine."""
+        problem, schedule = plan.problem, plan.schedule
+        assert schedule is not None
+        state, losses, queries, rec = run_schedule(
+            problem, rt, state0, consts, schedule, plan.label
+        )
+        outer = rec.outer
         assert outer is not None
-        facts = RunFacts(
-            label,
-            self.resolved(schedule),
-            pr,
-            prediction,
-            schedule,
+        facts = plan.facts(
             exact_states=problem.settings.exact_states,
             outer=tuple(outer.describe(i) for i in range(len(outer.tensors))),
             outer_bytes=outer.nbytes(),
         )
         qs = list(queries.unbind(0)) if problem.step_weights else []
-        return Outcome(state, list(losses.unbind(0)), facts, qs, multi_step_loss(problem, qs))
+        query = multi_step_loss(problem, qs)
+        return Outcome(state, list(losses.unbind(0)), facts, qs, query, rec)
 
     def resolved(self, schedule: Schedule) -> dict[str, Any]:
         """The options as run (for ``Adapted.info``)."""
@@ -180,6 +170,11 @@ class Scheduled(Strategy):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.resolved(schedule).items())
         return f"{self.name}({opts})"
 
-    def plan(self, problem: InnerProblem, probe: Probe) -> tuple[str, Prediction]:
-        schedule, prediction = self.choose(problem, probe)
-        return self.label(schedule), prediction
+
+def _peak(plan: Plan) -> int:
+    assert plan.prediction is not None
+    return plan.prediction.peak_bytes
+
+
+def _host(plan: Plan) -> int:
+    return 0 if plan.prediction is None else plan.prediction.host_bytes

@@ -15,14 +15,13 @@ from ..clip import clip_backward
 from ..costs import Prediction, Probe, predict_seconds, schedule_peak
 from ..engine import Pull, Schedule, Store, advance, run_schedule
 from ..outer import OuterTensors
-from ..probe import probe
+from ..problem import InnerProblem, Records, Runtime
 from ..replay import RngState
 from ..sources import outer_bytes
 from ..state import Consts, InnerState
-from ..step import InnerProblem, Runtime
-from .base import Outcome, RunFacts, check_count, register_strategy
+from .base import Outcome, Plan, check_count, register_strategy
 from .first_order import first_order_steps
-from .scheduled import Scheduled, resolve_states, with_outer
+from .scheduled import Scheduled, with_outer
 
 __all__ = ["Truncated", "WindowSchedule"]
 
@@ -60,11 +59,14 @@ class WindowSchedule(Schedule):
         self,
         problem: InnerProblem,
         rt: Runtime,
+        rec: Records,
         state0: InnerState,
         rng0: RngState,
         consts: Consts,
     ) -> tuple[InnerState, list[Tensor], list[Tensor], object]:
-        state, losses, queries = advance(problem, rt, state0, self.start, problem.steps, consts)
+        state, losses, queries = advance(
+            problem, rt, rec, state0, self.start, problem.steps, consts
+        )
         zeros = [torch.zeros_like(losses[0])] * self.start
         # nothing stored beyond the window's input, which the engine holds; a memo that is
         # not None tells the engine the first backward has not run yet
@@ -74,6 +76,7 @@ class WindowSchedule(Schedule):
         self,
         problem: InnerProblem,
         rt: Runtime,
+        rec: Records,
         memo: object,
         state0: InnerState,
         rng0: RngState,
@@ -225,45 +228,43 @@ class Truncated(Scheduled):
     def label(self, schedule: Schedule) -> str:
         return f"truncated(window={self.window}{', random=True' if self.random else ''})"
 
-    def run(
-        self, problem: InnerProblem, rt: Runtime, state0: InnerState, consts: Consts
-    ) -> Outcome:
+    def plans(self, problem: InnerProblem, probe: Probe | None) -> list[Plan]:
+        """One plan: the window over the last K steps (a random window's longest unroll,
+        for the budget and the prediction; ``execute`` draws its place).
+
+        Raises:
+            ValueError: a random window with a multi-step loss.
+        """
         if self.random and problem.step_weights:
             raise ValueError(
                 "truncated(random=True) stops the unroll at a random step, where a multi-step "
                 "loss's weights (one per step of N) have no meaning; use random=False, or "
                 "the final query loss"
             )
-        pr = probe(problem, rt, state0, consts)
-        schedule, prediction = self.choose(problem, pr)  # checks the budget for n = N
+        return super().plans(problem, probe)
+
+    def execute(self, plan: Plan, rt: Runtime, state0: InnerState, consts: Consts) -> Outcome:
+        """Steps 0..N−K first order, then the window on the engine."""
+        # Note [A random window is drawn at execution]
+        # The plan holds the last K steps (the longest unroll a window can be): its budget
+        # check and prediction cover every draw. The draw is here, one per execution, so
+        # that a plan made without running (MAML.estimate) takes no seed from the stream.
+        problem, schedule, prediction = plan.problem, plan.schedule, plan.prediction
+        assert isinstance(schedule, WindowSchedule)
         if self.random:
             k = min(self.window, problem.steps)
             seed = self._seeds.randrange(2**31)
             g = torch.Generator().manual_seed(seed)
-            start = int(torch.randint(problem.steps - k + 1, (1,), generator=g))
-            problem = dataclasses.replace(problem, batches=_Prefix(problem.batches, start + k))
-            schedule = WindowSchedule(start, start + k, seed)
+            first = int(torch.randint(problem.steps - k + 1, (1,), generator=g))
+            problem = dataclasses.replace(problem, batches=_Prefix(problem.batches, first + k))
+            schedule = WindowSchedule(first, first + k, seed)
+            assert plan.probe is not None
             extra = outer_bytes(problem.batches, problem.query)
-            prediction = with_outer(self.predict(schedule, resolve_states(problem, pr), pr), extra)
-        return self.execute(problem, rt, state0, consts, schedule, prediction, pr)
-
-    def execute(
-        self,
-        problem: InnerProblem,
-        rt: Runtime,
-        state0: InnerState,
-        consts: Consts,
-        schedule: Schedule,
-        prediction: Prediction,
-        pr: Probe,
-    ) -> Outcome:
-        """Steps 0..N−K first order, then the window on the engine."""
-        assert isinstance(schedule, WindowSchedule)
-        problem = resolve_states(problem, pr)
+            prediction = with_outer(self.predict(schedule, problem, plan.probe), extra)
         a, n = schedule.start, problem.steps
         assert schedule.end == n, (schedule, n)
         before = OuterTensors(n)
-        rt.outer = before
+        head_rec = Records(before)
         start, term = state0, None
         losses: list[Tensor] = []
         queries: list[Tensor] = []
@@ -271,11 +272,11 @@ class Truncated(Scheduled):
             if any(problem.step_weights[:a]):
                 head = dataclasses.replace(problem, step_weights=problem.step_weights[:a])
                 state_a, losses, queries, term = first_order_steps(
-                    head, rt, state0, a, consts, outer=True
+                    head, rt, head_rec, state0, a, consts, outer=True
                 )
             else:
                 state_a, losses, queries = advance(
-                    problem, rt, state0.detached(False), 0, a, consts
+                    problem, rt, head_rec, state0.detached(False), 0, a, consts
                 )
             before.release()
             # Note [What truncation gives each outer variable]
@@ -295,8 +296,8 @@ class Truncated(Scheduled):
             )
             params = clip_backward(dict(zip(names, joined)), problem.settings.clip)
             start = InnerState(params, state_a.opt, state_a.buffers)
-        state, out_losses, out_queries = run_schedule(problem, rt, start, consts, schedule)
-        window = rt.outer
+        state, out_losses, out_queries, rec = run_schedule(problem, rt, start, consts, schedule)
+        window = rec.outer
         assert window is not None
         losses = losses + list(out_losses.unbind(0))[a:]
         qs: list[Tensor] = []
@@ -319,14 +320,12 @@ class Truncated(Scheduled):
         nbytes = window.nbytes() + sum(
             t.numel() * t.element_size() for t in before.tensors if id(t) not in seen
         )
-        facts = RunFacts(
-            self.label(schedule),
-            self.resolved(schedule),
-            pr,
-            prediction,
-            schedule,
+        facts = plan.facts(
+            options=self.resolved(schedule),
+            prediction=prediction,
+            schedule=schedule,
             exact_states=problem.settings.exact_states,
             outer=tuple(outer),
             outer_bytes=nbytes,
         )
-        return Outcome(state, losses, facts, qs, query)
+        return Outcome(state, losses, facts, qs, query, rec)

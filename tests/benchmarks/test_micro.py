@@ -8,9 +8,10 @@ import torch
 
 import effmaml
 from effmaml.engine import pullback
+from effmaml.problem import NO_RECORDS, InnerProblem, Runtime
 from effmaml.replay import capture_rng
 from effmaml.state import Consts, InnerState
-from effmaml.step import InnerProblem, Runtime, inner_step
+from effmaml.step import inner_step
 
 from ..helpers import ce_loss, make_batch, make_model
 
@@ -29,7 +30,9 @@ def _problem(steps=4):
 def test_inner_step(benchmark):
     problem, state, consts = _problem()
     benchmark.extra_info["what"] = "one second-order inner step, MLP width 64, batch 8"
-    _out, loss, _query = benchmark(inner_step, problem, Runtime(), state, 0, consts, True)
+    _out, loss, _query = benchmark(
+        inner_step, problem, Runtime(), NO_RECORDS, state, 0, consts, True
+    )
     assert torch.isfinite(loss)
 
 
@@ -39,7 +42,9 @@ def test_segment_pullback(benchmark):
     rng = capture_rng(problem.rng_devices)
     benchmark.extra_info["what"] = "pullback through a 4-step segment"
     rt = Runtime()
-    g, _, _ = benchmark(pullback, problem, rt, state, rng, 0, 4, consts, [], grad, torch.zeros(4))
+    g, _, _ = benchmark(
+        pullback, problem, rt, NO_RECORDS, state, rng, 0, 4, consts, [], grad, torch.zeros(4)
+    )
     assert all(torch.isfinite(v).all() for v in g.params.values())
 
 
