@@ -251,3 +251,40 @@ def test_predicted_seconds_are_reported():
     step = next(p for k, p in preds.items() if "pullback='step'" in k)
     # both pull back every step once; "step" advances N - ceil(N/k) more steps
     assert step.seconds > seg.seconds > preds["naive"].seconds > 0
+
+
+@pytest.mark.parametrize("strategy", ["naive", "checkpoint", "auto", "implicit"])
+def test_adapt_executes_the_plan_estimate_sees(strategy):
+    """adapt is probe (where wanted) -> plan -> execute (issue 40 §1): the frozen Plan holds
+    the resolved settings, label and prediction that Adapted.facts then reports, and
+    executing it directly gives adapt's adapted parameters; auto's plan is the chosen
+    strategy's, labelled with it. The runtime keeps no record of the steps."""
+    import dataclasses
+
+    from effmaml.problem import Runtime
+
+    batches = [make_batch(t) for t in range(N)]
+    maml = maml_for(width=32, strategy=strategy, memory_budget="1GiB")
+    problem, state0, consts = maml.problem(batches)
+    plan = maml.strategy.plan(problem, maml.measure(batches[0]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.label = "something else"
+    assert plan.prediction is not None and plan.prediction.peak_bytes <= parse_bytes("1GiB")
+    if plan.schedule is not None:  # a recomputing plan: resolved from the probe
+        assert isinstance(plan.problem.settings.exact_states, bool)
+    assert (plan.schedule is not None) == isinstance(plan.strategy, effmaml.strategies.Scheduled)
+    if strategy == "auto":
+        assert plan.label == f"auto -> {plan.chosen}" and plan.strategy.name != "auto"
+        assert plan.memory_budget == parse_bytes("1GiB") and plan.considered
+    if strategy == "implicit":
+        assert plan.problem.settings.prox == plan.options["lam"] == 1.0
+    a = maml.adapt(batches)
+    assert a.facts.strategy == plan.label and a.facts.chosen == plan.chosen
+    assert a.facts.prediction is not None
+    assert a.facts.prediction.peak_bytes == plan.prediction.peak_bytes
+    (label, pred), *_ = maml.estimate(batches[0], N, strategy).items()
+    assert label == plan.label and pred.peak_bytes == plan.prediction.peak_bytes
+    out = plan.execute(maml.runtime(), state0, consts)
+    for k, v in a.params.items():
+        torch.testing.assert_close(out.state.params[k], v, rtol=0, atol=0)
+    assert not {"witness", "outer"} & {f.name for f in dataclasses.fields(Runtime)}
