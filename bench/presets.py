@@ -55,6 +55,11 @@ RUNS: dict[str, RunSpec] = {
         RunSpec("implicit", "implicit", (("lam", 1.0), ("cg_steps", 5), ("hvp_batches", 4))),
         RunSpec("torch_maml_naive", "naive", peer="torch_maml"),
         RunSpec("torch_maml_checkpoint", "checkpoint", (("segment", 5),), peer="torch_maml"),
+        # the equal-segment memory comparison with torch_maml (docs/strategies.md), run by
+        # name: python -m bench --preset cpu-small --steps 40 --strategies
+        # checkpoint_k6,torch_maml_checkpoint_k6
+        RunSpec("checkpoint_k6", "checkpoint", (("segment", 6), ("pullback", "segment"))),
+        RunSpec("torch_maml_checkpoint_k6", "checkpoint", (("segment", 6),), peer="torch_maml"),
         RunSpec("higher", "naive", peer="higher", needs_no_clip=True),
         # TorchOpt's MetaSGD: naive second-order MAML, no grad-of-grad clipping
         RunSpec("torchopt", "naive", peer="torchopt", needs_no_clip=True),
@@ -78,7 +83,9 @@ RUNS: dict[str, RunSpec] = {
 DEFAULT_RUNS = tuple(
     label
     for label in RUNS
-    if label not in ("naive_rerun", "naive_fp32") and not label.startswith("auto_")
+    if label not in ("naive_rerun", "naive_fp32")
+    and not label.startswith("auto_")
+    and not label.endswith("_k6")
 )
 
 
