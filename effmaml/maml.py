@@ -121,7 +121,7 @@ class MAML:
             raise TypeError(
                 f"inner optimizer {name} was not initialised as an InnerOptimizer: its "
                 f"__init__ must call super().__init__(lr) (the base rate step() may scale "
-                f"by, a float, tensor or per-parameter dict; 0.0 if the rule has none), "
+                f"by, a float, tensor or per-parameter dict; 1.0 if the rule has none), "
                 f"which sets lr, per_step and steps"
             )
         if clip_grad_grad_norm is not None and not clip_grad_grad_norm > 0:
@@ -371,9 +371,8 @@ class MAML:
         Returns:
             label -> ``Prediction`` (labels like
             ``"checkpoint(segment=7, pullback='step')"``): each strategy's ``plan``
-            (``adapt`` executes the same plan); a named strategy over the budget is
-            predicted all the same (its default plan: ``adapt`` is what refuses it), and a
-            candidate over it is left out.
+            (``adapt`` executes the same plan); one over the budget is predicted all the
+            same (its default plan: ``adapt`` is what refuses it).
         """
         problem, state0, consts = self.problem(batch, steps)
         problem = _with_query(problem, query, step_weights)
@@ -386,25 +385,16 @@ class MAML:
             probe(problem, self.runtime(), state0, consts), evals=0, seconds=0.0
         )
         if strategy is not None:
-            st = make_strategy(strategy, **options)
-            try:
-                p = st.plan(problem, pr)
-            except MemoryError:  # predicted all the same: adapt is what refuses to run it
-                p = st.plans(problem, pr)[0]
+            # over the budget, predicted all the same: adapt is what refuses to run it
+            p = make_strategy(strategy, **options).plan_or_default(problem, pr)
             return {p.label: _predicted(p)}
         if options:
             raise TypeError(
                 f"estimate got strategy options {sorted(options)} without a strategy; name "
                 f"the strategy they belong to, e.g. estimate(batch, n, 'revolve', slots=4)"
             )
-        out: dict[str, Prediction] = {}
-        for st in Auto.candidates(problem):
-            try:
-                p = st.plan(problem, pr)
-            except MemoryError:  # over the budget: not a candidate
-                continue
-            out[p.label] = _predicted(p)
-        return out
+        plans = [st.plan_or_default(problem, pr) for st in Auto.candidates(problem)]
+        return {p.label: _predicted(p) for p in plans}
 
     def problem(
         self,

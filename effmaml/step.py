@@ -339,6 +339,13 @@ def call_loss(loss_fn: LossFn, module: Any, batch: Any, t: int) -> Any:
         tb = err.__traceback__
         if tb is not None and tb.tb_next is None:  # raised by the call itself: no frame ran
             raise TypeError(f"{_RULE}; calling it so at inner step {t} failed: {err}") from err
+        if f"'{type(batch).__name__}' object is not callable" in str(err):
+            # the batch was called as the model (m(x) on a tuple): usually (batch, m)
+            raise TypeError(
+                f"{err} (raised at inner step {t} where loss_fn called the batch it was "
+                f"given as a model; {_RULE}: if your loss_fn takes (batch, m), swap its "
+                f"arguments)"
+            ) from err
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         if tb is not None and tb.tb_frame.f_code.co_filename == _MODULE_FILE:

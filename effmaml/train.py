@@ -181,7 +181,8 @@ class MetaTrainer:
         if len(tasks) != self.meta_batch:
             raise ValueError(
                 f"sample_tasks returned {len(tasks)} tasks, expected meta_batch="
-                f"{self.meta_batch}; make it return exactly meta_batch (support, query) pairs"
+                f"{self.meta_batch}; make it return exactly meta_batch (support, query) pairs "
+                f"(with an effmaml.EpisodeSampler, give it the same meta_batch as MetaTrainer)"
             )
         self.optimizer.zero_grad(set_to_none=True)
         for h in self._hyper.values():

@@ -387,6 +387,14 @@ def test_everyday_slips_get_messages_that_name_the_fix():
     with pytest.raises(TypeError, match=r"inner step 0.*swap its arguments"):
         swapped.adapt([batch] * 2)
 
+    def swapped_loss(batch, m):  # a Sequential indexes: "'tuple' object is not callable"
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    seq = nn.Sequential(nn.Linear(2, 2))
+    calls_batch = effmaml.MAML(seq, swapped_loss, effmaml.SGD(0.1), "naive")
+    with pytest.raises(TypeError, match=r"not callable.*inner step 0.*swap its arguments"):
+        calls_batch.adapt(batch, steps=3)
+
     class NoSuper(effmaml.InnerOptimizer):
         def __init__(self):
             pass

@@ -58,10 +58,15 @@ class Auto(Strategy):
         problem = _with_budget(problem)
         return [p for st in self.candidates(problem) for p in st.plans(problem, probe)]
 
+    def plan_or_default(self, problem: InnerProblem, probe: Probe | None) -> Plan:
+        """``plan``: ``auto`` has no default to fall back on (that nothing fits is its
+        error, with the smallest budget that would do)."""
+        return self.plan(problem, probe)
+
     def plan(self, problem: InnerProblem, probe: Probe | None) -> Plan:
         """The fastest candidate plan that fits (``fastest``; see the class docstring):
         the chosen strategy's plan, labelled ``"auto -> ..."``, with the budget and every
-        candidate's own best plan that fits (``considered``).
+        candidate's own plan under it, or its default where none fits (``considered``).
 
         Raises:
             MemoryError: nothing fits (names the smallest budget that would).
@@ -70,13 +75,15 @@ class Auto(Strategy):
         problem = _with_budget(problem)
         budget = problem.settings.memory_budget
         assert budget is not None
-        best: list[Plan] = []
+        fit: list[Plan] = []  # each candidate's plan under the budget (and the host's)
+        best: list[Plan] = []  # and, where it has none, its default plan, over the budget
         for st in self.candidates(problem):
             try:
-                best.append(st.plan(problem, probe))
+                fit.append(st.plan(problem, probe))
+                best.append(fit[-1])
             except MemoryError:
-                continue
-        chosen = fastest(best, budget)
+                best.append(st.plans(problem, probe)[0])
+        chosen = fastest(fit, budget)
         if chosen is None:
             floor = min(
                 p.prediction.peak_bytes

@@ -186,8 +186,8 @@ class Plan:
         schedule: the engine ``Schedule`` (recomputing strategies), else None.
         chosen: under ``auto``, the label of the plan it chose, else ``""``.
         memory_budget: under ``auto``, the budget the choice fits (bytes), else None.
-        considered: under ``auto``, every candidate's best plan that fits, as
-            ``(label, prediction)``.
+        considered: under ``auto``, every candidate's plan under the budget (its default
+            where none fits, over the budget), as ``(label, prediction)``.
     """
 
     strategy: Strategy
@@ -321,6 +321,15 @@ class Strategy:
             f"strategy='auto' (the fastest exact schedule that fits), 'checkpoint' or "
             f"'revolve', or raise the budget"
         )
+
+    def plan_or_default(self, problem: InnerProblem, probe: Probe | None) -> Plan:
+        """``plan``, or where nothing fits the budget the default plan, whose prediction
+        says by how much it is over: what ``MAML.estimate`` and ``auto``'s ``considered``
+        show for a strategy that ``adapt`` would refuse."""
+        try:
+            return self.plan(problem, probe)
+        except MemoryError:
+            return self.plans(problem, probe)[0]
 
     def execute(self, plan: Plan, rt: Runtime, state0: InnerState, consts: Consts) -> Outcome:
         """Run ``plan.problem.steps`` inner steps from ``state0`` as ``plan`` says.
