@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from effmaml.engine import Store, pullback
+from effmaml.problem import NO_RECORDS
 from effmaml.replay import capture_rng
 from effmaml.state import Consts, InnerState, group
 
@@ -85,6 +86,7 @@ def test_a_new_group_goes_through_every_consumer_of_the_flatten():
     grad, _, _ = pullback(
         problem,
         maml.runtime(),
+        NO_RECORDS,
         s0,
         capture_rng(problem.rng_devices),
         0,
