@@ -407,3 +407,18 @@ def test_everyday_slips_get_messages_that_name_the_fix():
 
     with pytest.raises(TypeError, match=r"NoSuper .*super\(\).__init__\(lr\)"):
         effmaml.MAML(net, loss, NoSuper(), "naive")
+
+
+def test_a_strategy_without_execute_is_told_how_to_port_it():
+    """A Strategy subclass written for the protocol before Plan (a run method) fails at
+    adapt with what to implement, before any step runs."""
+
+    class Old(effmaml.Strategy):
+        name = "old_protocol"
+
+        def run(self, problem, rt, state0, consts):
+            raise AssertionError("never called")
+
+    maml = effmaml.MAML(nn.Linear(2, 2), lambda m, b: m(b).sum(), effmaml.SGD(0.1), Old())
+    with pytest.raises(NotImplementedError, match=r"Old implements no execute.*defines run"):
+        maml.adapt(torch.randn(3, 2), steps=2)

@@ -342,8 +342,18 @@ class Strategy:
 
         Returns:
             The outcome, differentiable w.r.t. ``state0.params`` and ``consts``.
+
+        Raises:
+            NotImplementedError: a subclass that does not implement it (one written for
+                the earlier ``run(problem, rt, state0, consts)`` is told how to port it).
         """
-        raise NotImplementedError
+        name = type(self).__name__
+        old = " (it defines run(problem, rt, state0, consts), the protocol before Plan)"
+        raise NotImplementedError(
+            f"strategy {name} implements no execute(plan, rt, state0, consts)"
+            f"{old if hasattr(self, 'run') else ''}: implement execute, reading the problem "
+            f"from plan.problem and reporting with plan.facts(); see docs/extending.md"
+        )
 
     def options(self) -> dict[str, Any]:
         """The strategy's options, for reports."""
