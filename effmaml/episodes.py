@@ -14,6 +14,7 @@ training, validation and test classes in Finn et al.'s Omniglot proportions.
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,12 +64,14 @@ def class_index(dataset: Any, labels: Iterable[Hashable] | None = None) -> dict[
 
     Raises:
         ValueError: ``labels`` of another length than the dataset.
+        TypeError: an item that is not ``(x, label)``, or a label that is not one class (a
+            one-hot tensor, a list): says which item.
     """
     if labels is None:
         labels = getattr(dataset, "targets", None)
     if labels is None:
-        labels = [dataset[i][1] for i in range(len(dataset))]
-    labels = [_plain(y) for y in labels]
+        labels = [_item(dataset, i)[1] for i in range(len(dataset))]
+    labels = [_plain(y, f"item {i}") for i, y in enumerate(labels)]
     if len(labels) != len(dataset):
         raise ValueError(
             f"{len(labels)} labels for a dataset of {len(dataset)} items: give one label per "
@@ -80,9 +83,53 @@ def class_index(dataset: Any, labels: Iterable[Hashable] | None = None) -> dict[
     return index
 
 
-def _plain(label: Any) -> Hashable:
-    """A label as a dict key: a 0-d tensor becomes its Python number."""
-    return label.item() if isinstance(label, Tensor) else label
+def _item(dataset: Any, i: int) -> tuple[Any, Any]:
+    """``dataset[i]`` as ``(x, label)``.
+
+    Raises:
+        TypeError: an item that is not a pair (a bare tensor, a dict): says how to fix it.
+    """
+    item = dataset[i]
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    if isinstance(item, Tensor):
+        what = f"a tensor of shape {tuple(item.shape)}"
+    elif isinstance(item, (tuple, list)):
+        what = f"a {type(item).__name__} of {len(item)}"
+    else:
+        what = f"a {type(item).__name__}"
+    raise TypeError(
+        f"dataset[{i}] is {what}, not an (x, label) pair: episodes read items as "
+        f"(x, label). Make __getitem__ return (x, label), or wrap tensors in "
+        f"torch.utils.data.TensorDataset(x, y)"
+    )
+
+
+def _plain(label: Any, where: str) -> Hashable:
+    """A label as a dict key: a one-element tensor (or array) becomes its Python number.
+    ``where`` names it in an error (``"item 3"``).
+
+    Raises:
+        TypeError: a label that cannot be a class: a one-hot or multi-element tensor, a
+            list (says which and how to fix it).
+    """
+    if isinstance(label, Tensor) or (hasattr(label, "ndim") and hasattr(label, "item")):
+        size = label.numel() if isinstance(label, Tensor) else label.size  # numpy: .size
+        if size != 1:
+            raise TypeError(
+                f"the label of {where} has shape {tuple(label.shape)}; a label is one class "
+                f"(an int or a str). One-hot labels: give their class index (labels="
+                f"targets.argmax(-1).tolist())"
+            )
+        return label.item()
+    try:
+        hash(label)
+    except TypeError:
+        raise TypeError(
+            f"the label of {where} is a {type(label).__name__} ({label!r:.40}); a label is "
+            f"one class, hashable (an int, a str, a tuple): give labels= with one per item"
+        ) from None
+    return label
 
 
 def split_classes(
@@ -147,6 +194,8 @@ class EpisodeSampler:
         ValueError: fewer classes than ``n_way``; a class with fewer than
             ``k_shot + k_query`` items (says which); a label in ``classes`` that no item
             has; ``n_way``, ``k_shot`` or ``meta_batch`` below 1 or ``k_query`` below 0.
+        TypeError: an item that is not ``(x, label)`` or a label that is not one class
+            (see ``class_index``).
     """
 
     def __init__(
@@ -178,7 +227,7 @@ class EpisodeSampler:
                 classes = sorted(self.index)  # type: ignore[type-var]
             except TypeError:
                 classes = list(self.index)
-        labels_ = [_plain(c) for c in classes]
+        labels_ = [_plain(c, f"classes[{i}]") for i, c in enumerate(classes)]
         unknown = [c for c in labels_ if c not in self.index]
         if unknown:
             raise ValueError(
@@ -190,8 +239,8 @@ class EpisodeSampler:
         if short:
             raise ValueError(
                 f"class {short[0]!r} has {len(self.index[short[0]])} items, fewer than "
-                f"k_shot + k_query = {need} ({len(short)} such classes); lower k_query or "
-                f"leave those classes out"
+                f"k_shot + k_query = {need} ({len(short)} such classes); lower "
+                f"{'k_shot or k_query' if k_query else 'k_shot'} or leave those classes out"
             )
         turns = range(len(self.transforms)) if self.transforms else [None]
         # (label, transform index or None): what an episode picks n_way of
@@ -210,7 +259,7 @@ class EpisodeSampler:
             TypeError: an item that is not ``(tensor, label)`` (says how to fix it).
         """
         label, t = cls
-        items = [self.dataset[self.index[label][int(i)]][0] for i in indices]
+        items = [_item(self.dataset, self.index[label][int(i)])[0] for i in indices]
         for x in items:
             if not isinstance(x, Tensor):
                 raise TypeError(
@@ -222,15 +271,34 @@ class EpisodeSampler:
         return self.transforms[t](x) if t is not None else x
 
     def episode(self, seed: int, iteration: int = 0, task: int = 0) -> Episode:
-        """One episode, a pure function of ``(seed, iteration, task)``."""
-        g = torch.Generator().manual_seed(task_seed(seed, iteration, task))
+        """One episode, a pure function of ``(seed, iteration, task)`` (integers, any sign).
+
+        Raises:
+            TypeError: a seed, iteration or task that is not an integer.
+            ValueError: class transforms that give classes of different shapes (names
+                them).
+        """
+        for name, value in (("seed", seed), ("iteration", iteration), ("task", task)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"episode()'s {name} must be an int (got {value!r})")
+        key = task_seed(int(seed), int(iteration), int(task))
+        g = torch.Generator().manual_seed(key)
         pick = torch.randperm(len(self.classes), generator=g)[: self.n_way].tolist()
         need = self.k_shot + self.k_query
-        xs, xq = [], []
+        xs: list[Tensor] = []
+        xq: list[Tensor] = []
         for j in pick:
             cls = self.classes[j]
             idx = torch.randperm(len(self.index[cls[0]]), generator=g)[:need].tolist()
             x = self.examples(cls, idx)
+            if xs and x.shape[1:] != xs[0].shape[1:]:
+                (a, ta), (b, tb) = cls, self.classes[pick[0]]
+                raise ValueError(
+                    f"label {a!r} under transforms[{ta}] gives items of shape "
+                    f"{tuple(x.shape[1:])}, label {b!r} under transforms[{tb}] "
+                    f"{tuple(xs[0].shape[1:])}: every class of an episode needs one shape; "
+                    f"make the transforms keep the images' shape (or resize in them)"
+                )
             xs.append(x[: self.k_shot])
             xq.append(x[self.k_shot :])
         ys = torch.arange(self.n_way).repeat_interleave(self.k_shot)
@@ -239,7 +307,16 @@ class EpisodeSampler:
 
     def sample(self, generator: torch.Generator, n: int) -> list[Episode]:
         """``n`` episodes: one number drawn from ``generator`` seeds them all (episode i
-        is ``episode(that number, 0, i)``)."""
+        is ``episode(that number, 0, i)``).
+
+        Raises:
+            TypeError: ``generator`` is not a ``torch.Generator``.
+        """
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"sample() takes a torch.Generator (got {type(generator).__name__}); for "
+                f"the episodes of a given seed call episode(seed, iteration, task)"
+            )
         seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
         return [self.episode(seed, 0, i) for i in range(n)]
 

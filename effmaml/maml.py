@@ -18,7 +18,13 @@ from .inner import InnerOptimizer
 from .memory import parse_bytes
 from .probe import probe
 from .problem import InnerProblem, LossFn, Runtime, Settings
-from .sources import OnePass, RepeatedBatch, as_source, check_buffers
+from .sources import (
+    OnePass,
+    RepeatedBatch,
+    as_source,
+    check_buffers,
+    warn_uncollected_batchnorm,
+)
 from .state import Consts, InnerState
 from .step import check_loss_fn
 from .strategies import Auto, Plan, Strategy, make_strategy
@@ -430,6 +436,8 @@ class MAML:
         theta = {n: named[n] for n in self.adapted_names}
         fixed = {n: p for n, p in named.items() if n not in theta}
         check_buffers(self.model)
+        if start is None:
+            warn_uncollected_batchnorm(self.model)
         if start is not None:  # the adapted model's state, its graph included
             state0 = InnerState(dict(start.params), dict(start.inner_state), dict(start.buffers))
         else:

@@ -60,6 +60,8 @@ DIGESTS: dict[str, tuple[str, str]] = {
 }
 SIZE = 28  # what few-shot networks see (Santoro et al., Finn et al.)
 SUBSETS = ("images_background", "images_evaluation")
+# the archives effmaml's repository commits in data/omniglot/
+COMMITTED = ("images_background_small1.zip", "images_background_small2.zip", "all_runs.zip")
 SOURCE = "github.com/brendenlake/omniglot (folder python/)"
 
 
@@ -80,9 +82,8 @@ def verify(path: str | Path) -> Path:
         OmniglotDataError: the file is missing, its name is not a known archive (read it
             with ``check=False``), or its digest differs (says both digests).
     """
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise OmniglotDataError(f"{path} is missing; it comes from {SOURCE}")
+    path = Path(path).expanduser().resolve()
+    _present(path)
     if path.name not in DIGESTS:
         raise OmniglotDataError(
             f"{path.name} is not a known Omniglot archive ({', '.join(sorted(DIGESTS))}); "
@@ -95,10 +96,14 @@ def verify(path: str | Path) -> Path:
     algorithm, expected = DIGESTS[path.name]
     digest = hashlib.new(algorithm, path.read_bytes()).hexdigest()
     if digest != expected:
+        again = (
+            f" (effmaml's repository commits it: git checkout -- data/omniglot/{path.name})"
+            if path.name in COMMITTED
+            else ""
+        )
         raise OmniglotDataError(
             f"{path} is altered or truncated: {algorithm.upper()} {digest}, expected "
-            f"{expected}. Fetch it again from {SOURCE} (in this repository: git checkout -- "
-            f"data/omniglot/{path.name})"
+            f"{expected}. Fetch it again from {SOURCE}{again}"
         )
     _VERIFIED.add(key)
     return path
@@ -146,12 +151,13 @@ class Omniglot(torch.utils.data.Dataset):
         check: verify an archive against ``DIGESTS`` (an archive of another name
             needs ``check=False``).
         subsets: for a folder, the subsets to read (both by default, as Finn et al.'s
-            1623-character split needs).
+            1623-character split needs); one name alone is one subset.
 
     Raises:
-        OmniglotDataError: a missing or altered archive, a folder that is not in the
-            layout (says which subset is missing), a character without images, or fewer
-            than one character.
+        OmniglotDataError: a missing, altered or unreadable archive, a path that does not
+            exist, a folder that is not in the layout (says which subset is missing and
+            what the folder holds), a character without images, or fewer than one
+            character.
     """
 
     def __init__(
@@ -162,9 +168,11 @@ class Omniglot(torch.utils.data.Dataset):
         check: bool = True,
         subsets: Sequence[str] = SUBSETS,
     ) -> None:
-        self.source = Path(source)
+        self.source = Path(source).expanduser()
         self.size = size
-        z = zipfile.ZipFile(_archive(self.source, check)) if self.source.suffix == ".zip" else None
+        if isinstance(subsets, str):
+            subsets = (subsets,)
+        z = _zip(_archive(self.source, check)) if self.source.suffix == ".zip" else None
         try:
             files = (
                 _zip_characters(z) if z is not None else _folder_characters(self.source, subsets)
@@ -192,13 +200,32 @@ class Omniglot(torch.utils.data.Dataset):
         return self._images[i].float() / 255, self.targets[i]
 
 
+def _present(path: Path) -> None:
+    """Raise ``OmniglotDataError`` unless ``path`` is a file (says what is there instead)."""
+    if path.is_dir():
+        raise OmniglotDataError(f"{path} is a folder, not an archive; give the .zip file")
+    if not path.is_file():
+        raise OmniglotDataError(f"{path} does not exist; the archive comes from {SOURCE}")
+
+
 def _archive(path: Path, check: bool) -> Path:
     """``path`` verified (``check``), or at least present."""
+    path = path.expanduser()
     if check:
         return verify(path)
-    if not path.is_file():
-        raise OmniglotDataError(f"{path} is missing; it comes from {SOURCE}")
+    _present(path)
     return path
+
+
+def _zip(path: Path) -> zipfile.ZipFile:
+    """The archive opened, or ``OmniglotDataError`` naming it."""
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise OmniglotDataError(
+            f"{path} is not a readable zip archive ({e}); it is truncated or not Omniglot's: "
+            f"fetch it again from {SOURCE}"
+        ) from None
 
 
 def _zip_characters(z: zipfile.ZipFile) -> dict[tuple[str, str, str], list]:
@@ -212,13 +239,21 @@ def _zip_characters(z: zipfile.ZipFile) -> dict[tuple[str, str, str], list]:
 
 
 def _folder_characters(root: Path, subsets: Sequence[str]) -> dict[tuple[str, str, str], list]:
+    if not root.is_dir():
+        raise OmniglotDataError(
+            f"{root} does not exist: give an Omniglot archive (.zip) or the folder that "
+            f"holds {' and '.join(f'{s}/' for s in SUBSETS)} (torchvision's layout)"
+        )
     base = root / "omniglot-py" if (root / "omniglot-py").is_dir() else root
     missing = [str(base / s) for s in subsets if not (base / s).is_dir()]
     if missing:
+        there = sorted(p.name for p in base.iterdir() if p.is_dir())
         raise OmniglotDataError(
-            f"not an Omniglot folder: {', '.join(missing)} missing. Give the folder that "
-            f"holds {' and '.join(f'{s}/' for s in subsets)} (torchvision's layout; unzip "
-            f"the archives there), or name the subsets you have with subsets="
+            f"not an Omniglot folder: {', '.join(missing)} missing (the folder holds "
+            f"{', '.join(there) or 'no folders'}). Give the folder that holds "
+            f"{' and '.join(f'{s}/' for s in subsets)} (torchvision's layout; unzip the "
+            f"archives there), or name the subsets you have with subsets= (Omniglot's: "
+            f"{', '.join(SUBSETS)}, and the minimal sets images_background_small1, _small2)"
         )
     files: dict[tuple[str, str, str], list] = {}
     for s in subsets:
@@ -260,14 +295,19 @@ def one_shot_runs(
     measure: people 4.5%, Lake et al. 2015).
 
     Raises:
-        OmniglotDataError: the archive fails its checksum, or a run's ``class_labels.txt``
-            names an image that is not in it.
+        OmniglotDataError: the archive is missing, fails its checksum, is not a zip or
+            holds no runs, or a run's ``class_labels.txt`` names an image that is not in it.
     """
     path = _archive(Path(path), check)
     out = []
-    with zipfile.ZipFile(path) as z:
+    with _zip(path) as z:
         present = set(z.namelist())
         names = sorted({m.split("/")[0] for m in present if m.startswith("run")})[:runs]
+        if not names:
+            raise OmniglotDataError(
+                f"{path.name} holds no run folders (run01/ ... run20/): the one-shot runs "
+                f"are all_runs.zip from {SOURCE}"
+            )
         for name in names:
             pairs = [
                 line.split()

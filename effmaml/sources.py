@@ -18,9 +18,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .notices import warn
 from .outer import grad_tensors
 
-__all__ = ["OnePass", "RepeatedBatch", "as_source", "check_buffers", "move_to", "outer_bytes"]
+__all__ = [
+    "OnePass",
+    "RepeatedBatch",
+    "as_source",
+    "check_buffers",
+    "move_to",
+    "outer_bytes",
+    "warn_uncollected_batchnorm",
+]
 
 
 class OnePass(Sequence[Any]):
@@ -215,6 +224,35 @@ def check_buffers(model: nn.Module) -> None:
             f"their meta-gradient would be lost under every strategy. Register them as "
             f"parameters (module.register_parameter): they then adapt, or stay fixed with "
             f"params= and receive their meta-gradient; or detach them"
+        )
+
+
+def warn_uncollected_batchnorm(model: nn.Module) -> None:
+    """Warn when the inner loop would normalise with statistics nobody collected: a
+    BatchNorm in eval mode whose running statistics are still their initial zeros and
+    ones (``num_batches_tracked == 0``), as after ``model.eval()`` on a meta-trained
+    model (``adapt`` never writes the model's statistics)."""
+    fresh = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase)
+        and not m.training
+        and m.track_running_stats
+        and m.num_batches_tracked is not None
+        and int(m.num_batches_tracked) == 0
+        and m.running_mean is not None
+        and m.running_var is not None
+        and not m.running_mean.any()
+        and bool((m.running_var == 1).all())
+    ]
+    if fresh:
+        warn(
+            f"BatchNorm {', '.join(repr(n) for n in fresh[:3])}"
+            f"{f' and {len(fresh) - 3} more' if len(fresh) > 3 else ''} in eval mode with "
+            f"running statistics never collected (mean 0, variance 1, num_batches_tracked "
+            f"0): the inner loop normalises with them. adapt never collects the model's "
+            f"statistics: adapt in train mode (batch statistics, as MAML evaluates), or "
+            f"collect them first (docs/evaluation.md, 'BatchNorm at test time')"
         )
 
 

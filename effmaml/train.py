@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +217,13 @@ class MetaTrainer:
         device = self._params[0].device
         for i in self.share:
             support, query = tasks[i]
+            if self.inner_steps is None and isinstance(support, (Tensor, tuple, Mapping)):
+                raise TypeError(
+                    f"task {i}'s support set is one batch ({type(support).__name__}) and "
+                    f"MetaTrainer has no inner_steps: pass MetaTrainer(..., inner_steps=N) to "
+                    f"take N inner steps on it, or make sample_tasks return a batch source "
+                    f"(a list of N batches, one per step) as each task's support"
+                )
             with task_rng(task_seed(self.seed, self.iteration, i), device):
                 if weights is None:
                     adapted = maml.adapt(support, steps=self.inner_steps)

@@ -96,6 +96,7 @@ def test_a_tensor_dataset_with_labels_given_and_a_class_subset():
     [
         ({"n_way": 5, "k_query": 1}, r"4 classes \(4 labels x 1 transforms\), fewer than n_way=5"),
         ({"n_way": 2, "k_shot": 3, "k_query": 3}, r"class 0 has 5 items, fewer than k_shot"),
+        ({"n_way": 2, "k_shot": 6, "k_query": 0}, r"= 6 \(4 such classes\); lower k_shot or"),
         ({"n_way": 2, "classes": [0, 9]}, r"no item of the dataset has label 9"),
         ({"n_way": 0}, r"n_way must be an int >= 1"),
         ({"n_way": 2, "k_query": -1}, r"k_query must be an int >= 0"),
@@ -113,6 +114,43 @@ def test_items_that_are_not_tensors_are_refused_with_the_fix():
         s.episode(0)
     with pytest.raises(ValueError, match="3 labels for a dataset of 8 items"):
         class_index(pil_like, labels=[0, 1, 2])
+
+
+@pytest.mark.parametrize(
+    "items,match",
+    [
+        ([torch.zeros(3) for _ in range(6)], r"dataset\[0\] is a tensor of shape \(3,\), not an"),
+        ([{"x": torch.zeros(3), "y": 0}] * 6, r"dataset\[0\] is a dict.*TensorDataset\(x, y\)"),
+        ([(torch.zeros(3), [i % 2]) for i in range(6)], r"label of item 0 is a list"),
+        ([(torch.zeros(3), torch.eye(2)[i % 2]) for i in range(6)], r"0 has shape \(2,\).*argmax"),
+    ],
+)  # fmt: skip
+def test_items_and_labels_that_are_not_x_and_one_class_name_the_item(items, match):
+    with pytest.raises(TypeError, match=match):
+        EpisodeSampler(items, n_way=2, k_shot=1, k_query=1)
+
+
+def test_labels_of_every_plain_kind_are_classes():
+    import numpy as np
+
+    for y in (lambda i: i, str, torch.tensor, lambda i: torch.tensor([i]), np.int64):
+        items = [(torch.full((1,), float(i)), y(i // 3)) for i in range(6)]
+        (xs, ys), _ = EpisodeSampler(items, n_way=2, k_shot=1, k_query=2).episode(0)
+        assert ys.tolist() == [0, 1] and xs.shape == (2, 1)
+
+
+def test_seeds_calls_and_transforms_that_cannot_make_an_episode_are_refused():
+    s = EpisodeSampler(Strokes(), n_way=2, k_shot=1, k_query=1)
+    assert _same(s.episode(-3, 1, 2), s.episode(-3, 1, 2))  # any sign
+    with pytest.raises(TypeError, match=r"episode\(\)'s seed must be an int \(got 1.5\)"):
+        s.episode(1.5)
+    with pytest.raises(TypeError, match=r"takes a torch.Generator \(got int\).*episode\(seed"):
+        s.sample(0, 2)
+    crop = EpisodeSampler(Strokes(), 8, 1, 1, transforms=[lambda x: x, lambda x: x[..., :2]])
+    with pytest.raises(
+        ValueError, match=r"under transforms\[\d\] gives items of shape \(1, 4, \d\), label"
+    ):
+        crop.episode(0)
 
 
 def test_split_classes_is_finns_at_omniglots_size_and_at_least_one_each():
@@ -146,3 +184,31 @@ def test_meta_trainer_trains_on_the_sampler():
 def _ce(model, batch):
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)
+
+
+def test_one_batch_per_task_without_inner_steps_is_told_to_pass_them():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    maml = effmaml.MAML(model, _ce, effmaml.SGD(0.1), "naive")
+    s = EpisodeSampler(Strokes(), n_way=2, k_shot=1, k_query=2, meta_batch=2)
+    opt = torch.optim.SGD(model.parameters(), 1e-3)
+    trainer = effmaml.MetaTrainer(maml, opt, s, meta_batch=2, progress=False)
+    with pytest.raises(TypeError, match=r"task 0's support set is one batch.*inner_steps=N"):
+        trainer.train(1)
+
+
+def test_adapting_in_eval_mode_with_statistics_never_collected_warns():
+    """``model.eval()`` straight after meta-training: the model's BatchNorm statistics are
+    still their initial zeros and ones (adapt never writes them), so the inner loop would
+    normalise with them; collected statistics, or train mode, adapt without a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
+    maml = effmaml.MAML(model, _ce, effmaml.SGD(0.1), "naive")
+    support = EpisodeSampler(Strokes(), n_way=2, k_shot=2, k_query=0).episode(0)[0]
+    maml.adapt(support, steps=1)  # train mode: batch statistics
+    model.eval()
+    with pytest.warns(UserWarning, match=r"BatchNorm '1' in eval mode with running statistics"):
+        maml.adapt(support, steps=1)
+    model.train()
+    model(support[0])  # collected (one batch)
+    model.eval()
+    maml.adapt(support, steps=1)

@@ -209,6 +209,7 @@ def test_the_readme_line_states_the_budget_and_the_best_against_mhd(tmp_path):
     results_frame(raw).to_csv(tmp_path / "fewshot-omniglot" / "results.csv", index=False)
     line = _omniglot_line(tmp_path)
     assert "meta-trained for 4 CPU-minutes per seed" in line
+    assert "minimal set (small1 / small2; 1 / 1 seeds)" in line
     assert "best of ours ProtoNets 20.0% / 20.0%, MAML 30.0% / 30.0%" in line
     assert "MHD baseline 40.0%; 2 of our 3 methods are below it on both sets" in line
 

@@ -34,7 +34,7 @@ def test_an_altered_missing_or_unknown_archive_is_refused(tmp_path):
     altered.write_bytes(bytes(raw))
     with pytest.raises(OmniglotDataError, match=r"altered or truncated: SHA256 .* expected"):
         one_shot_runs(altered)
-    with pytest.raises(OmniglotDataError, match="missing"):
+    with pytest.raises(OmniglotDataError, match="does not exist"):
         Omniglot(tmp_path / "images_background_small1.zip")
     shutil.copy(DATA / "images_background_small2.zip", tmp_path / "mine.zip")
     with pytest.raises(OmniglotDataError, match="not a known Omniglot archive.*check=False"):
@@ -86,6 +86,32 @@ def test_torchvisions_folder_layout_reads_both_subsets_in_order(tmp_path):
     assert len(Omniglot(tmp_path / "omniglot-py").characters) == n  # without omniglot-py/
     only = Omniglot(tmp_path, subsets=("images_background",))
     assert len(only.characters) == 5
+
+
+def test_a_users_copy_is_read_where_it_is_and_refused_with_what_is_wrong(tmp_path, monkeypatch):
+    """A user's own archives and folders: ``~`` is their home; a path that does not exist,
+    a truncated full archive, a file that is not a zip, a subset named wrong and an archive
+    without runs each say what is wrong, without this repository's git advice for files it
+    does not commit."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torchvision_layout(tmp_path / "data")
+    assert len(Omniglot("~/data/omniglot-py").characters) == 7
+    assert len(Omniglot("~/data", subsets="images_background").characters) == 5  # one name
+    with pytest.raises(OmniglotDataError, match=r"nowhere does not exist.*images_background/"):
+        Omniglot(tmp_path / "nowhere")
+    with pytest.raises(OmniglotDataError, match=r"holds images_background, images_evaluation\)"):
+        Omniglot(tmp_path / "data", subsets=("background",))
+    full = tmp_path / "images_background.zip"
+    full.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(OmniglotDataError, match=r"altered or truncated: MD5") as err:
+        Omniglot(full)
+    assert "git checkout" not in str(err.value)
+    with pytest.raises(OmniglotDataError, match=r"not a readable zip archive.*fetch it again"):
+        Omniglot(full, check=False)
+    with pytest.raises(OmniglotDataError, match=r"holds no run folders.*all_runs.zip"):
+        one_shot_runs(DATA / "images_background_small1.zip")
+    with pytest.raises(OmniglotDataError, match="is a folder, not an archive"):
+        one_shot_runs(tmp_path / "data", check=False)
 
 
 def test_a_wrong_or_incomplete_folder_is_refused(tmp_path):

@@ -96,8 +96,12 @@ def _omniglot_line(root: Path) -> str:
         for r in csv.DictReader(f):
             if r["score"] == "runs":
                 errors.setdefault((r["method"], r["set"]), []).append(float(r["value"]))
+    seeds: dict[str, set[str]] = {}
     with open(root / "fewshot-omniglot" / "results.csv") as f:
-        budgets = {float(r["budget_cpu_s"]) for r in csv.DictReader(f)}
+        rows = list(csv.DictReader(f))
+    budgets = {float(r["budget_cpu_s"]) for r in rows}
+    for r in rows:
+        seeds.setdefault(r["set"], set()).add(r["seed"])
     mean = {k: sum(v) / len(v) for k, v in errors.items()}
     sets = sorted({s for _, s in mean if s})
     learned = sorted(
@@ -122,7 +126,8 @@ def _omniglot_line(root: Path) -> str:
         f"**Real Omniglot, Lake et al.'s 20 one-shot runs** (`make fewshot-omniglot`, "
         f"20-way within an unseen alphabet; every method meta-trained for {budget} "
         f"CPU-minutes per seed on each 5-alphabet minimal set "
-        f"({' / '.join(s.removeprefix('omniglot-') for s in sets)}), hyperparameters "
+        f"({' / '.join(s.removeprefix('omniglot-') for s in sets)}; "
+        f"{' / '.join(str(len(seeds.get(s, ()))) for s in sets)} seeds), hyperparameters "
         f"chosen on validation characters): error, best of ours {_NAMES.get(best, best)} "
         f"{cell(best)}" + "".join(f", {p}" for p in parts) + f"; the dataset's own MHD "
         f"baseline {mhd:.1f}%{verdict}; people 4.5%, BPL 3.3% (Lake et al. 2015, 30 "
