@@ -138,8 +138,9 @@ def write(out: Path, raw: dict) -> pd.DataFrame:
         "",
         f"**Budget: {minutes:g} CPU-minutes per method and seed** — the training process's "
         f"own CPU time (`time.process_time`, one torch thread per worker process, "
-        f"{raw['workers']} workers), so that a busy neighbour on a shared machine takes "
-        f"nothing from it; the validation passes during training are paused out of it. "
+        f"{raw['workers']} workers), so that a busy neighbour on a shared machine takes no "
+        f"time from the budget (shared caches and memory bandwidth can still make its steps "
+        f"slower); the validation passes during training are paused out of it. "
         f"Meta-training on the training characters of one minimal background set "
         f"(quarter turns as classes) in 20-way 1-shot episodes, Conv-4, Adam 1e-3; each "
         f"method's hyperparameters chosen on small1's validation characters (below), the "
