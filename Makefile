@@ -66,7 +66,7 @@ fewshot: $(SETUP)
 # real Omniglot (data/omniglot/, the committed zips): Lake et al.'s 20 one-shot runs and
 # held-out 5-/20-way episodes, every method meta-trained for the same CPU-minutes on each
 # minimal background set with the values results/fewshot-omniglot/search.json chose, the MHD
-# and pixel baselines and the published figures (about an hour on 2 idle cores)
+# and pixel baselines and the published figures (about 70 minutes on 2 idle cores)
 fewshot-omniglot: $(SETUP)
 	$(PY) -m bench.omniglot
 

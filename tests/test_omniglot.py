@@ -207,7 +207,18 @@ def test_the_readme_line_states_the_budget_and_the_best_against_mhd(tmp_path):
         tmp_path / "fewshot-omniglot" / "values.csv", index=False
     )
     results_frame(raw).to_csv(tmp_path / "fewshot-omniglot" / "results.csv", index=False)
+    longer = [
+        dict(j, method="maml", scores={"runs": [e / 2]}) for j, e in zip(jobs[:2], (30.0, 10.0))
+    ]
+    sub = tmp_path / "fewshot-omniglot" / "maml-16-minutes"
+    sub.mkdir()
+    values_frame(longer[:1], {}).to_csv(sub / "values.csv", index=False)
+    results_frame({"jobs": longer[:1], "budget_cpu_s": 960.0}).to_csv(
+        sub / "results.csv", index=False
+    )
+    (sub / "summary.md").write_text("its report\n")
     line = _omniglot_line(tmp_path)
+    assert "MAML 30.0% / 30.0%, MAML alone at 16 CPU-minutes 15.0% / —;" in line
     assert "meta-trained for 4 CPU-minutes per seed" in line
     assert "minimal set (small1 / small2; 1 / 1 seeds)" in line
     assert "best of ours ProtoNets 20.0% / 20.0%, MAML 30.0% / 30.0%" in line

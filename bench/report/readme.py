@@ -83,6 +83,33 @@ def _distillation_line(root: Path) -> str:
     )
 
 
+def _omniglot_longer(folder: Path, sets: list[str]) -> list[str]:
+    """``"MAML alone at 16 CPU-minutes 27.5% / 24.5%"`` for each run in a subfolder of
+    ``folder`` with its own report (``summary.md``: the main run's chosen values at another
+    budget), error % on the 20 runs per set."""
+    import csv
+
+    out = []
+    for sub in sorted(p for p in folder.iterdir() if (p / "summary.md").exists()):
+        with open(sub / "results.csv") as f:
+            rows = list(csv.DictReader(f))
+        methods = sorted({r["method"] for r in rows})
+        budgets = {float(r["budget_cpu_s"]) for r in rows}
+        if len(methods) != 1 or len(budgets) != 1:
+            continue
+        errors: dict[str, list[float]] = {}
+        with open(sub / "values.csv") as f:
+            for r in csv.DictReader(f):
+                if r["score"] == "runs" and r["method"] == methods[0]:
+                    errors.setdefault(r["set"], []).append(float(r["value"]))
+        cells = " / ".join(
+            f"{sum(errors[s]) / len(errors[s]):.1f}%" if s in errors else "—" for s in sets
+        )
+        name = _NAMES.get(methods[0], methods[0])
+        out.append(f"{name} alone at {budgets.pop() / 60:g} CPU-minutes {cells}")
+    return out
+
+
 def _omniglot_line(root: Path) -> str:
     """One line on ``make fewshot-omniglot``'s 20 runs (error % per method and minimal
     set at the stated CPU budget, the MHD baseline and the published figures), or ""."""
@@ -121,6 +148,7 @@ def _omniglot_line(root: Path) -> str:
         else "; no learned method beats it at this budget"
     )
     parts = [f"{_NAMES.get(m, m)} {cell(m)}" for m in ("maml",) if m in learned and m != best]
+    parts += _omniglot_longer(root / "fewshot-omniglot", sets)
     budget = " / ".join(f"{b / 60:g}" for b in sorted(budgets))
     return (
         f"**Real Omniglot, Lake et al.'s 20 one-shot runs** (`make fewshot-omniglot`, "
