@@ -98,7 +98,7 @@ def verify(path: str | Path) -> Path:
     if digest != expected:
         again = (
             f" (effmaml's repository commits it: git checkout -- data/omniglot/{path.name})"
-            if path.name in COMMITTED
+            if path.name in COMMITTED and path.parent.parts[-2:] == ("data", "omniglot")
             else ""
         )
         raise OmniglotDataError(
@@ -179,7 +179,14 @@ class Omniglot(torch.utils.data.Dataset):
             )
             names = sorted(files)[:characters]
             if not names:
-                raise OmniglotDataError(f"{self.source}: no character folders with PNGs found")
+                runs = (
+                    " (the one-shot runs: read them with one_shot_runs)"
+                    if z and any(m.startswith("run") for m in z.namelist())
+                    else ""
+                )
+                raise OmniglotDataError(
+                    f"{self.source}: no character folders with PNGs found{runs}"
+                )
             self.characters = ["/".join(n[1:]) for n in names]
             self.alphabets = sorted({n[1] for n in names})
             images: list[Tensor] = []

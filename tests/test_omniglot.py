@@ -218,7 +218,7 @@ def test_the_readme_line_states_the_budget_and_the_best_against_mhd(tmp_path):
     )
     (sub / "summary.md").write_text("its report\n")
     line = _omniglot_line(tmp_path)
-    assert "MAML 30.0% / 30.0%, MAML alone at 16 CPU-minutes 15.0% / —;" in line
+    assert "MAML 30.0% / 30.0%, MAML alone at 16 CPU-minutes (1/0 seeds) 15.0% / —;" in line
     assert "meta-trained for 4 CPU-minutes per seed" in line
     assert "minimal set (small1 / small2; 1 / 1 seeds)" in line
     assert "best of ours ProtoNets 20.0% / 20.0%, MAML 30.0% / 30.0%" in line

@@ -32,8 +32,14 @@ def test_an_altered_missing_or_unknown_archive_is_refused(tmp_path):
     raw = bytearray((DATA / RUNS).read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     altered.write_bytes(bytes(raw))
-    with pytest.raises(OmniglotDataError, match=r"altered or truncated: SHA256 .* expected"):
+    with pytest.raises(OmniglotDataError, match=r"altered or truncated: SHA256 .* expected") as e:
         one_shot_runs(altered)
+    assert "git checkout" not in str(e.value)  # a copy outside the repository's data/omniglot
+    (tmp_path / "data" / "omniglot").mkdir(parents=True)
+    in_repo = tmp_path / "data" / "omniglot" / RUNS
+    altered.rename(in_repo)
+    with pytest.raises(OmniglotDataError, match=r"git checkout -- data/omniglot/all_runs.zip"):
+        one_shot_runs(in_repo)
     with pytest.raises(OmniglotDataError, match="does not exist"):
         Omniglot(tmp_path / "images_background_small1.zip")
     shutil.copy(DATA / "images_background_small2.zip", tmp_path / "mine.zip")
@@ -108,6 +114,8 @@ def test_a_users_copy_is_read_where_it_is_and_refused_with_what_is_wrong(tmp_pat
     assert "git checkout" not in str(err.value)
     with pytest.raises(OmniglotDataError, match=r"not a readable zip archive.*fetch it again"):
         Omniglot(full, check=False)
+    with pytest.raises(OmniglotDataError, match=r"no character folders.*one_shot_runs"):
+        Omniglot(DATA / RUNS)
     with pytest.raises(OmniglotDataError, match=r"holds no run folders.*all_runs.zip"):
         one_shot_runs(DATA / "images_background_small1.zip")
     with pytest.raises(OmniglotDataError, match="is a folder, not an archive"):

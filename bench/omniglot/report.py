@@ -102,8 +102,13 @@ def _key(job: dict) -> dict:
     return {"set": job["set"], "method": job["method"], "seed": job["seed"]}
 
 
-def _cell(values: pd.Series) -> str:
-    return format_mean_t95(values, digits=1) if len(values) else "—"
+def _cell(rows: pd.DataFrame) -> str:
+    """Mean ± 95% Student t interval over the scored items (the runs, the episodes): each
+    item's value is first averaged over seeds, since every seed is scored on the same runs
+    and the same episodes (pooling them would count each item once per seed)."""
+    if not len(rows):
+        return "—"
+    return format_mean_t95(rows.groupby("index").value.mean(), digits=1)
 
 
 def _config(config: dict) -> str:
@@ -152,17 +157,19 @@ def write(out: Path, raw: dict) -> pd.DataFrame:
         "## The 20 runs (20-way within one evaluation alphabet), error % (lower is better)",
         "",
         "Scored once per trained model, with the method's own adaptation on the run's 20 "
-        "training images. Mean over runs × seeds ± 95% interval over runs × seeds.",
+        "training images. Mean over runs and seeds ± a 95% Student t interval over the 20 "
+        "runs, each run's error averaged over the seeds first (every seed is scored on the "
+        "same runs).",
         "",
         "| method | " + " | ".join(f"trained on {s}" for s in sets) + " |",
         "|---|" + "---|" * len(sets),
     ]
     runs = values[values.score == "runs"]
     for m in methods:
-        cells = [_cell(runs[(runs.set == s) & (runs.method == m)].value) for s in sets]
+        cells = [_cell(runs[(runs.set == s) & (runs.method == m)]) for s in sets]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
     for m in raw["baselines"]:
-        cell = _cell(runs[runs.method == m].value)
+        cell = _cell(runs[runs.method == m])
         lines.append(f"| {NAMES.get(m, m)} | " + " | ".join([cell] * len(sets)) + " |")
     lines += ["", "Published, on the same 20 runs (error %):", ""]
     lines += [f"- {who}: {err}% ({src})" for who, err, src in PUBLISHED]
@@ -179,14 +186,15 @@ def write(out: Path, raw: dict) -> pd.DataFrame:
         "## Held-out characters of the minimal set, 1-shot accuracy % (higher is better)",
         "",
         f"{len(jobs[0]['scores']['20-way'])} episodes per seed ({EVAL_QUERIES} queries per "
-        "class), the same for every method; mean ± 95% interval over episodes × seeds.",
+        "class), the same for every method and seed; mean ± a 95% Student t interval over "
+        "the episodes, each episode's accuracy averaged over the seeds first.",
         "",
         "| method | " + " | ".join(f"{s} {w}" for s in sets for w in ("20-way", "5-way")) + " |",
         "|---|" + "---|" * (2 * len(sets)),
     ]
     for m in methods:
         cells = [
-            _cell(values[(values.set == s) & (values.method == m) & (values.score == w)].value)
+            _cell(values[(values.set == s) & (values.method == m) & (values.score == w)])
             for s in sets
             for w in ("20-way", "5-way")
         ]

@@ -105,8 +105,9 @@ def _omniglot_longer(folder: Path, sets: list[str]) -> list[str]:
         cells = " / ".join(
             f"{sum(errors[s]) / len(errors[s]):.1f}%" if s in errors else "—" for s in sets
         )
+        seeds = "/".join(str(len({r["seed"] for r in rows if r["set"] == s})) for s in sets)
         name = _NAMES.get(methods[0], methods[0])
-        out.append(f"{name} alone at {budgets.pop() / 60:g} CPU-minutes {cells}")
+        out.append(f"{name} alone at {budgets.pop() / 60:g} CPU-minutes ({seeds} seeds) {cells}")
     return out
 
 
