@@ -436,11 +436,10 @@ class MAML:
         theta = {n: named[n] for n in self.adapted_names}
         fixed = {n: p for n, p in named.items() if n not in theta}
         check_buffers(self.model)
-        if start is None:
-            warn_uncollected_batchnorm(self.model)
         if start is not None:  # the adapted model's state, its graph included
             state0 = InnerState(dict(start.params), dict(start.inner_state), dict(start.buffers))
         else:
+            warn_uncollected_batchnorm(self.model)
             with torch.no_grad():  # the initial optimizer state: no graph
                 opt0 = self.inner.init_state(theta)
                 buffers0 = {n: b.detach().clone() for n, b in self.model.named_buffers()}

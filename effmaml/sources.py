@@ -26,6 +26,7 @@ __all__ = [
     "RepeatedBatch",
     "as_source",
     "check_buffers",
+    "is_one_batch",
     "move_to",
     "outer_bytes",
     "warn_uncollected_batchnorm",
@@ -104,7 +105,7 @@ def as_source(
         ValueError: ``steps < 1``, an empty source, or a source whose length is not
             ``steps`` (a one-pass source's: less than ``steps``).
     """
-    one_batch = isinstance(batches, (Tensor, tuple, Mapping, str))
+    one_batch = is_one_batch(batches)
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise TypeError(f"steps must be an int (got {steps!r})")
@@ -136,6 +137,12 @@ def as_source(
             "adapt() got an empty batch source; pass at least one batch, or one batch with steps=N"
         )
     return batches
+
+
+def is_one_batch(batches: Any) -> bool:
+    """Whether ``adapt`` reads ``batches`` as one batch (a tensor, tuple, dict or string),
+    not as a source of one batch per step."""
+    return isinstance(batches, (Tensor, tuple, Mapping, str))
 
 
 def _indexable(source: Any) -> bool:

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from .maml import MAML
 from .preemption import STOP_SIGNALS, Preemption
 from .replay import forked_rng
 from .runlog import LOG_COLUMNS, RunLog
+from .sources import is_one_batch
 from .tasks import task_seed
 
 __all__ = [
@@ -217,7 +218,7 @@ class MetaTrainer:
         device = self._params[0].device
         for i in self.share:
             support, query = tasks[i]
-            if self.inner_steps is None and isinstance(support, (Tensor, tuple, Mapping)):
+            if self.inner_steps is None and is_one_batch(support):
                 raise TypeError(
                     f"task {i}'s support set is one batch ({type(support).__name__}) and "
                     f"MetaTrainer has no inner_steps: pass MetaTrainer(..., inner_steps=N) to "

@@ -83,54 +83,54 @@ def _distillation_line(root: Path) -> str:
     )
 
 
-def _omniglot_longer(folder: Path, sets: list[str]) -> list[str]:
-    """``"MAML alone at 16 CPU-minutes 27.5% / 24.5%"`` for each run in a subfolder of
-    ``folder`` with its own report (``summary.md``: the main run's chosen values at another
-    budget), error % on the 20 runs per set."""
+def _omniglot_read(folder: Path) -> tuple[dict[tuple[str, str], float], list[dict]]:
+    """A ``bench.omniglot`` report's mean error % on the 20 runs per (method, set) (the
+    baselines with set "") and its results.csv rows."""
     import csv
 
+    errors: dict[tuple[str, str], list[float]] = {}
+    with open(folder / "values.csv") as f:
+        for r in csv.DictReader(f):
+            if r["score"] == "runs":
+                errors.setdefault((r["method"], r["set"]), []).append(float(r["value"]))
+    with open(folder / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {k: sum(v) / len(v) for k, v in errors.items()}, rows
+
+
+def _seeds(rows: list[dict], sets: list[str], sep: str = " / ") -> str:
+    """``"3 / 1"``: how many seeds each set's jobs ran."""
+    return sep.join(str(len({r["seed"] for r in rows if r["set"] == s})) for s in sets)
+
+
+def _omniglot_longer(folder: Path, sets: list[str]) -> list[str]:
+    """``"MAML alone at 16 CPU-minutes (1/1 seeds) 27.5% / 24.5%"`` for each run in a
+    subfolder of ``folder`` with its own report (``summary.md``: the main run's chosen
+    values at another budget), error % on the 20 runs per set."""
     out = []
     for sub in sorted(p for p in folder.iterdir() if (p / "summary.md").exists()):
-        with open(sub / "results.csv") as f:
-            rows = list(csv.DictReader(f))
+        mean, rows = _omniglot_read(sub)
         methods = sorted({r["method"] for r in rows})
         budgets = {float(r["budget_cpu_s"]) for r in rows}
         if len(methods) != 1 or len(budgets) != 1:
             continue
-        errors: dict[str, list[float]] = {}
-        with open(sub / "values.csv") as f:
-            for r in csv.DictReader(f):
-                if r["score"] == "runs" and r["method"] == methods[0]:
-                    errors.setdefault(r["set"], []).append(float(r["value"]))
-        cells = " / ".join(
-            f"{sum(errors[s]) / len(errors[s]):.1f}%" if s in errors else "—" for s in sets
+        m = methods[0]
+        cells = " / ".join(f"{mean[m, s]:.1f}%" if (m, s) in mean else "—" for s in sets)
+        out.append(
+            f"{_NAMES.get(m, m)} alone at {budgets.pop() / 60:g} CPU-minutes "
+            f"({_seeds(rows, sets, '/')} seeds) {cells}"
         )
-        seeds = "/".join(str(len({r["seed"] for r in rows if r["set"] == s})) for s in sets)
-        name = _NAMES.get(methods[0], methods[0])
-        out.append(f"{name} alone at {budgets.pop() / 60:g} CPU-minutes ({seeds} seeds) {cells}")
     return out
 
 
 def _omniglot_line(root: Path) -> str:
     """One line on ``make fewshot-omniglot``'s 20 runs (error % per method and minimal
     set at the stated CPU budget, the MHD baseline and the published figures), or ""."""
-    import csv
-
-    path = root / "fewshot-omniglot" / "values.csv"
-    if not path.exists():
+    folder = root / "fewshot-omniglot"
+    if not (folder / "values.csv").exists():
         return ""
-    errors: dict[tuple[str, str], list[float]] = {}
-    with open(path) as f:
-        for r in csv.DictReader(f):
-            if r["score"] == "runs":
-                errors.setdefault((r["method"], r["set"]), []).append(float(r["value"]))
-    seeds: dict[str, set[str]] = {}
-    with open(root / "fewshot-omniglot" / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    mean, rows = _omniglot_read(folder)
     budgets = {float(r["budget_cpu_s"]) for r in rows}
-    for r in rows:
-        seeds.setdefault(r["set"], set()).add(r["seed"])
-    mean = {k: sum(v) / len(v) for k, v in errors.items()}
     sets = sorted({s for _, s in mean if s})
     learned = sorted(
         {m for m, s in mean if s and all((m, t) in mean for t in sets)},
@@ -149,19 +149,19 @@ def _omniglot_line(root: Path) -> str:
         else "; no learned method beats it at this budget"
     )
     parts = [f"{_NAMES.get(m, m)} {cell(m)}" for m in ("maml",) if m in learned and m != best]
-    parts += _omniglot_longer(root / "fewshot-omniglot", sets)
+    parts += _omniglot_longer(folder, sets)
     budget = " / ".join(f"{b / 60:g}" for b in sorted(budgets))
     return (
         f"**Real Omniglot, Lake et al.'s 20 one-shot runs** (`make fewshot-omniglot`, "
         f"20-way within an unseen alphabet; every method meta-trained for {budget} "
         f"CPU-minutes per seed on each 5-alphabet minimal set "
         f"({' / '.join(s.removeprefix('omniglot-') for s in sets)}; "
-        f"{' / '.join(str(len(seeds.get(s, ()))) for s in sets)} seeds), hyperparameters "
+        f"{_seeds(rows, sets)} seeds), hyperparameters "
         f"chosen on validation characters): error, best of ours {_NAMES.get(best, best)} "
         f"{cell(best)}" + "".join(f", {p}" for p in parts) + f"; the dataset's own MHD "
         f"baseline {mhd:.1f}%{verdict}; people 4.5%, BPL 3.3% (Lake et al. 2015, 30 "
         f"background alphabets); "
-        f"[the tables]({(root / 'fewshot-omniglot' / 'summary.md').as_posix()})."
+        f"[the tables]({(folder / 'summary.md').as_posix()})."
     )
 
 
