@@ -249,3 +249,21 @@ def test_a_stopped_run_resumes_with_the_jobs_not_done(tmp_path):
         {"jobs_resumed": 1, "jobs": [1, 4, 9]}
     )
     assert _resumed({"jobs": [1]}) == ""
+
+
+def test_an_interval_over_the_runs_averages_each_run_over_the_seeds_first():
+    """Every seed is scored on the same 20 runs: pooling runs x seeds would count each run
+    once per seed and narrow the interval; the report's is over the runs' seed means."""
+    import pandas as pd
+
+    from bench.intervals import format_mean_t95
+    from bench.omniglot.report import _cell
+
+    errors = [5.0 * (i % 7) for i in range(20)]
+    rows = pd.DataFrame(
+        [{"index": i, "seed": s, "value": e + s} for s in (0, 1, 2) for i, e in enumerate(errors)]
+    )
+    per_run = pd.Series([e + 1.0 for e in errors])
+    assert _cell(rows) == format_mean_t95(per_run, digits=1)
+    assert _cell(rows) != format_mean_t95(rows.value, digits=1)
+    assert _cell(rows.iloc[:0]) == "—"
