@@ -247,8 +247,9 @@ def _zip_characters(z: zipfile.ZipFile) -> dict[tuple[str, str, str], list]:
 
 def _folder_characters(root: Path, subsets: Sequence[str]) -> dict[tuple[str, str, str], list]:
     if not root.is_dir():
+        what = "is a file, not a .zip archive or a folder" if root.exists() else "does not exist"
         raise OmniglotDataError(
-            f"{root} does not exist: give an Omniglot archive (.zip) or the folder that "
+            f"{root} {what}: give an Omniglot archive (.zip) or the folder that "
             f"holds {' and '.join(f'{s}/' for s in SUBSETS)} (torchvision's layout)"
         )
     base = root / "omniglot-py" if (root / "omniglot-py").is_dir() else root

@@ -105,6 +105,9 @@ def test_a_users_copy_is_read_where_it_is_and_refused_with_what_is_wrong(tmp_pat
     assert len(Omniglot("~/data", subsets="images_background").characters) == 5  # one name
     with pytest.raises(OmniglotDataError, match=r"nowhere does not exist.*images_background/"):
         Omniglot(tmp_path / "nowhere")
+    (tmp_path / "omniglot.tar").write_bytes(b"not a folder")
+    with pytest.raises(OmniglotDataError, match=r"is a file, not a .zip archive or a folder"):
+        Omniglot(tmp_path / "omniglot.tar")
     with pytest.raises(OmniglotDataError, match=r"holds images_background, images_evaluation\)"):
         Omniglot(tmp_path / "data", subsets=("background",))
     full = tmp_path / "images_background.zip"
